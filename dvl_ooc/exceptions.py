@@ -1,0 +1,55 @@
+"""Exception hierarchy: every error raised on purpose by dvl_ooc derives from `DvlOocError`."""
+
+from __future__ import annotations
+
+
+class DvlOocError(Exception):
+    """Base class of all dvl_ooc errors."""
+
+
+class InputError(DvlOocError, ValueError):
+    """Invalid user input (shapes, values, types, arguments)."""
+
+
+class LengthMismatchError(InputError):
+    """Two inputs that must have the same number of samples do not."""
+
+
+class NonFiniteError(InputError):
+    """NaN or infinite values in inputs, losses or gradients."""
+
+
+class RegularizationError(InputError):
+    """A regularisation value is invalid for the chosen method."""
+
+
+class NoTrainableParametersError(InputError):
+    """The model (or a selected block) has no trainable parameters."""
+
+
+class UnsupportedModelError(InputError):
+    """The model contains layers or structure a method cannot handle."""
+
+
+class NotFittedError(DvlOocError, RuntimeError):
+    """A model was used before `fit` was called."""
+
+
+class ConvergenceError(DvlOocError, RuntimeError):
+    """An iterative solver did not converge within its budget."""
+
+
+class ConvergenceWarning(UserWarning):
+    """An iterative solver reached its budget before its tolerance."""
+
+
+class StoreError(DvlOocError):
+    """Problems with a result store on disk."""
+
+
+class StoreMismatchError(StoreError):
+    """An existing store was created with different parameters."""
+
+
+class StoreNotFoundError(StoreError, FileNotFoundError):
+    """No dvl_ooc store exists at the given path."""

@@ -1,0 +1,491 @@
+"""Per-sample gradients, curvature products and per-layer activation/gradient capture.
+
+Conventions used throughout the package:
+
+* ``loss(outputs, targets)`` is **mean**-reduced over the batch. The training objective is the
+  mean loss over the fit data, every sample weighted equally whatever the batch sizes.
+* Parameters are grouped into *blocks* (the whole model, one per layer, or a user mapping).
+  A flat gradient vector is the concatenation of the blocks in order, and inside a block the
+  parameters in the order given. Frozen parameters (``requires_grad=False``) never appear.
+* Curvature is the Hessian of the mean loss (``"exact"``) or its Gauss-Newton matrix
+  (``"gauss-newton"``: ``J^T (d^2 loss / d out^2) J``, positive semi-definite for convex losses).
+
+All work is split into micro-batches of ``micro_batch_size`` samples, so memory is bounded by
+the micro-batch, never by the caller's batch or data set size.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, hessian, jacrev, jvp, vjp, vmap
+
+from .data import DataLike, as_tensor, check_xy, iter_batches, split_micro_batches
+from .exceptions import (
+    InputError,
+    NonFiniteError,
+    NoTrainableParametersError,
+    UnsupportedModelError,
+)
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+BlockSpec = "str | Mapping[str, Sequence[str]]"
+HessianMode = Literal["exact", "gauss-newton"]
+
+__all__ = [
+    "LayerCapture",
+    "ModelGradients",
+    "ParamBlock",
+    "layer_input_matrix",
+    "layer_output_grad_matrix",
+    "resolve_blocks",
+]
+
+
+@dataclass(frozen=True)
+class ParamBlock:
+    """A named group of trainable parameters treated as one curvature block."""
+
+    name: str
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        return tuple(math.prod(s) for s in self.shapes)
+
+    @property
+    def numel(self) -> int:
+        return sum(self.sizes)
+
+
+def _trainable(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def resolve_blocks(
+    model: nn.Module, blocks: str | Mapping[str, Sequence[str]] = "model"
+) -> list[ParamBlock]:
+    """Group the trainable parameters of ``model`` into blocks.
+
+    Args:
+        model: the network.
+        blocks: ``"model"`` (one block), ``"layer"`` (one block per module owning parameters)
+            or a mapping ``block name -> parameter names or module names``.
+    """
+    params = _trainable(model)
+    if not params:
+        raise NoTrainableParametersError(
+            f"{type(model).__name__} has no trainable parameters; unfreeze at least one "
+            "(requires_grad=True)"
+        )
+
+    def block(name: str, names: Sequence[str]) -> ParamBlock:
+        return ParamBlock(name, tuple(names), tuple(tuple(params[n].shape) for n in names))
+
+    if blocks == "model":
+        return [block("model", list(params))]
+    if blocks == "layer":
+        groups: dict[str, list[str]] = {}
+        for n in params:
+            groups.setdefault(n.rpartition(".")[0] or n, []).append(n)
+        return [block(k, v) for k, v in groups.items()]
+    if isinstance(blocks, Mapping):
+        frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+        used: set[str] = set()
+        out = []
+        for bname, members in blocks.items():
+            if isinstance(members, str):
+                members = [members]
+            names: list[str] = []
+            for m in members:
+                if m in params:
+                    hits = [m]
+                else:
+                    hits = [n for n in params if n.startswith(m + ".")]
+                if not hits:
+                    why = "is frozen" if m in frozen else "is not a parameter or module name"
+                    raise InputError(
+                        f"block {bname!r}: {m!r} {why}; valid names: {sorted(params)}"
+                    )
+                names.extend(hits)
+            dup = used.intersection(names)
+            if dup:
+                raise InputError(f"parameters {sorted(dup)} appear in more than one block")
+            used.update(names)
+            out.append(block(str(bname), names))
+        if not out:
+            raise InputError("the block mapping is empty")
+        return out
+    raise InputError(f"blocks must be 'model', 'layer' or a mapping, got {blocks!r}")
+
+
+class ModelGradients:
+    """Functional gradients of a model's loss, organised by parameter blocks.
+
+    Args:
+        model: the network (used as is; put it in ``eval()`` mode for deterministic outputs).
+        loss: mean-reduced loss ``loss(outputs, targets)``.
+        blocks: block specification, see :func:`resolve_blocks`.
+        micro_batch_size: samples per vectorised micro-batch (bounds memory).
+        vector_chunk: how many vectors a Hessian-vector product processes at once.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss: LossFn,
+        blocks: str | Mapping[str, Sequence[str]] = "model",
+        *,
+        micro_batch_size: int = 64,
+        vector_chunk: int = 64,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not callable(loss):
+            raise InputError("loss must be a callable loss(outputs, targets)")
+        if micro_batch_size < 1 or vector_chunk < 1:
+            raise InputError("micro_batch_size and vector_chunk must be >= 1")
+        self.model = model
+        self.loss = loss
+        self.blocks = resolve_blocks(model, blocks)
+        self.micro_batch_size = int(micro_batch_size)
+        self.vector_chunk = int(vector_chunk)
+        offsets = [0]
+        for b in self.blocks:
+            offsets.append(offsets[-1] + b.numel)
+        self.block_slices = [slice(offsets[i], offsets[i + 1]) for i in range(len(self.blocks))]
+        self.num_params = offsets[-1]
+
+    # ------------------------------------------------------------------ parameters
+    @property
+    def param_names(self) -> list[str]:
+        return [n for b in self.blocks for n in b.names]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(iter(_trainable(self.model).values())).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(_trainable(self.model).values())).device
+
+    def params(self, block: ParamBlock | None = None) -> dict[str, torch.Tensor]:
+        """Detached trainable parameters (of one block, or of all blocks)."""
+        p = _trainable(self.model)
+        names = block.names if block is not None else self.param_names
+        return {n: p[n].detach() for n in names}
+
+    def _constants(self) -> dict[str, torch.Tensor]:
+        c = {n: p.detach() for n, p in self.model.named_parameters()}
+        c.update({n: b for n, b in self.model.named_buffers()})
+        return c
+
+    @staticmethod
+    def flatten(tensors: Mapping[str, torch.Tensor], names: Sequence[str], lead: int) -> torch.Tensor:
+        """Concatenate tensors with ``lead`` leading batch dims into ``(*lead_shape, p)``."""
+        parts = [tensors[n].reshape(*tensors[n].shape[:lead], -1) for n in names]
+        return torch.cat(parts, dim=-1)
+
+    @staticmethod
+    def unflatten(vec: torch.Tensor, block: ParamBlock) -> dict[str, torch.Tensor]:
+        """Split ``(..., p_block)`` into a dict of ``(..., *shape)`` tensors."""
+        lead = vec.shape[:-1]
+        out = {}
+        for n, s, part in zip(block.names, block.shapes, vec.split(block.sizes, dim=-1)):
+            out[n] = part.reshape(*lead, *s)
+        return out
+
+    def _prepare(self, x: Any, y: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        xt = as_tensor(x, dtype=self.dtype, device=self.device)
+        yt = as_tensor(y, device=self.device)
+        if yt.is_floating_point():
+            yt = yt.to(self.dtype)
+        check_xy(xt, yt)
+        return xt, yt
+
+    def batches(self, data: DataLike) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Validated micro-batches of a data source, on the model's device and dtype."""
+        for xb, yb in iter_batches(data, self.micro_batch_size):
+            xb, yb = self._prepare(xb, yb)
+            yield from split_micro_batches(xb, yb, self.micro_batch_size)
+
+    # ------------------------------------------------------------------ gradients
+    def _sample_loss(self, params: dict, consts: dict, x: torch.Tensor, y: torch.Tensor):
+        out = functional_call(self.model, {**consts, **params}, (x.unsqueeze(0),))
+        return self.loss(out, y.unsqueeze(0))
+
+    def _batch_loss(self, params: dict, consts: dict, x: torch.Tensor, y: torch.Tensor):
+        return self.loss(functional_call(self.model, {**consts, **params}, (x,)), y)
+
+    def per_sample_grads(
+        self, x: Any, y: Any, block: ParamBlock | None = None
+    ) -> torch.Tensor:
+        """Per-sample loss gradients, shape ``(n, p)`` (or ``(n, p_block)``)."""
+        x, y = self._prepare(x, y)
+        params = self.params(block)
+        names = list(params)
+        consts = self._constants()
+        g_fn = vmap(grad(self._sample_loss), in_dims=(None, None, 0, 0))
+        out = torch.empty(len(x), sum(p.numel() for p in params.values()), dtype=self.dtype,
+                          device=self.device)
+        for s in range(0, len(x), self.micro_batch_size):
+            xb, yb = x[s : s + self.micro_batch_size], y[s : s + self.micro_batch_size]
+            with torch.no_grad():
+                g = self.flatten(g_fn(params, consts, xb, yb), names, 1)
+            if not bool(torch.isfinite(g).all()):
+                bad = (~torch.isfinite(g)).any(1).nonzero().flatten() + s
+                raise NonFiniteError(
+                    f"non-finite loss gradient for sample(s) {bad[:10].tolist()}; check the "
+                    "inputs, labels and loss (e.g. log of 0)"
+                )
+            out[s : s + len(xb)] = g
+        return out
+
+    def mean_loss(self, data: DataLike) -> float:
+        """Mean loss over a data source (every sample weighted equally)."""
+        total, n = 0.0, 0
+        with torch.no_grad():
+            for xb, yb in self.batches(data):
+                total += float(self.loss(self.model(xb), yb)) * len(xb)
+                n += len(xb)
+        return total / n
+
+    # ------------------------------------------------------------------ curvature
+    def _hvp_fn(self, block: ParamBlock, mode: HessianMode):
+        """Return ``f(params, consts, x, y, v) -> H v`` for the micro-batch mean loss."""
+        if mode == "exact":
+
+            def hvp(params, consts, x, y, v):
+                g = lambda p: grad(self._batch_loss)(p, consts, x, y)  # noqa: E731
+                return jvp(g, (params,), (v,))[1]
+
+        elif mode == "gauss-newton":
+
+            def hvp(params, consts, x, y, v):
+                f = lambda p: functional_call(self.model, {**consts, **p}, (x,))  # noqa: E731
+                out, jv = jvp(f, (params,), (v,))
+                g_out = lambda o: grad(lambda o_: self.loss(o_, y))(o)  # noqa: E731
+                hjv = jvp(g_out, (out,), (jv,))[1]
+                return vjp(f, params)[1](hjv)[0]
+
+        else:
+            raise InputError(f"hessian must be 'exact' or 'gauss-newton', got {mode!r}")
+        return hvp
+
+    def hvp(
+        self, v: torch.Tensor, data: DataLike, block: ParamBlock, mode: HessianMode = "exact"
+    ) -> torch.Tensor:
+        """Curvature-vector products of the mean loss over ``data`` for one block.
+
+        ``v`` has shape ``(k, p_block)`` (or ``(p_block,)``); the result has the same shape.
+        """
+        single = v.ndim == 1
+        V = v.reshape(-1, block.numel).to(self.dtype)
+        params, consts = self.params(block), self._constants()
+        fn = vmap(self._hvp_fn(block, mode), in_dims=(None, None, None, None, 0),
+                  chunk_size=self.vector_chunk)
+        Vd = self.unflatten(V, block)
+        acc = torch.zeros_like(V)
+        n = 0
+        for xb, yb in self.batches(data):
+            with torch.no_grad():
+                acc += len(xb) * self.flatten(fn(params, consts, xb, yb, Vd), block.names, 1)
+            n += len(xb)
+        acc /= n
+        return acc[0] if single else acc
+
+    def hessian(
+        self, data: DataLike, block: ParamBlock, mode: HessianMode = "exact"
+    ) -> torch.Tensor:
+        """The explicit ``(p_block, p_block)`` curvature matrix of the mean loss, in float64.
+
+        Exact: columns from vectorised Hessian-vector products against the identity, in chunks.
+        Gauss-Newton: ``sum_i J_i^T H_out,i J_i / n`` from per-sample output Jacobians.
+        """
+        p = block.numel
+        H = torch.zeros(p, p, dtype=torch.float64, device=self.device)
+        params, consts = self.params(block), self._constants()
+        n = 0
+        if mode == "exact":
+            fn = vmap(self._hvp_fn(block, mode), in_dims=(None, None, None, None, 0))
+            eye = torch.eye(p, dtype=self.dtype, device=self.device)
+            for xb, yb in self.batches(data):
+                for c in range(0, p, self.vector_chunk):
+                    cols = self.unflatten(eye[c : c + self.vector_chunk], block)
+                    with torch.no_grad():
+                        hv = self.flatten(fn(params, consts, xb, yb, cols), block.names, 1)
+                    H[c : c + self.vector_chunk] += len(xb) * hv.to(torch.float64)
+                n += len(xb)
+            H = 0.5 * (H + H.T)
+        elif mode == "gauss-newton":
+
+            def out_fn(prm, x):
+                return functional_call(self.model, {**consts, **prm}, (x.unsqueeze(0),))[0]
+
+            def loss_out(o, y):
+                return self.loss(o.unsqueeze(0), y.unsqueeze(0))
+
+            jac = vmap(jacrev(out_fn), in_dims=(None, 0))
+            hout = vmap(hessian(loss_out), in_dims=(0, 0))
+            for xb, yb in self.batches(data):
+                with torch.no_grad():
+                    out = torch.func.functional_call(self.model, {**consts, **params}, (xb,))
+                    J = self.flatten(jac(params, xb), block.names, 1 + out.ndim - 1)
+                    m = len(xb)
+                    c = math.prod(out.shape[1:])
+                    J = J.reshape(m, c, p).to(torch.float64)
+                    Ho = hout(out, yb).reshape(m, c, c).to(torch.float64)
+                    HJ = torch.bmm(Ho, J).reshape(m * c, p)
+                    H += J.reshape(m * c, p).T @ HJ
+                n += m
+            H = 0.5 * (H + H.T)
+        else:
+            raise InputError(f"hessian must be 'exact' or 'gauss-newton', got {mode!r}")
+        H /= n
+        if not bool(torch.isfinite(H).all()):
+            raise NonFiniteError("the curvature matrix has non-finite entries; check the loss")
+        return H
+
+
+# ---------------------------------------------------------------------- layer capture
+SUPPORTED_LAYERS = (nn.Linear, nn.Conv2d)
+
+
+def _conv_padding(module: nn.Conv2d) -> tuple[int, int]:
+    if module.padding_mode != "zeros":
+        raise UnsupportedModelError(
+            f"Conv2d with padding_mode={module.padding_mode!r} is not supported; use 'zeros'"
+        )
+    pad = module.padding
+    if isinstance(pad, str):
+        if pad == "valid":
+            return (0, 0)
+        k, d = module.kernel_size, module.dilation
+        if any((d[i] * (k[i] - 1)) % 2 for i in range(2)):
+            raise UnsupportedModelError("padding='same' with an even receptive field is not supported")
+        return (d[0] * (k[0] - 1) // 2, d[1] * (k[1] - 1) // 2)
+    return tuple(pad)  # type: ignore[return-value]
+
+
+def layer_input_matrix(module: nn.Module, a: torch.Tensor) -> torch.Tensor:
+    """Layer inputs as ``(n, L, d_in [+1])`` rows whose outer products with output gradients give
+    the per-sample weight gradient; a trailing column of ones stands for the bias."""
+    if isinstance(module, nn.Linear):
+        A = a.reshape(a.shape[0], -1, a.shape[-1])
+    elif isinstance(module, nn.Conv2d):
+        if module.groups != 1:
+            raise UnsupportedModelError("Conv2d with groups > 1 is not supported")
+        cols = F.unfold(a, module.kernel_size, dilation=module.dilation,
+                        padding=_conv_padding(module), stride=module.stride)
+        A = cols.transpose(1, 2)
+    else:
+        raise UnsupportedModelError(
+            f"layer capture supports nn.Linear and nn.Conv2d, not {type(module).__name__}"
+        )
+    if getattr(module, "bias", None) is not None:
+        A = torch.cat([A, torch.ones_like(A[..., :1])], dim=-1)
+    return A
+
+
+def layer_output_grad_matrix(module: nn.Module, g: torch.Tensor) -> torch.Tensor:
+    """Output gradients as ``(n, L, d_out)`` rows matching :func:`layer_input_matrix`."""
+    if isinstance(module, nn.Linear):
+        return g.reshape(g.shape[0], -1, g.shape[-1])
+    if isinstance(module, nn.Conv2d):
+        return g.flatten(2).transpose(1, 2)
+    raise UnsupportedModelError(
+        f"layer capture supports nn.Linear and nn.Conv2d, not {type(module).__name__}"
+    )
+
+
+def combined_to_params(module: nn.Module, G: torch.Tensor) -> torch.Tensor:
+    """Map combined ``(..., d_out, d_in [+1])`` gradients to the flat order (weight, bias)."""
+    has_bias = getattr(module, "bias", None) is not None
+    lead = G.shape[:-2]
+    if has_bias:
+        w, b = G[..., :-1], G[..., -1]
+        return torch.cat([w.reshape(*lead, -1), b.reshape(*lead, -1)], dim=-1)
+    return G.reshape(*lead, -1)
+
+
+class LayerCapture:
+    """Record input activations and output gradients of ``Linear``/``Conv2d`` layers.
+
+    Use as a context manager around a forward and backward pass of plain autograd::
+
+        with LayerCapture(model) as cap:
+            loss = loss_fn(model(x), y) * len(x)   # sum of per-sample losses
+            loss.backward()
+        A = cap.inputs["fc"]; G = cap.output_grads["fc"]
+
+    Args:
+        model: the network.
+        modules: module names to capture; default every supported module with trainable
+            parameters. Unsupported names raise :class:`UnsupportedModelError`.
+    """
+
+    def __init__(self, model: nn.Module, modules: Iterable[str] | None = None) -> None:
+        named = dict(model.named_modules())
+        if modules is None:
+            names = [
+                n for n, m in named.items()
+                if isinstance(m, SUPPORTED_LAYERS)
+                and any(p.requires_grad for p in m.parameters(recurse=False))
+            ]
+        else:
+            names = list(modules)
+            for n in names:
+                if n not in named:
+                    raise InputError(f"no module named {n!r} in the model")
+                if not isinstance(named[n], SUPPORTED_LAYERS):
+                    raise UnsupportedModelError(
+                        f"module {n!r} is a {type(named[n]).__name__}; only nn.Linear and "
+                        "nn.Conv2d layers can be captured"
+                    )
+        self.modules = {n: named[n] for n in names}
+        self.inputs: dict[str, torch.Tensor] = {}
+        self.output_grads: dict[str, torch.Tensor] = {}
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> LayerCapture:
+        for name, mod in self.modules.items():
+            self._handles.append(mod.register_forward_hook(self._forward_hook(name)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _forward_hook(self, name: str):
+        def hook(module, inputs, output):
+            self.inputs[name] = inputs[0].detach()
+            if output.requires_grad:
+
+                def save(g):
+                    self.output_grads[name] = g.detach()
+
+                output.register_hook(save)
+
+        return hook
+
+    def input_matrix(self, name: str) -> torch.Tensor:
+        return layer_input_matrix(self.modules[name], self.inputs[name])
+
+    def output_grad_matrix(self, name: str) -> torch.Tensor:
+        return layer_output_grad_matrix(self.modules[name], self.output_grads[name])
+
+    def per_sample_grads(self, name: str) -> torch.Tensor:
+        """Per-sample gradients of the captured layer, ``(n, p_layer)`` in (weight, bias) order.
+
+        Valid when the backward pass was run on the *sum* of per-sample losses.
+        """
+        A, G = self.input_matrix(name), self.output_grad_matrix(name)
+        return combined_to_params(self.modules[name], torch.einsum("nlo,nli->noi", G, A))

@@ -1,0 +1,298 @@
+"""Common interface of influence models.
+
+An influence model estimates, once, the curvature ``H`` of the **mean** training loss (``fit``)
+and afterwards applies ``(H + lambda I)^{-1}`` to gradients (``precondition``). Influences are
+
+    influences(...)[t, r] = < (H + lambda I)^{-1} grad l(z_t), grad l(z_r) >
+
+Positive values mean that up-weighting training point ``r`` lowers the loss of test point ``t``
+(``r`` is helpful). With a block structure (``blocks="layer"`` or a mapping) ``H`` is replaced
+by its block diagonal and the inner product is the sum over blocks.
+
+Subclasses implement, per block, ``_fit_block`` (estimate and store curvature state) and
+``_precondition_block`` (apply the regularised inverse to a ``(n, p_block)`` matrix), and list
+the names of their fitted tensors in ``_state_keys`` so that the state can be saved and shipped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..data import DataLike, num_samples
+from ..exceptions import InputError, NotFittedError, RegularizationError
+from ..grads import HessianMode, LossFn, ModelGradients, ParamBlock
+
+__all__ = ["InfluenceModel"]
+
+
+class InfluenceModel:
+    """Base class of all influence models.
+
+    Args:
+        model: trained network; it is put into ``eval()`` mode.
+        loss: mean-reduced loss ``loss(outputs, targets)``.
+        regularization: ``lambda`` added to the curvature; a float, or a mapping
+            ``block name -> float`` when using several blocks.
+        blocks: ``"model"``, ``"layer"`` or a mapping ``block name -> parameter/module names``.
+        hessian: ``"exact"`` or ``"gauss-newton"`` (where the method supports both).
+        micro_batch_size: samples per vectorised gradient micro-batch (bounds memory).
+    """
+
+    #: methods that cannot work with lambda == 0 set this to True
+    requires_positive_regularization: ClassVar[bool] = False
+    #: curvature modes a method supports
+    supported_hessians: ClassVar[tuple[str, ...]] = ("exact", "gauss-newton")
+    #: names of tensor attributes holding the fitted, data-free state of each block
+    _state_keys: ClassVar[tuple[str, ...]] = ()
+    #: methods that need the fit data again when preconditioning (CG, LiSSA) set this to True;
+    #: the data is never pickled or saved: re-attach it with :meth:`attach_data`
+    needs_data_to_precondition: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss: LossFn,
+        *,
+        regularization: float | Mapping[str, float] = 1e-3,
+        blocks: str | Mapping[str, Sequence[str]] = "model",
+        hessian: HessianMode = "exact",
+        micro_batch_size: int = 64,
+    ) -> None:
+        if hessian not in self.supported_hessians:
+            raise InputError(
+                f"{type(self).__name__} supports hessian in {self.supported_hessians}, "
+                f"not {hessian!r}"
+            )
+        model.eval()
+        self.grads = ModelGradients(model, loss, blocks, micro_batch_size=micro_batch_size)
+        self.hessian_mode: HessianMode = hessian
+        self.regularization = self._resolve_regularization(regularization)
+        self._state: list[dict[str, torch.Tensor]] | None = None
+        self._fit_data: DataLike | None = None
+        self.n_fit: int | None = None
+
+    # ------------------------------------------------------------------ configuration
+    @property
+    def model(self) -> nn.Module:
+        return self.grads.model
+
+    @property
+    def loss(self) -> LossFn:
+        return self.grads.loss
+
+    @property
+    def blocks(self) -> list[ParamBlock]:
+        return self.grads.blocks
+
+    @property
+    def is_fitted(self) -> bool:
+        return self._state is not None
+
+    def _resolve_regularization(self, reg: float | Mapping[str, float]) -> dict[str, float]:
+        names = [b.name for b in self.blocks]
+        if isinstance(reg, Mapping):
+            missing = set(names) - set(reg)
+            extra = set(reg) - set(names)
+            if missing or extra:
+                raise RegularizationError(
+                    f"regularization mapping must have exactly the block names {names}; "
+                    f"missing {sorted(missing)}, unknown {sorted(extra)}"
+                )
+            out = {k: float(reg[k]) for k in names}
+        else:
+            try:
+                out = {k: float(reg) for k in names}
+            except (TypeError, ValueError) as e:
+                raise RegularizationError(f"regularization must be a number, got {reg!r}") from e
+        for k, v in out.items():
+            if not (v == v) or v in (float("inf"), float("-inf")):
+                raise RegularizationError(f"regularization for block {k!r} is not finite: {v}")
+            if v < 0 or (v == 0 and self.requires_positive_regularization):
+                need = "> 0" if self.requires_positive_regularization else ">= 0"
+                raise RegularizationError(
+                    f"{type(self).__name__} needs regularization {need} (block {k!r} has {v}); "
+                    "pass a small positive value, e.g. 1e-3 times the top Hessian eigenvalue"
+                )
+        return out
+
+    def config(self) -> dict[str, Any]:
+        """Plain-data description of the method and its parameters (for stores and fingerprints)."""
+        return {
+            "method": type(self).__name__,
+            "hessian": self.hessian_mode,
+            "regularization": dict(self.regularization),
+            "blocks": {b.name: list(b.names) for b in self.blocks},
+            **self._extra_config(),
+        }
+
+    def _extra_config(self) -> dict[str, Any]:
+        return {}
+
+    # ------------------------------------------------------------------ fitting
+    def fit(self, data: DataLike) -> InfluenceModel:
+        """Estimate the curvature on ``data`` ((x, y), Dataset or DataLoader); returns self."""
+        n = num_samples(data)
+        state = []
+        for block in self.blocks:
+            state.append(self._fit_block(block, data, self.regularization[block.name]))
+        self.n_fit = n
+        self._state = state
+        if self.needs_data_to_precondition:
+            self._fit_data = data
+        return self
+
+    def attach_data(self, data: DataLike) -> InfluenceModel:
+        """Re-attach the fit data to a loaded or unpickled model that needs it to precondition."""
+        n = num_samples(data)
+        if self.n_fit is not None and n != self.n_fit:
+            raise InputError(f"the model was fitted on {self.n_fit} samples, got {n}")
+        self._fit_data = data
+        return self
+
+    def __getstate__(self) -> dict[str, Any]:
+        # the training data never travels with the model (pickled size independent of n_train)
+        d = self.__dict__.copy()
+        d["_fit_data"] = None
+        return d
+
+    def _fit_block(self, block: ParamBlock, data: DataLike, reg: float) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def _precondition_block(
+        self, i: int, block: ParamBlock, g: torch.Tensor, reg: float
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _check_fitted(self) -> None:
+        if self._state is None:
+            raise NotFittedError(
+                f"{type(self).__name__} is not fitted; call .fit(train_data) first"
+            )
+        if self.needs_data_to_precondition and self._fit_data is None:
+            raise NotFittedError(
+                f"{type(self).__name__} needs its fit data to precondition, and it was not "
+                "pickled or saved with the model; call .attach_data(train_data)"
+            )
+
+    # ------------------------------------------------------------------ influence
+    def gradients(self, x: Any, y: Any) -> torch.Tensor:
+        """Per-sample loss gradients ``(n, p)``, blocks concatenated."""
+        return self.grads.per_sample_grads(x, y)
+
+    def precondition(self, g: torch.Tensor) -> torch.Tensor:
+        """Apply ``(H + lambda I)^{-1}`` (block-wise) to gradient rows ``g`` of shape ``(n, p)``."""
+        self._check_fitted()
+        if g.ndim != 2 or g.shape[1] != self.grads.num_params:
+            raise InputError(
+                f"expected gradients of shape (n, {self.grads.num_params}), got {tuple(g.shape)}"
+            )
+        out = torch.empty_like(g)
+        for i, (block, sl) in enumerate(zip(self.blocks, self.grads.block_slices)):
+            out[:, sl] = self._precondition_block(
+                i, block, g[:, sl], self.regularization[block.name]
+            ).to(g.dtype)
+        return out
+
+    # Feature-space split used by the calculators: influences = test_features @ train_features.T.
+    # Low-rank methods override both to work in their k-dimensional space (k << p).
+    def test_features(self, g: torch.Tensor) -> torch.Tensor:
+        """Map test gradients ``(n, p)`` to the space where tiles are matrix products."""
+        return self.precondition(g)
+
+    def train_features(self, g: torch.Tensor) -> torch.Tensor:
+        """Map train gradients ``(n, p)`` to the same space as :meth:`test_features`."""
+        self._check_fitted()
+        return g
+
+    def influence_factors(self, x: Any, y: Any) -> torch.Tensor:
+        """``(H + lambda I)^{-1} grad l(z)`` per sample, shape ``(n, p)``."""
+        self._check_fitted()
+        return self.precondition(self.gradients(x, y))
+
+    def influences_from_factors(self, factors: torch.Tensor, x: Any, y: Any) -> torch.Tensor:
+        """``factors @ grads(x, y).T``: influences of precomputed test factors on ``(x, y)``."""
+        self._check_fitted()
+        g = self.gradients(x, y)
+        if factors.ndim != 2 or factors.shape[1] != g.shape[1]:
+            raise InputError(
+                f"factors must have shape (n_test, {g.shape[1]}), got {tuple(factors.shape)}"
+            )
+        return factors.to(g.dtype) @ g.T
+
+    def influences(
+        self, x_test: Any, y_test: Any, x: Any | None = None, y: Any | None = None
+    ) -> torch.Tensor:
+        """Influence matrix ``(n_test, n_train)``; with ``x=y=None`` the test set against itself."""
+        if (x is None) != (y is None):
+            raise InputError("pass both x and y, or neither")
+        if x is None:
+            x, y = x_test, y_test
+        return self.influences_from_factors(self.influence_factors(x_test, y_test), x, y)
+
+    def self_influence(self, x: Any, y: Any) -> torch.Tensor:
+        """``< (H + lambda I)^{-1} g_i, g_i >`` for each sample, shape ``(n,)``."""
+        self._check_fitted()
+        g = self.gradients(x, y)
+        return (self.precondition(g) * g).sum(1)
+
+    # ------------------------------------------------------------------ state
+    def state(self) -> dict[str, Any]:
+        """Data-free fitted state: configuration and curvature tensors (no model weights)."""
+        self._check_fitted()
+        return {"config": self.config(), "n_fit": self.n_fit, "blocks": self._state}
+
+    def load_state(self, state: Mapping[str, Any]) -> InfluenceModel:
+        """Restore a state produced by :meth:`state` (the configuration must match)."""
+        mine, theirs = self.config(), state["config"]
+        if mine != theirs:
+            diff = {k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k)}
+            raise InputError(f"state was fitted with a different configuration: {sorted(diff)}")
+        self._state = [dict(s) for s in state["blocks"]]
+        self.n_fit = state["n_fit"]
+        return self
+
+    def save(self, path: str) -> None:
+        """Save the fitted state and the model weights to ``path`` (``torch.save``)."""
+        torch.save({"state": self.state(), "model": self.model.state_dict()}, path)
+
+    def load(self, path: str) -> InfluenceModel:
+        """Load a file written by :meth:`save` into this (same-configured) instance."""
+        blob = torch.load(path, map_location=self.grads.device, weights_only=False)
+        self.model.load_state_dict(blob["model"])
+        return self.load_state(blob["state"])
+
+    def fingerprint(self) -> str:
+        """Hash of the method configuration, model weights and fitted state."""
+        h = hashlib.sha256()
+        h.update(repr(sorted(self.config().items())).encode())
+        for n, t in sorted(self.model.state_dict().items()):
+            h.update(n.encode())
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        if self._state is not None:
+            buf = io.BytesIO()
+            torch.save(self._state, buf)
+            h.update(buf.getvalue())
+        return h.hexdigest()[:32]
+
+    def to(self, device: str | torch.device) -> InfluenceModel:
+        """Move the model and the fitted state to ``device``."""
+        self.model.to(device)
+        if self._state is not None:
+            self._state = [
+                {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in s.items()}
+                for s in self._state
+            ]
+        return self
+
+    def __repr__(self) -> str:
+        fitted = f"fitted on {self.n_fit}" if self.is_fitted else "not fitted"
+        return (
+            f"{type(self).__name__}(params={self.grads.num_params}, blocks={len(self.blocks)}, "
+            f"hessian={self.hessian_mode!r}, {fitted})"
+        )

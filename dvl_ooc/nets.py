@@ -1,0 +1,77 @@
+"""Small reference networks for the 8x8 digits images and a plain training loop."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["DigitsCNN", "DigitsMLP", "accuracy", "train_classifier"]
+
+
+class DigitsCNN(nn.Module):
+    """A ~6k-parameter CNN for (1, 8, 8) images: two conv blocks and two linear layers."""
+
+    def __init__(self, n_classes: int = 10, width: int = 8, hidden: int = 64) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, width, 3, padding=1)
+        self.conv2 = nn.Conv2d(width, 2 * width, 3, padding=1)
+        self.fc1 = nn.Linear(2 * width * 4, hidden)
+        self.fc2 = nn.Linear(hidden, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(torch.tanh(self.conv1(x)), 2)
+        x = F.max_pool2d(torch.tanh(self.conv2(x)), 2)
+        x = torch.tanh(self.fc1(x.flatten(1)))
+        return self.fc2(x)
+
+
+class DigitsMLP(nn.Module):
+    """A small MLP on flattened 8x8 images."""
+
+    def __init__(self, n_classes: int = 10, hidden: int = 16, in_features: int = 64) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden)
+        self.fc2 = nn.Linear(hidden, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.tanh(self.fc1(x.flatten(1))))
+
+
+def train_classifier(
+    model: nn.Module,
+    x: Any,
+    y: Any,
+    *,
+    epochs: int = 60,
+    lr: float = 1e-2,
+    batch_size: int = 64,
+    weight_decay: float = 1e-4,
+    seed: int = 0,
+) -> nn.Module:
+    """Train with Adam and cross-entropy on in-memory data; returns the model in eval mode."""
+    g = torch.Generator().manual_seed(seed)
+    dtype = next(model.parameters()).dtype
+    xt = torch.as_tensor(np.asarray(x)).to(dtype)
+    yt = torch.as_tensor(np.asarray(y)).long()
+    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    model.train()
+    for _ in range(epochs):
+        perm = torch.randperm(len(xt), generator=g)
+        for s in range(0, len(xt), batch_size):
+            idx = perm[s : s + batch_size]
+            opt.zero_grad()
+            F.cross_entropy(model(xt[idx]), yt[idx]).backward()
+            opt.step()
+    return model.eval()
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: Any, y: Any) -> float:
+    """Classification accuracy of ``model`` on ``(x, y)``."""
+    dtype = next(model.parameters()).dtype
+    pred = model(torch.as_tensor(np.asarray(x)).to(dtype)).argmax(1)
+    return float((pred == torch.as_tensor(np.asarray(y))).float().mean())
