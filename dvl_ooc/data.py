@@ -13,7 +13,7 @@ micro-batches of their own.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .exceptions import InputError, LengthMismatchError, NonFiniteError
 
-DataLike = Union[tuple, list, Dataset, DataLoader]
+DataLike = tuple | list | Dataset | DataLoader
 
 __all__ = [
     "DataLike",

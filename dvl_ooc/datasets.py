@@ -52,7 +52,9 @@ def load_digits_split(
         from sklearn.datasets import load_digits
         from sklearn.model_selection import train_test_split
     except ImportError as e:  # pragma: no cover - exercised only without scikit-learn
-        raise ImportError("the digits data needs scikit-learn: pip install 'dvl-ooc[examples]'") from e
+        raise ImportError(
+            "the digits data needs scikit-learn: pip install 'dvl-ooc[examples]'"
+        ) from e
     d = load_digits()
     x = (d.images / 16.0).astype(np.float32)[:, None]
     y = d.target.astype(np.int64)

@@ -188,7 +188,9 @@ class ModelGradients:
         return c
 
     @staticmethod
-    def flatten(tensors: Mapping[str, torch.Tensor], names: Sequence[str], lead: int) -> torch.Tensor:
+    def flatten(
+        tensors: Mapping[str, torch.Tensor], names: Sequence[str], lead: int
+    ) -> torch.Tensor:
         """Concatenate tensors with ``lead`` leading batch dims into ``(*lead_shape, p)``."""
         parts = [tensors[n].reshape(*tensors[n].shape[:lead], -1) for n in names]
         return torch.cat(parts, dim=-1)
@@ -369,7 +371,9 @@ def _conv_padding(module: nn.Conv2d) -> tuple[int, int]:
             return (0, 0)
         k, d = module.kernel_size, module.dilation
         if any((d[i] * (k[i] - 1)) % 2 for i in range(2)):
-            raise UnsupportedModelError("padding='same' with an even receptive field is not supported")
+            raise UnsupportedModelError(
+                "padding='same' with an even receptive field is not supported"
+            )
         return (d[0] * (k[0] - 1) // 2, d[1] * (k[1] - 1) // 2)
     return tuple(pad)  # type: ignore[return-value]
 

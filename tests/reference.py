@@ -43,7 +43,8 @@ def ref_gauss_newton(model, loss, x, y) -> torch.Tensor:
         out_fn = lambda t: functional_call(model, _unflat(model, t), (x[i : i + 1],))[0]  # noqa
         J = jacobian(out_fn, theta).reshape(-1, len(theta))
         o = out_fn(theta).detach()
-        Ho = hessian(lambda o_: loss(o_.reshape(1, *o.shape), y[i : i + 1]), o)
+        yi = y[i : i + 1]
+        Ho = hessian(lambda o_, yi=yi, shape=o.shape: loss(o_.reshape(1, *shape), yi), o)
         Ho = Ho.reshape(J.shape[0], J.shape[0])
         H += J.T @ Ho @ J
     return H / len(x)
