@@ -11,7 +11,7 @@ from torch import nn
 from dvl_ooc.datasets import load_digits_split
 from dvl_ooc.nets import DigitsCNN, DigitsMLP, train_classifier
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # tiny models: threads only add spin-wait overhead
 
 
 @pytest.fixture(scope="session")

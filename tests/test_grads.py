@@ -1,0 +1,164 @@
+"""Per-sample gradients, curvature products, blocks and layer capture vs float64 references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import rel_err
+from reference import block_diagonal, ref_gauss_newton, ref_grads
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from dvl_ooc.exceptions import (
+    InputError,
+    LengthMismatchError,
+    NonFiniteError,
+    NoTrainableParametersError,
+    UnsupportedModelError,
+)
+from dvl_ooc.grads import LayerCapture, ModelGradients, resolve_blocks
+
+
+def test_per_sample_grads_match_loop(problem):
+    mg = ModelGradients(problem.model, problem.loss, micro_batch_size=7)
+    g = mg.per_sample_grads(problem.x_train[:40], problem.y_train[:40])
+    assert g.shape == (40, problem.p)
+    assert g.dtype == torch.float64
+    assert rel_err(g, problem.g_train[:40]) < 1e-12
+
+
+def test_hvp_matches_exact_hessian(problem):
+    data = (problem.x_train, problem.y_train)
+    blocks = resolve_blocks(problem.model, "model")
+    mg = ModelGradients(problem.model, problem.loss, micro_batch_size=33, vector_chunk=3)
+    V = torch.randn(5, problem.p, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    hv = mg.hvp(V, data, blocks[0], "exact")
+    assert rel_err(hv, V @ problem.H) < 1e-10
+    # a single vector keeps its shape
+    assert rel_err(mg.hvp(V[0], data, blocks[0], "exact"), problem.H @ V[0]) < 1e-10
+
+
+def test_gauss_newton_products_and_matrix(mlp_problem):
+    P = mlp_problem
+    data = (P.x_train[:60], P.y_train[:60])
+    G = ref_gauss_newton(P.model, P.loss, *data)
+    mg = ModelGradients(P.model, P.loss, micro_batch_size=16)
+    block = mg.blocks[0]
+    assert rel_err(mg.hessian(data, block, "gauss-newton"), G) < 1e-12
+    V = torch.randn(4, P.p, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    assert rel_err(mg.hvp(V, data, block, "gauss-newton"), V @ G) < 1e-10
+    # the GGN of cross-entropy is positive semi-definite, the exact Hessian need not be
+    assert float(torch.linalg.eigvalsh(G)[0]) > -1e-12
+
+
+def test_hessian_is_mean_over_samples_whatever_the_batches(cnn_problem):
+    """Unequal last batches: every point weighted equally (pyDVL weighted batches equally)."""
+    P = cnn_problem
+    mg = ModelGradients(P.model, P.loss, micro_batch_size=64)
+    loader = DataLoader(TensorDataset(P.x_train, P.y_train), batch_size=47)  # 200 = 4*47 + 12
+    H = mg.hessian(loader, mg.blocks[0], "exact")
+    assert rel_err(H, P.H) < 1e-12
+
+
+def test_layer_blocks_and_mapping(mlp_problem):
+    P = mlp_problem
+    layer = resolve_blocks(P.model, "layer")
+    assert [b.name for b in layer] == ["fc1", "fc2"]
+    assert [b.names for b in layer] == [("fc1.weight", "fc1.bias"), ("fc2.weight", "fc2.bias")]
+    custom = resolve_blocks(P.model, {"w": ["fc1.weight"], "rest": ["fc1.bias", "fc2"]})
+    assert custom[1].names == ("fc1.bias", "fc2.weight", "fc2.bias")
+    # block Hessians are the diagonal blocks of the full Hessian
+    mg = ModelGradients(P.model, P.loss, "layer")
+    sizes = [b.numel for b in mg.blocks]
+    ref = block_diagonal(P.H, sizes)
+    o = 0
+    for b in mg.blocks:
+        Hb = mg.hessian((P.x_train, P.y_train), b, "exact")
+        assert rel_err(Hb, ref[o : o + b.numel, o : o + b.numel]) < 1e-12
+        o += b.numel
+
+
+def test_frozen_parameters_are_excluded(digits):
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.Tanh(), nn.Linear(8, 10)).double()
+    model[1].weight.requires_grad_(False)
+    mg = ModelGradients(model, F.cross_entropy)
+    assert mg.param_names == ["1.bias", "3.weight", "3.bias"]
+    x = torch.as_tensor(digits.x_train[:5]).double()
+    y = torch.as_tensor(digits.y_train[:5])
+    assert rel_err(mg.per_sample_grads(x, y), ref_grads(model, F.cross_entropy, x, y)) < 1e-12
+    with pytest.raises(InputError, match="frozen"):
+        resolve_blocks(model, {"a": ["1.weight"]})
+
+
+def test_block_errors(mlp_problem):
+    m = mlp_problem.model
+    with pytest.raises(InputError, match="not a parameter"):
+        resolve_blocks(m, {"a": ["nope"]})
+    with pytest.raises(InputError, match="more than one block"):
+        resolve_blocks(m, {"a": ["fc1"], "b": ["fc1.weight"]})
+    with pytest.raises(InputError):
+        resolve_blocks(m, "per-neuron")
+    frozen = nn.Linear(3, 2).requires_grad_(False)
+    with pytest.raises(NoTrainableParametersError, match="no trainable parameters"):
+        ModelGradients(frozen, F.mse_loss)
+
+
+def test_input_validation(mlp_problem):
+    P = mlp_problem
+    mg = ModelGradients(P.model, P.loss)
+    with pytest.raises(LengthMismatchError, match="5 samples but y has 4"):
+        mg.per_sample_grads(P.x_train[:5], P.y_train[:4])
+    x = P.x_train[:5].clone()
+    x[2, 0, 3, 3] = float("nan")
+    with pytest.raises(NonFiniteError, match="NaN or inf in 1 sample"):
+        mg.per_sample_grads(x, P.y_train[:5])
+    with pytest.raises(InputError, match="no samples"):
+        mg.per_sample_grads(P.x_train[:0], P.y_train[:0])
+
+
+def test_non_finite_loss_is_reported(mlp_problem):
+    P = mlp_problem
+    mg = ModelGradients(P.model, lambda o, y: (o.exp() ** 400).mean() + 0 * y.sum())
+    with pytest.raises(NonFiniteError, match="non-finite loss gradient"):
+        mg.per_sample_grads(P.x_train[:4] * 1e3, P.y_train[:4])
+
+
+class _ConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 3, 3, stride=2, padding=1, dilation=1)
+        self.conv2 = nn.Conv2d(3, 2, 2, stride=1, padding="valid", bias=False)
+        self.fc = nn.Linear(2 * 3 * 3, 10)
+
+    def forward(self, x):
+        return self.fc(torch.tanh(self.conv2(torch.tanh(self.conv(x)))).flatten(1))
+
+
+def test_layer_capture_gives_per_sample_layer_gradients(digits):
+    torch.manual_seed(0)
+    model = _ConvNet().double()
+    x = torch.as_tensor(digits.x_train[:9]).double()
+    y = torch.as_tensor(digits.y_train[:9])
+    ref = ref_grads(model, F.cross_entropy, x, y)
+    with LayerCapture(model) as cap:
+        (F.cross_entropy(model(x), y) * len(x)).backward()
+    got = torch.cat([cap.per_sample_grads(n) for n in ["conv", "conv2", "fc"]], dim=1)
+    assert rel_err(got, ref) < 1e-12
+    assert cap.input_matrix("conv").shape == (9, 16, 10)  # 4x4 positions, 3*3 patch + bias
+    assert cap.output_grad_matrix("conv2").shape == (9, 9, 2)
+    # hooks are removed on exit
+    assert not cap._handles
+    assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_layer_capture_rejects_unsupported_modules():
+    model = nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3))
+    with pytest.raises(UnsupportedModelError, match="LayerNorm"):
+        LayerCapture(model, ["1"])
+    with pytest.raises(InputError, match="no module named"):
+        LayerCapture(model, ["fc9"])
+    conv = nn.Sequential(nn.Conv2d(2, 2, 3, groups=2))
+    with pytest.raises(UnsupportedModelError, match="groups"), LayerCapture(conv) as cap:
+        conv(torch.randn(1, 2, 5, 5))
+        cap.input_matrix("0")
