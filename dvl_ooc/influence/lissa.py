@@ -1,0 +1,273 @@
+"""LiSSA influence: a (stochastic) Neumann series for (H + lambda I)^{-1}.
+
+With A = H + lambda I and a scale s larger than the top eigenvalue of A, the eigenvalues of
+I - A/s lie in [0, 1) and
+
+    A^{-1} g = (1/s) sum_{j>=0} (I - A/s)^j g.
+
+precondition: the truncated series by the recursion (all gradients at once, one curvature product
+              per iteration for all still-active columns)
+                  x_0 = g,   x_{j+1} = g + (I - (H_B + lambda I)/s) x_j,   result x_depth / s,
+              where H_B is the curvature of the mean loss on a minibatch B of ``batch_size``
+              fit samples drawn afresh (seeded) at every step, or of the full fit data when
+              ``batch_size`` is None or >= n (the deterministic series). Each step with
+              independent B is unbiased for the deterministic step, so the expected iterate is
+              the deterministic one; the spread around it shrinks with the batch size.
+              The error after j steps is about (1 - lambda_min(A)/s)^j: it needs about
+              (s / lambda_min(A)) log(1/eps) steps, i.e. ~ condition number times log(1/eps).
+              A column stops when its relative change ||x_{j+1} - x_j|| / ||x_{j+1}|| <= rtol
+              (the remaining error is then about rtol * s / lambda_min(A)).
+fit:          only the scale: when ``scale`` is None the top eigenvalue of H is estimated by
+              block power iteration on curvature products over the fit data and
+              s = scale_factor * (|top| + lambda). Because the series still converges for
+              s > (top + lambda) / 2, a power-iteration underestimate is harmless.
+
+Divergence: ||x_j|| <= (j + 1) ||g|| holds whenever ||I - A_B/s|| <= 1 for every step, so a
+violation (or a non-finite iterate) proves that s is too small for some minibatch curvature, or
+that A is indefinite; :class:`DivergenceError` is raised then.
+
+Regularisation: lambda > 0 is required. The mean loss of an over-parametrised model has a null
+space (e.g. softmax logits are shift-invariant), along which the undamped series grows linearly
+and never converges; negative exact-Hessian eigenvalues need lambda > -lambda_min(H).
+
+Cost: ``depth`` curvature products per solve, each over the minibatch (or the full data); state:
+two scalars per block. The fit data is needed again at precondition time and never pickled.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate
+
+from ..data import DataLike, as_tensor, iter_batches, num_samples
+from ..exceptions import ConvergenceError, ConvergenceWarning, DivergenceError, InputError
+from ..grads import HessianMode, LossFn, ModelGradients, ParamBlock
+from .base import InfluenceModel
+from .cg import validate_fit_data
+
+__all__ = ["LissaInfluence", "top_eigenvalue"]
+
+
+def top_eigenvalue(
+    grads: ModelGradients,
+    data: DataLike,
+    block: ParamBlock,
+    mode: HessianMode,
+    *,
+    vectors: int = 4,
+    iterations: int = 100,
+    tol: float = 1e-4,
+    generator: torch.Generator | None = None,
+) -> float:
+    """Largest-magnitude eigenvalue of the block curvature, by block power (subspace) iteration
+    with Rayleigh-Ritz; each iteration is one batched curvature product of ``vectors`` vectors."""
+    q = min(vectors, block.numel)
+    V = torch.randn(block.numel, q, generator=generator, dtype=torch.float64)
+    V = torch.linalg.qr(V).Q
+    prev = None
+    top = 0.0
+    for _ in range(iterations):
+        W = grads.hvp(V.T.to(grads.dtype), data, block, mode).to(torch.float64).T
+        T = V.T @ W
+        T = 0.5 * (T + T.T)
+        ev = torch.linalg.eigvalsh(T)
+        top = float(ev.abs().max())
+        if not math.isfinite(top):
+            raise InputError("non-finite curvature while estimating the LiSSA scale")
+        if prev is not None and abs(top - prev) <= tol * max(top, 1e-300):
+            break
+        prev = top
+        if float(torch.linalg.norm(W)) == 0.0:
+            break
+        V = torch.linalg.qr(W).Q
+    return top
+
+
+def _minibatches(
+    data: DataLike, batch_size: int, generator: torch.Generator
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless stream of random minibatches (reshuffled every epoch) drawn with ``generator``.
+
+    (x, y) pairs and map-style datasets (also behind a DataLoader) are sampled at random indices;
+    an iterable dataset is cycled in its own order.
+    """
+    if isinstance(data, (tuple, list)) and len(data) == 2:
+        x, y = as_tensor(data[0]), as_tensor(data[1])
+        n = len(x)
+
+        def take(idx: torch.Tensor):
+            return x[idx], y[idx]
+
+    else:
+        ds = data.dataset if isinstance(data, DataLoader) else data
+        if isinstance(ds, IterableDataset) or not isinstance(ds, Dataset):
+            while True:
+                yield from iter_batches(data, batch_size)
+        n = len(ds)  # type: ignore[arg-type]
+
+        def take(idx: torch.Tensor):
+            b = default_collate([ds[int(i)] for i in idx])
+            return b[0], b[1]
+
+    while True:
+        perm = torch.randperm(n, generator=generator)
+        for s in range(0, n - batch_size + 1, batch_size):
+            yield take(perm[s : s + batch_size])
+
+
+class LissaInfluence(InfluenceModel):
+    """Influence by the LiSSA (stochastic Neumann series) approximation of (H + lambda I)^{-1}.
+
+    Args:
+        model, loss, regularization, blocks, hessian, micro_batch_size: see
+            :class:`~dvl_ooc.influence.base.InfluenceModel`; ``regularization`` must be > 0.
+        depth: number of recursion steps (the iteration budget).
+        scale: s, larger than the top eigenvalue of H + lambda I (the series converges for
+            s > (top + lambda)/2). None: estimated in ``fit`` as
+            ``scale_factor * (|top eigenvalue| + lambda)``.
+        scale_factor: safety factor of the estimated scale.
+        batch_size: samples per stochastic curvature minibatch; None (or >= n): the full fit data
+            at every step (deterministic).
+        seed: seed of the minibatch sampling (the same seed gives the same result).
+        rtol: a column stops when its relative change per step is <= rtol; None: always run
+            ``depth`` steps, without a convergence warning.
+        raise_on_nonconvergence: raise :class:`ConvergenceError` instead of warning with
+            :class:`ConvergenceWarning` when ``depth`` steps do not meet ``rtol``.
+
+    After each :meth:`precondition`, ``last_info`` holds per block the number of steps, the
+    largest relative change of the last step and how many columns converged.
+    """
+
+    needs_data_to_precondition = True
+    requires_positive_regularization = True
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        loss: LossFn,
+        *,
+        regularization: float | Mapping[str, float] = 1e-3,
+        blocks: str | Mapping[str, Sequence[str]] = "model",
+        hessian: HessianMode = "exact",
+        micro_batch_size: int = 64,
+        depth: int = 1000,
+        scale: float | None = None,
+        scale_factor: float = 1.1,
+        batch_size: int | None = None,
+        seed: int = 0,
+        rtol: float | None = 1e-6,
+        raise_on_nonconvergence: bool = False,
+    ) -> None:
+        super().__init__(model, loss, regularization=regularization, blocks=blocks,
+                         hessian=hessian, micro_batch_size=micro_batch_size)
+        if depth < 1:
+            raise InputError(f"depth must be >= 1, got {depth}")
+        if scale is not None and not (math.isfinite(scale) and scale > 0):
+            raise InputError(f"scale must be a positive number or None, got {scale}")
+        if not scale_factor >= 1.0:
+            raise InputError(f"scale_factor must be >= 1, got {scale_factor}")
+        if batch_size is not None and batch_size < 1:
+            raise InputError(f"batch_size must be >= 1 or None, got {batch_size}")
+        if rtol is not None and not rtol > 0:
+            raise InputError(f"rtol must be > 0 or None, got {rtol}")
+        self.depth = int(depth)
+        self.scale = None if scale is None else float(scale)
+        self.scale_factor = float(scale_factor)
+        self.batch_size = batch_size
+        self.seed = int(seed)
+        self.rtol = rtol
+        self.raise_on_nonconvergence = bool(raise_on_nonconvergence)
+        self.last_info: list[dict[str, Any]] = []
+
+    def _extra_config(self) -> dict[str, Any]:
+        return {
+            "depth": self.depth,
+            "scale": self.scale,
+            "scale_factor": self.scale_factor,
+            "batch_size": self.batch_size,
+            "seed": self.seed,
+        }
+
+    # ------------------------------------------------------------------ fit
+    def fit(self, data: DataLike) -> LissaInfluence:
+        validate_fit_data(self.grads, data)
+        return super().fit(data)  # type: ignore[return-value]
+
+    def _fit_block(self, block: ParamBlock, data: DataLike, reg: float) -> dict[str, torch.Tensor]:
+        if self.scale is not None:
+            return {"scale": torch.tensor(self.scale, dtype=torch.float64)}
+        index = [b.name for b in self.blocks].index(block.name)
+        gen = torch.Generator().manual_seed(self.seed + 7919 * index)
+        top = top_eigenvalue(self.grads, data, block, self.hessian_mode, generator=gen)
+        s = self.scale_factor * (top + reg)
+        return {"scale": torch.tensor(s, dtype=torch.float64),
+                "top_eigenvalue": torch.tensor(top, dtype=torch.float64)}
+
+    # ------------------------------------------------------------------ precondition
+    def _precondition_block(
+        self, i: int, block: ParamBlock, g: torch.Tensor, reg: float
+    ) -> torch.Tensor:
+        s = float(self._state[i]["scale"])  # type: ignore[index]
+        data = self._fit_data
+        n = num_samples(data)  # type: ignore[arg-type]
+        G = g.to(self.grads.dtype)
+        stochastic = self.batch_size is not None and self.batch_size < n
+        if stochastic:
+            gen = torch.Generator().manual_seed(self.seed + 7919 * i)
+            stream = _minibatches(data, self.batch_size, gen)  # type: ignore[arg-type]
+
+        X = G.clone()
+        gnorm = torch.linalg.norm(G, dim=1)
+        active = gnorm > 0
+        change = torch.zeros(len(G), dtype=G.dtype, device=G.device)
+        steps = 0
+        for j in range(1, self.depth + 1):
+            if not bool(active.any()):
+                break
+            idx = active.nonzero().flatten()
+            Xa = X[idx]
+            batch = next(stream) if stochastic else data
+            HX = self.grads.hvp(Xa, batch, block, self.hessian_mode)
+            new = G[idx] + Xa - (HX + reg * Xa) / s
+            nrm = torch.linalg.norm(new, dim=1)
+            bound = (j + 1) * gnorm[idx] * (1 + 1e-6) + 1e-30
+            if not bool(torch.isfinite(nrm).all()) or bool((nrm > bound).any()):
+                raise DivergenceError(
+                    f"LiSSA diverged in block {block.name!r} after {j} steps (iterate norm "
+                    f"{float(nrm.max()):.3g} exceeds the bound (j+1)||g||): the scale {s:.4g} is "
+                    "below the top eigenvalue of the (minibatch) curvature + lambda, or "
+                    "H + lambda I is indefinite. Pass a larger scale (or scale_factor), a larger "
+                    "batch_size, hessian='gauss-newton' or a larger regularization"
+                )
+            change[idx] = torch.linalg.norm(new - Xa, dim=1) / nrm.clamp_min(1e-300)
+            X[idx] = new
+            steps = j
+            if self.rtol is not None:
+                active[idx] = change[idx] > self.rtol
+        info = {
+            "block": block.name,
+            "iterations": steps,
+            "max_relative_change": float(change.max()) if len(G) else 0.0,
+            "converged": int((~active).sum()),
+            "columns": len(G),
+            "scale": s,
+        }
+        if i == 0:
+            self.last_info = []
+        self.last_info.append(info)
+        if self.rtol is not None and info["converged"] < len(G):
+            msg = (
+                f"LiSSA reached depth={self.depth} in block {block.name!r} with relative change "
+                f"{info['max_relative_change']:.2e} > rtol={self.rtol:g} for "
+                f"{len(G) - info['converged']} of {len(G)} gradients; raise depth or the "
+                "regularization (steps needed ~ scale / (lambda_min(H) + lambda))"
+            )
+            if self.raise_on_nonconvergence:
+                raise ConvergenceError(msg)
+            warnings.warn(msg, ConvergenceWarning, stacklevel=3)
+        return X / s
