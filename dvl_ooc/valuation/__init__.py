@@ -1,0 +1,80 @@
+"""Data valuation by retraining: Monte-Carlo Shapley / Banzhaf as chunked Dask reductions.
+
+Typical use (pyDVL users will recognise it)::
+
+    from dvl_ooc.valuation import (ModelUtility, TMCShapleyValuation, RelativeTruncation,
+                                   MinUpdates)
+    utility = ModelUtility(LogisticRegression(), test_data=(x_test, y_test))
+    valuation = TMCShapleyValuation(utility, truncation=RelativeTruncation(0.05, 0.3),
+                                    is_done=MinUpdates(100), seed=0, n_workers=2)
+    result = valuation.fit(x_train, y_train).result
+    result.sort()[:10]            # the lowest-valued points
+"""
+
+from .exact import exact_banzhaf, exact_shapley
+from .features import MaskingUtility, heatmap, patch_groups
+from .games import InteractionGame
+from .knn import knn_shapley
+from .methods import CombinatorialShapleyValuation, MSRBanzhafValuation, TMCShapleyValuation
+from .plot import plot_values
+from .result import Moments, ValuationResult, ValueItem
+from .samplers import (
+    DeviationTruncation,
+    FixedTruncation,
+    MSRSampler,
+    NoTruncation,
+    PermutationSampler,
+    RelativeTruncation,
+    TruncationPolicy,
+    UniformSampler,
+)
+from .stopping import (
+    AbsoluteStandardError,
+    HistoryDeviation,
+    MaxChecks,
+    MaxEvaluations,
+    MaxTime,
+    MaxUpdates,
+    MinUpdates,
+    RankCorrelation,
+    StoppingCriterion,
+)
+from .torch_utility import TorchBatchUtility
+from .utility import ModelUtility, TorchEstimator
+
+__all__ = [
+    "AbsoluteStandardError",
+    "CombinatorialShapleyValuation",
+    "DeviationTruncation",
+    "FixedTruncation",
+    "HistoryDeviation",
+    "InteractionGame",
+    "MSRBanzhafValuation",
+    "MSRSampler",
+    "MaskingUtility",
+    "MaxChecks",
+    "MaxEvaluations",
+    "MaxTime",
+    "MaxUpdates",
+    "MinUpdates",
+    "ModelUtility",
+    "Moments",
+    "NoTruncation",
+    "PermutationSampler",
+    "RankCorrelation",
+    "RelativeTruncation",
+    "StoppingCriterion",
+    "TMCShapleyValuation",
+    "TorchBatchUtility",
+    "TorchEstimator",
+    "TruncationPolicy",
+    "UniformSampler",
+    "ValuationResult",
+    "ValueItem",
+    "exact_banzhaf",
+    "exact_shapley",
+    "heatmap",
+    "knn_shapley",
+    "patch_groups",
+    "plot_values",
+]

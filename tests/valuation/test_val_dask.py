@@ -1,0 +1,70 @@
+"""Valuation on a real Dask LocalCluster (2 worker processes): identical to the sequential run."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.linear_model import LogisticRegression
+
+from dvl_ooc.valuation import (
+    MaxChecks,
+    ModelUtility,
+    MSRBanzhafValuation,
+    RelativeTruncation,
+    TMCShapleyValuation,
+)
+
+distributed = pytest.importorskip("distributed")
+
+
+@pytest.fixture(scope="module")
+def client():
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                      dashboard_address=":0") as cluster, Client(cluster) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def small_problem(digits):
+    x = digits.x_train[:10].reshape(10, -1)
+    y = digits.y_train[:10]
+    return x, y, digits.x_test[:80].reshape(-1, 64), digits.y_test[:80]
+
+
+def test_tmc_and_msr_on_two_workers_are_bit_identical_to_sequential(client, small_problem):
+    x, y, xt, yt = small_problem
+    u = ModelUtility(LogisticRegression(max_iter=100), test_data=(xt, yt), cache_size=2048)
+    kw = dict(seed=5, batch_size=2, samples_per_round=8)
+    seq = TMCShapleyValuation(u, RelativeTruncation(0.05, 0.3), is_done=MaxChecks(2), **kw)
+    par = TMCShapleyValuation(u, RelativeTruncation(0.05, 0.3), is_done=MaxChecks(2),
+                              client=client, **kw)
+    from distributed import get_task_stream
+
+    a = seq.fit(x, y).result
+    with get_task_stream(client) as ts:
+        b = par.fit(x, y).result
+    # 16 permutations in tasks of 2 -> 8 tasks, spread over both worker processes
+    batches = [t for t in ts.data if "run_batch" in str(t.get("key", ""))]
+    assert len(batches) == 8
+    assert len({t["worker"] for t in batches}) == 2
+    assert a.n_samples == b.n_samples == 16
+    assert a.evaluations == b.evaluations
+    assert np.array_equal(a.values, b.values) and np.array_equal(a.variances, b.variances)
+    assert np.abs(a.values).sum() > 0
+    kw = dict(seed=6, batch_size=16, samples_per_round=64)
+    m_seq = MSRBanzhafValuation(u, is_done=MaxChecks(1), **kw).fit(x, y).result
+    m_par = MSRBanzhafValuation(u, is_done=MaxChecks(1), client=client, **kw).fit(x, y).result
+    assert np.array_equal(m_seq.values, m_par.values)
+    assert np.array_equal(m_seq.stderr, m_par.stderr)
+
+
+def test_own_local_cluster_is_started_and_closed(small_problem):
+    from dvl_ooc.valuation import InteractionGame
+
+    g = InteractionGame(np.arange(5.0), noise=0.1)
+    kw = dict(seed=1, batch_size=4, samples_per_round=16)
+    seq = TMCShapleyValuation(g, is_done=MaxChecks(1), **kw).fit().result
+    par = TMCShapleyValuation(g, is_done=MaxChecks(1), n_workers=2, **kw).fit().result
+    assert np.array_equal(seq.values, par.values)
