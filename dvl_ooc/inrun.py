@@ -1,0 +1,797 @@
+"""In-Run Data Shapley: attribute a training run to its training samples while it runs.
+
+Notation. Step ``t`` sees a batch ``B`` of ``b`` samples and the user's **mean**-reduced loss
+``L_B(w) = (1/b) sum_{i in B} l_i(w)``, with ``l_i(w) = loss(model(x_i[None]), y_i[None])``.
+A plain SGD step is ``w_{t+1} = w_t - (eta/b) sum_i g_i`` with ``g_i = grad l_i(w_t)``.
+The validation loss is the **sum** ``L_val(w) = sum_j l_j(w)`` over the validation set (or each
+``l_j`` separately with ``per_validation_point=True``), evaluated with the model in ``eval()``
+mode at the current weights ``w_t``.
+
+First order. The utility of a subset ``S`` of the batch is the decrease of the validation loss
+``U(S) = L_val(w_t) - L_val(w_t - (eta/b) sum_{i in S} g_i)``. To first order ``U`` is additive,
+so the Shapley value of ``i`` is its own term::
+
+    phi_i += (eta / b) * < g_i, grad L_val(w_t) >
+
+Positive values: the sample's share of the step lowered the validation loss (helpful). The
+values of a batch sum to the first-order decrease of ``L_val`` over that step. For other
+optimizers (Adam, momentum) this is the usual SGD-direction proxy with the current ``lr``.
+
+Second order (``second_order=True``, summed validation loss only). The next Taylor term of
+``U(S)`` is ``-1/2 (eta/b)^2 sum_{i,j in S} g_i^T H_val g_j`` (``H_val`` the Hessian of
+``L_val`` at ``w_t``), a pairwise game whose Shapley value gives ``i`` its diagonal term and half
+of each symmetric pair::
+
+    phi_i += -1/2 (eta/b)^2 < g_i, H_val sum_{j in B} g_j > = -(eta^2 / (2 b)) < g_i, H_val gbar >
+
+with ``gbar`` the mean batch gradient: one Hessian-vector product of ``L_val`` per step.
+
+Ghost dot products. For ``Linear`` (inputs ``(n, d)`` or sequences ``(n, T, d)``), ``Conv2d``
+(unfolded patches) and ``Embedding`` layers, the per-sample weight gradient is
+``G_i^T A_i`` with ``A_i`` the ``(L, d_in [+1 for bias])`` layer inputs and ``G_i`` the
+``(L, d_out)`` output gradients of sample ``i``. For a train row ``i`` and validation row ``j``::
+
+    <G_i^T A_i, G_j^T A_j> = sum_{l,l'} (a_il . a_jl') (g_il . g_jl')          (ghost)
+    embedding:               sum_{l,l'} [idx_il == idx_jl'] (g_il . g_jl')
+
+Cost model per layer (``n`` train rows, ``m`` validation rows, ``L`` positions):
+
+* ghost:        ``n m L_t L_v (d_in + d_out + 1)`` (embedding: ``d_in = 1``), no ``d_in d_out``;
+* materialise:  ``(n L_t + m L_v) d_in d_out`` to form per-sample gradients (summed over the
+  validation rows when the validation loss is summed) plus ``n m d_in d_out`` for the products
+  (per validation point only); embeddings use the ``U`` distinct rows looked up in the step.
+
+``method="auto"`` takes the cheaper one per layer (ghost for short sequences and small maps,
+materialise for long sequences / large spatial maps).
+
+Summed validation loss. Then only ``<g_i, V>`` with ``V = grad L_val`` is needed: ``V`` is the
+parameter gradient of one validation backward, and ``<g_i, V> = sum_l g_il . (V a_il)`` is a
+directional derivative computed layer by layer from the captured train rows (a matrix product
+for ``Linear``, a convolution of the inputs with ``V`` for ``Conv2d`` -- no ``im2col`` --, a
+gather for ``Embedding``): the cost of one extra forward, cheaper than ghost products whenever
+``m L^2 (d_in + d_out) > d_in d_out``, i.e. almost always. Per step the tracker therefore costs
+plain training plus one validation forward/backward plus about one forward of the batch.
+
+Exactness of training. ``step`` runs the user's forward and ``loss.backward()`` on the training
+batch exactly as plain training does (hooks only read activations and gradients), so the
+parameters' ``.grad`` and hence the trained weights are **bit-identical** to training without
+the tracker. The validation set goes through a second forward/backward (``torch.autograd.grad``,
+never touching ``.grad``) in ``eval()`` mode: the same FLOPs as one backward over a combined
+train + validation batch, but it cannot perturb batch statistics, dropout masks or ``.grad``.
+
+``combined=True`` (first-order, summed validation loss) instead runs ONE forward over the
+concatenated ``[train; validation]`` rows (in the model's current mode) and one backward to the
+captured layer outputs only; the train-only parameter gradient (``G_t^T A_t``, the convolution
+weight-gradient kernel, an index-add for embeddings) and ``V`` are rebuilt from the captured rows
+and written to ``.grad``. This halves the per-step fixed overhead on small models; the weights
+then agree with plain training to rounding (float64: ~1e-15 relative, tested at 1e-12), not
+bit for bit, because the GEMMs see a different batch size and summation order.
+
+Storage. Scores are keyed by training-sample index and accumulated in float64, in memory
+(NumPy) or in a Zarr v3 array on disk (``store=path``) chunked along the training axis; on disk,
+updates are buffered per chunk and added to the array every ``flush_every`` steps or when the
+buffer exceeds ``max_buffer_bytes``, so memory is bounded by the buffer, not by ``n_train``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import as_tensor, check_xy
+from .exceptions import (
+    InputError,
+    LengthMismatchError,
+    NonFiniteError,
+    NoTrainableParametersError,
+    StoreMismatchError,
+    StoreNotFoundError,
+    UnsupportedModelError,
+)
+from .grads import (
+    CAPTURABLE_LAYERS,
+    LayerCapture,
+    _conv_padding,
+    embedding_output_grad_matrix,
+    layer_input_matrix,
+    layer_output_grad_matrix,
+)
+
+__all__ = [
+    "InRunShapley",
+    "ScoreStore",
+    "dot_with_param_vector",
+    "layer_dot_products",
+    "supported_modules",
+]
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Method = Literal["auto", "ghost", "materialize"]
+
+
+# ---------------------------------------------------------------------- model checks
+def supported_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Modules holding trainable parameters, all of which must be Linear/Conv2d/Embedding.
+
+    Raises :class:`UnsupportedModelError` naming the first parameter outside such a layer.
+    """
+    out: dict[str, nn.Module] = {}
+    for name, mod in model.named_modules():
+        own = [(n, p) for n, p in mod.named_parameters(recurse=False) if p.requires_grad]
+        if not own:
+            continue
+        if not isinstance(mod, CAPTURABLE_LAYERS):
+            pname = f"{name}.{own[0][0]}" if name else own[0][0]
+            raise UnsupportedModelError(
+                f"parameter {pname!r} belongs to a {type(mod).__name__}; in-run attribution "
+                "supports trainable parameters only in nn.Linear, nn.Conv2d and nn.Embedding "
+                "layers (freeze the others with requires_grad_(False))"
+            )
+        if len(own) != len(list(mod.parameters(recurse=False))):
+            raise UnsupportedModelError(
+                f"layer {name!r} has both trainable and frozen parameters; freeze or train "
+                "the whole layer"
+            )
+        if isinstance(mod, nn.Conv2d):
+            if mod.groups != 1:
+                raise UnsupportedModelError(f"Conv2d {name!r} has groups > 1 (not supported)")
+            _conv_padding(mod)  # padding_mode checks
+        if isinstance(mod, nn.Embedding):
+            layer_input_matrix(mod, torch.zeros(1, 1, dtype=torch.long))  # option checks
+        out[name] = mod
+    if not out:
+        raise NoTrainableParametersError("the model has no trainable parameters")
+    for mod in model.modules():
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.track_running_stats:
+            raise UnsupportedModelError(
+                f"{type(mod).__name__} couples the samples of a batch; per-sample gradients "
+                "are not defined (use GroupNorm/LayerNorm without affine, or none)"
+            )
+    return out
+
+
+# ---------------------------------------------------------------------- dot products
+def _costs(module: nn.Module, A_t, G_t, A_v, G_v, reduce: bool) -> tuple[float, float]:
+    n, Lt = G_t.shape[:2]
+    m, Lv = G_v.shape[:2]
+    d_out = G_t.shape[-1]
+    if isinstance(module, nn.Embedding):
+        ghost = n * m * Lt * Lv * (d_out + 1.0)
+        u = min(module.num_embeddings, n * Lt + m * Lv)
+        mat = (n * Lt + m * Lv) * d_out
+        if not reduce:
+            mat += (n * m + n + m) * u * d_out
+        return ghost, float(mat)
+    d_in = A_t.shape[-1]
+    ghost = n * m * Lt * Lv * (d_in + d_out + 1.0)
+    mat = (n * Lt + m * Lv) * d_in * d_out + (0 if reduce else n * m * d_in * d_out)
+    return ghost, float(mat)
+
+
+def _row_chunk(n: int, per_row: int, max_elements: int) -> int:
+    return max(1, min(n, max_elements // max(per_row, 1)))
+
+
+def _ghost(module, A_t, G_t, A_v, G_v, max_elements: int) -> torch.Tensor:
+    n, Lt = G_t.shape[:2]
+    m, Lv = G_v.shape[:2]
+    out = torch.empty(n, m, dtype=G_t.dtype, device=G_t.device)
+    step = _row_chunk(n, Lt * m * Lv, max_elements)
+    Gv = G_v.reshape(m * Lv, -1)
+    emb = isinstance(module, nn.Embedding)
+    if not emb:
+        Av = A_v.reshape(m * Lv, -1)
+    for s in range(0, n, step):
+        g = G_t[s : s + step]
+        c = len(g)
+        GG = (g.reshape(c * Lt, -1) @ Gv.T).reshape(c, Lt, m, Lv)
+        if emb:
+            eq = A_t[s : s + step].reshape(c, Lt, 1, 1) == A_v.reshape(1, 1, m, Lv)
+            out[s : s + c] = (GG * eq).sum((1, 3))
+        else:
+            AA = (A_t[s : s + step].reshape(c * Lt, -1) @ Av.T).reshape(c, Lt, m, Lv)
+            out[s : s + c] = (GG * AA).sum((1, 3))
+    return out
+
+
+def _per_sample_matrix(module, A, G, rows=None) -> torch.Tensor:
+    """Per-sample layer gradients ``(n, d_out * d_in)`` (embedding: restricted to ``rows``)."""
+    if isinstance(module, nn.Embedding):
+        n, L, d = G.shape
+        U = len(rows)
+        pos = torch.searchsorted(rows, A.reshape(-1)).reshape(n, L)
+        out = torch.zeros(n * U, d, dtype=G.dtype, device=G.device)
+        out.index_add_(0, (torch.arange(n, device=G.device)[:, None] * U + pos).reshape(-1),
+                       G.reshape(-1, d))
+        return out.reshape(n, U * d)
+    return torch.bmm(G.transpose(1, 2), A).reshape(len(G), -1)
+
+
+def reduce_with_vector(module: nn.Module, A_t, G_t, W: torch.Tensor) -> torch.Tensor:
+    """``<G_i^T A_i, W>`` for every row ``i``, with ``W`` the layer's ``(d_out, d_in[+1])``
+    parameter matrix (embedding: the ``(num_embeddings, d)`` table); cost ``n L d_in d_out``."""
+    if isinstance(module, nn.Embedding):
+        return (G_t * W[A_t]).sum((1, 2))
+    return ((A_t @ W.T) * G_t).sum((1, 2))
+
+
+def dot_with_param_vector(
+    module: nn.Module, a: torch.Tensor, g: torch.Tensor, W: dict[str, torch.Tensor]
+) -> torch.Tensor:
+    """``<per-sample gradient of row i, W>`` for every row, without unfolding.
+
+    ``a`` is the layer input and ``g`` the per-sample output gradient (raw shapes), ``W`` a
+    parameter-shaped vector ``{"weight": ..., "bias": ...}``. It is the directional derivative
+    ``sum_l g_il . (W a_il)``: for ``Conv2d`` a convolution of the inputs with ``W`` (no
+    ``im2col``), for ``Linear`` a matrix product, for ``Embedding`` a gather. Cost: one forward.
+    """
+    n = a.shape[0]
+    Ww, Wb = W["weight"], W.get("bias")
+    if isinstance(module, nn.Embedding):
+        G = embedding_output_grad_matrix(module, a, g)
+        return (G * Ww[a.reshape(n, -1)]).sum((1, 2))
+    if isinstance(module, nn.Conv2d):
+        z = F.conv2d(a, Ww, None, module.stride, _conv_padding(module), module.dilation,
+                     module.groups)
+        s = (z * g).reshape(n, -1).sum(1)
+        if Wb is not None:
+            s = s + g.sum((2, 3)) @ Wb
+        return s
+    A = a.reshape(n, -1, a.shape[-1])
+    G = g.reshape(n, -1, g.shape[-1])
+    s = ((A @ Ww.T) * G).sum((1, 2))
+    if Wb is not None:
+        s = s + G.sum(1) @ Wb
+    return s
+
+
+def _param_grads(module: nn.Module, a: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Summed parameter gradients ``{"weight", "bias"}`` of a layer from its rows."""
+    out: dict[str, torch.Tensor] = {}
+    if isinstance(module, nn.Embedding):
+        G = embedding_output_grad_matrix(module, a, g)
+        W = torch.zeros_like(module.weight)
+        out["weight"] = W.index_add_(0, a.reshape(-1), G.reshape(-1, G.shape[-1]))
+        return out
+    if isinstance(module, nn.Conv2d):
+        out["weight"] = torch.nn.grad.conv2d_weight(
+            a, module.weight.shape, g, module.stride, _conv_padding(module), module.dilation,
+            module.groups)
+        if module.bias is not None:
+            out["bias"] = g.sum((0, 2, 3))
+        return out
+    G = g.reshape(-1, g.shape[-1])
+    out["weight"] = G.T @ a.reshape(-1, a.shape[-1])
+    if module.bias is not None:
+        out["bias"] = G.sum(0)
+    return out
+
+
+def _sum_of_val_grads(module, A_v, G_v) -> torch.Tensor:
+    if isinstance(module, nn.Embedding):
+        d = G_v.shape[-1]
+        V = torch.zeros(module.num_embeddings, d, dtype=G_v.dtype, device=G_v.device)
+        return V.index_add_(0, A_v.reshape(-1), G_v.reshape(-1, d))
+    return G_v.reshape(-1, G_v.shape[-1]).T @ A_v.reshape(-1, A_v.shape[-1])
+
+
+def layer_dot_products(
+    module: nn.Module,
+    A_t: torch.Tensor,
+    G_t: torch.Tensor,
+    A_v: torch.Tensor,
+    G_v: torch.Tensor,
+    *,
+    reduce: bool = False,
+    method: Method = "auto",
+    max_elements: int = 2**24,
+) -> torch.Tensor:
+    """Train x validation per-sample gradient dot products of one layer.
+
+    Args:
+        module: the ``Linear``/``Conv2d``/``Embedding`` layer.
+        A_t, G_t: train rows from :func:`~dvl_ooc.grads.layer_input_matrix` (embedding: the
+            ``(n, L)`` indices) and the per-sample output gradients ``(n, L, d_out)``
+            (embedding: padding positions zeroed).
+        A_v, G_v: the same for the validation rows.
+        reduce: return the row sums ``(n,)`` (summed validation loss) instead of ``(n, m)``.
+        method: ``"ghost"``, ``"materialize"`` or ``"auto"`` (cheaper by the module's cost model).
+        max_elements: bound on temporary ``(chunk, L, m, L)`` tensors.
+    """
+    if method not in ("auto", "ghost", "materialize"):
+        raise InputError(f"method must be 'auto', 'ghost' or 'materialize', got {method!r}")
+    if method == "auto":
+        ghost, mat = _costs(module, A_t, G_t, A_v, G_v, reduce)
+        method = "ghost" if ghost <= mat else "materialize"
+    if method == "ghost":
+        M = _ghost(module, A_t, G_t, A_v, G_v, max_elements)
+        return M.sum(1) if reduce else M
+    if reduce:
+        return reduce_with_vector(module, A_t, G_t, _sum_of_val_grads(module, A_v, G_v))
+    rows = None
+    if isinstance(module, nn.Embedding):
+        rows = torch.unique(torch.cat([A_t.reshape(-1), A_v.reshape(-1)]))
+    Pv = _per_sample_matrix(module, A_v, G_v, rows)
+    out = torch.empty(len(G_t), len(G_v), dtype=G_t.dtype, device=G_t.device)
+    per_row = Pv.shape[1] + 1
+    step = _row_chunk(len(G_t), per_row, max_elements)
+    for s in range(0, len(G_t), step):
+        Pt = _per_sample_matrix(module, A_t[s : s + step], G_t[s : s + step], rows)
+        out[s : s + len(Pt)] = Pt @ Pv.T
+    return out
+
+
+# ---------------------------------------------------------------------- score store
+class ScoreStore:
+    """Float64 accumulator of scores keyed by training-sample index.
+
+    In memory (``path=None``) it is a NumPy array. On disk it is a Zarr v3 array of shape
+    ``(n_train,)`` or ``(n_train, n_val)`` chunked along the training axis; :meth:`add` buffers
+    per-chunk deltas and :meth:`flush` adds them into the array (read-modify-write per chunk).
+
+    Args:
+        n_train, n_val: shape (``n_val=None`` for one score per sample).
+        path: directory of the Zarr store, or ``None`` for memory.
+        mode: ``"w"`` create (overwrite) or ``"a"`` open an existing store with the same
+            shape and attributes and keep accumulating (resume), creating it if missing.
+        chunk_bytes: target bytes per stored chunk (sets the rows per chunk).
+        max_buffer_bytes: flush automatically when the buffered deltas exceed this.
+        attributes: plain-data metadata recorded in (and checked against) the store.
+    """
+
+    def __init__(
+        self,
+        n_train: int,
+        n_val: int | None = None,
+        path: str | os.PathLike | None = None,
+        *,
+        mode: Literal["w", "a"] = "w",
+        chunk_bytes: int = 8 * 2**20,
+        max_buffer_bytes: int = 256 * 2**20,
+        attributes: dict[str, Any] | None = None,
+    ) -> None:
+        if n_train < 1:
+            raise InputError(f"n_train must be >= 1, got {n_train}")
+        if mode not in ("w", "a"):
+            raise InputError(f"mode must be 'w' or 'a', got {mode!r}")
+        self.shape = (int(n_train),) if n_val is None else (int(n_train), int(n_val))
+        row_bytes = 8 * (1 if n_val is None else int(n_val))
+        self.chunk_rows = max(1, min(int(n_train), chunk_bytes // row_bytes))
+        self.max_buffer_bytes = int(max_buffer_bytes)
+        self.path = None if path is None else os.fspath(path)
+        self._buffer: dict[int, np.ndarray] = {}
+        self.attributes = dict(attributes or {})
+        if self.path is None:
+            self._mem: np.ndarray | None = np.zeros(self.shape)
+            self.array = None
+            return
+        import zarr
+
+        self._mem = None
+        exists = os.path.exists(os.path.join(self.path, "zarr.json"))
+        if mode == "a" and exists:
+            arr = zarr.open_array(self.path, mode="r+")
+            if tuple(arr.shape) != self.shape:
+                raise StoreMismatchError(
+                    f"store {self.path} has shape {tuple(arr.shape)}, expected {self.shape}; "
+                    "use a new path or mode='w' to overwrite"
+                )
+            old = {k: v for k, v in arr.attrs.asdict().items() if k != "steps"}
+            new = {k: v for k, v in self.attributes.items() if k != "steps"}
+            if old != new:
+                diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+                raise StoreMismatchError(
+                    f"store {self.path} was written by a different configuration {diff}; "
+                    "use a new path or mode='w'"
+                )
+            self.array = arr
+            self.chunk_rows = int(arr.chunks[0])
+        else:
+            chunks = (self.chunk_rows,) + self.shape[1:]
+            self.array = zarr.create_array(
+                self.path, shape=self.shape, chunks=chunks, dtype="float64", fill_value=0.0,
+                attributes=self.attributes, overwrite=True,
+            )
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> np.ndarray:
+        """Read a finished store into memory."""
+        import zarr
+
+        if not os.path.exists(os.path.join(os.fspath(path), "zarr.json")):
+            raise StoreNotFoundError(f"no score store at {os.fspath(path)}")
+        return np.asarray(zarr.open_array(os.fspath(path), mode="r")[...])
+
+    @property
+    def buffered_bytes(self) -> int:
+        return sum(b.nbytes for b in self._buffer.values())
+
+    def add(self, idx: np.ndarray, values: np.ndarray) -> None:
+        """Add ``values`` (``(b,)`` or ``(b, n_val)``) to the rows ``idx`` (repeats add up)."""
+        if self._mem is not None:
+            np.add.at(self._mem, idx, values)
+            return
+        chunk = idx // self.chunk_rows
+        for k in np.unique(chunk):
+            sel = chunk == k
+            buf = self._buffer.get(int(k))
+            if buf is None:
+                rows = min(self.chunk_rows, self.shape[0] - int(k) * self.chunk_rows)
+                buf = self._buffer[int(k)] = np.zeros((rows,) + self.shape[1:])
+            np.add.at(buf, idx[sel] - int(k) * self.chunk_rows, values[sel])
+        if self.buffered_bytes > self.max_buffer_bytes:
+            self.flush()
+
+    def flush(self, **attrs: Any) -> None:
+        """Add the buffered deltas into the Zarr array (no-op in memory)."""
+        if self.array is None:
+            return
+        for k in sorted(self._buffer):
+            sl = slice(k * self.chunk_rows, k * self.chunk_rows + len(self._buffer[k]))
+            self.array[sl] = self.array[sl] + self._buffer[k]
+        self._buffer.clear()
+        if attrs:
+            self.array.attrs.update(attrs)
+
+    def to_numpy(self) -> np.ndarray:
+        """All accumulated scores (flushes first)."""
+        if self._mem is not None:
+            return self._mem.copy()
+        self.flush()
+        return np.asarray(self.array[...])
+
+
+# ---------------------------------------------------------------------- the tracker
+class InRunShapley:
+    """Accumulate first- (and optionally second-) order In-Run Data Shapley values.
+
+    The user keeps their own loop, loader and optimizer; :meth:`step` replaces the
+    ``loss = loss_fn(model(x), y); loss.backward()`` pair::
+
+        tracker = InRunShapley(model, loss_fn, x_val, y_val, n_train=len(ds))
+        for idx, xb, yb in loader:
+            optimizer.zero_grad()
+            loss = tracker.step(xb, yb, idx, lr=scheduler.get_last_lr()[0])
+            optimizer.step()
+        tracker.values   # (n_train,) or (n_train, n_val); positive = lowered validation loss
+
+    Args:
+        model: the network being trained; all trainable parameters must live in
+            ``Linear``/``Conv2d``/``Embedding`` layers (others: :class:`UnsupportedModelError`;
+            freeze them to exclude them), each layer called once per forward.
+        loss_fn: the training loss, **mean**-reduced over the batch.
+        x_val, y_val: validation set (kept on the model's device).
+        n_train: number of training samples; sample indices passed to :meth:`step` are in
+            ``[0, n_train)``.
+        per_validation_point: keep one score per (train, validation) pair instead of the sum.
+        second_order: add the second-order term (summed validation loss only).
+        combined: one forward/backward over ``[train; validation]`` (see the module docstring;
+            first-order summed validation loss only; ``.grad`` allclose instead of bit-identical).
+        store: ``None`` (in memory) or a directory for a Zarr v3 array.
+        store_mode: ``"w"`` (overwrite) or ``"a"`` (resume accumulating into an existing store).
+        flush_every: steps between flushes of the on-disk store.
+        val_batch_size: validation rows per forward/backward (bounds memory).
+        method: ``"auto"``, ``"ghost"`` or ``"materialize"`` (see the module docstring).
+        max_buffer_bytes, chunk_bytes: on-disk store buffering and chunk size, see
+            :class:`ScoreStore`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        x_val: Any,
+        y_val: Any,
+        *,
+        n_train: int,
+        per_validation_point: bool = False,
+        second_order: bool = False,
+        combined: bool = False,
+        store: str | os.PathLike | None = None,
+        store_mode: Literal["w", "a"] = "w",
+        flush_every: int = 50,
+        val_batch_size: int = 256,
+        method: Method = "auto",
+        max_buffer_bytes: int = 256 * 2**20,
+        chunk_bytes: int = 8 * 2**20,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not callable(loss_fn):
+            raise InputError("loss_fn must be a callable loss_fn(outputs, targets)")
+        if combined and (second_order or per_validation_point):
+            raise InputError(
+                "combined=True supports the first-order summed validation loss only"
+            )
+        if second_order and per_validation_point:
+            raise InputError(
+                "second_order=True is implemented for the summed validation loss only; "
+                "use per_validation_point=False"
+            )
+        if method not in ("auto", "ghost", "materialize"):
+            raise InputError(f"method must be 'auto', 'ghost' or 'materialize', got {method!r}")
+        if int(n_train) < 1 or flush_every < 1 or val_batch_size < 1:
+            raise InputError("n_train, flush_every and val_batch_size must be >= 1")
+        self.model = model
+        self.loss_fn = loss_fn
+        self.modules = supported_modules(model)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        p0 = self.params[0]
+        self.x_val = as_tensor(x_val, dtype=p0.dtype, device=p0.device)
+        self.y_val = as_tensor(y_val, device=p0.device)
+        if self.y_val.is_floating_point():
+            self.y_val = self.y_val.to(p0.dtype)
+        check_xy(self.x_val, self.y_val, what="validation set")
+        self.n_train = int(n_train)
+        self.n_val = len(self.x_val)
+        self.per_validation_point = bool(per_validation_point)
+        self.second_order = bool(second_order)
+        self.combined = bool(combined)
+        self.method: Method = method
+        self.val_batch_size = int(val_batch_size)
+        self.flush_every = int(flush_every)
+        self.steps = 0
+        self.store = ScoreStore(
+            self.n_train, self.n_val if self.per_validation_point else None, store,
+            mode=store_mode, max_buffer_bytes=max_buffer_bytes, chunk_bytes=chunk_bytes,
+            attributes={"method": "InRunShapley", "n_train": self.n_train,
+                        "n_val": self.n_val, "per_validation_point": self.per_validation_point,
+                        "second_order": self.second_order},
+        )
+        if self.store.array is not None:
+            self.steps = int(self.store.array.attrs.get("steps", 0))
+        self._calls: dict[str, int] = {}
+
+    # ------------------------------------------------------------------ internals
+    def _capture(self):
+        return LayerCapture(self.model, list(self.modules), include_embeddings=True)
+
+    def _count_hooks(self):
+        self._calls = dict.fromkeys(self.modules, 0)
+        handles = []
+        for name, mod in self.modules.items():
+            def pre(_m, _i, name=name):
+                self._calls[name] += 1
+            handles.append(mod.register_forward_pre_hook(pre))
+        return handles
+
+    def _check_calls(self) -> None:
+        twice = [n for n, c in self._calls.items() if c > 1]
+        if twice:
+            raise UnsupportedModelError(
+                f"layer(s) {twice} are called more than once per forward (weight sharing); "
+                "per-sample layer gradients are not defined for them"
+            )
+
+    def _raw(self, cap: LayerCapture, scale: float, grads: dict | None = None):
+        """``{name: (input, output grad * scale)}`` of the captured layers, raw shapes."""
+        grads = cap.output_grads if grads is None else grads
+        # a layer missing from ``grads`` is not on the loss path: its gradient is zero
+        return {n: (cap.inputs[n], grads[n] * scale) for n in self.modules if n in grads}
+
+    def _matrices(self, raw: dict):
+        """Per-sample ``(A, G)`` matrices (unfolded for convolutions) from :meth:`_raw`."""
+        out = {}
+        for name, (a, g) in raw.items():
+            mod = self.modules[name]
+            A = layer_input_matrix(mod, a)
+            if isinstance(mod, nn.Embedding):
+                G = embedding_output_grad_matrix(mod, a, g)
+            else:
+                G = layer_output_grad_matrix(mod, g)
+            out[name] = (A, G)
+        return out
+
+    def _check_batch(self, x: Any, y: Any, idx: Any) -> tuple[torch.Tensor, torch.Tensor,
+                                                                  np.ndarray]:
+        p0 = self.params[0]
+        xt = as_tensor(x, device=p0.device)
+        yt = as_tensor(y, device=p0.device)
+        # lengths only: plain training does not scan the batch for NaNs (the loss check does)
+        if xt.ndim == 0 or yt.ndim == 0 or len(xt) != len(yt) or len(xt) == 0:
+            raise LengthMismatchError(
+                f"training batch: x has shape {tuple(xt.shape)} and y {tuple(yt.shape)}; pass "
+                "a non-empty batch with one label per sample"
+            )
+        if tuple(xt.shape[1:]) != tuple(self.x_val.shape[1:]):
+            raise InputError(
+                f"training inputs have per-sample shape {tuple(xt.shape[1:])} but the "
+                f"validation set has {tuple(self.x_val.shape[1:])}; they must match"
+            )
+        if xt.dtype != self.x_val.dtype:
+            raise InputError(
+                f"training inputs are {xt.dtype} but the validation set is {self.x_val.dtype}"
+            )
+        if idx is None:
+            raise InputError("step() needs the training-sample indices of the batch (idx)")
+        ia = np.asarray(idx.detach().cpu() if isinstance(idx, torch.Tensor) else idx)
+        if ia.ndim != 1 or ia.dtype.kind not in "iu":
+            raise InputError(f"idx must be a 1-d integer array, got {ia.dtype} of shape {ia.shape}")
+        if len(ia) != len(xt):
+            raise LengthMismatchError(
+                f"the batch has {len(xt)} samples but idx has {len(ia)} indices; pass the "
+                "dataset index of every sample in the batch"
+            )
+        if ia.min() < 0 or ia.max() >= self.n_train:
+            raise InputError(f"idx must lie in [0, {self.n_train}), got [{ia.min()}, {ia.max()}]")
+        return xt, yt, ia.astype(np.int64)
+
+    # ------------------------------------------------------------------ public
+    def step(self, x: Any, y: Any, idx: Any, lr: float) -> torch.Tensor:
+        """Forward and backward of the training batch (``.grad`` set exactly as
+        ``loss_fn(model(x), y).backward()`` would), plus the batch's In-Run Shapley values.
+
+        Returns the (detached) mean training loss of the batch.
+        """
+        lr = float(lr)
+        if not math.isfinite(lr):
+            raise InputError(f"lr must be finite, got {lr}")
+        x, y, ia = self._check_batch(x, y, idx)
+        b = len(x)
+        if self.combined:
+            return self._combined_step(x, y, ia, lr)
+        handles = self._count_hooks()
+        try:
+            with self._capture() as cap:
+                loss = self.loss_fn(self.model(x), y)
+                if self.second_order:
+                    g = torch.autograd.grad(loss, self.params, allow_unused=True,
+                                            materialize_grads=True)
+                    for p, gp in zip(self.params, g):
+                        if p.grad is None:
+                            p.grad = gp
+                        else:
+                            p.grad += gp
+                    gbar = [gp.detach() for gp in g]
+                else:
+                    loss.backward()
+            self._check_calls()
+            # output grads of the MEAN loss are g_i / b: scale once at the end instead
+            train = self._raw(cap, 1.0)
+            if not bool(torch.isfinite(loss)):
+                raise NonFiniteError(f"non-finite training loss {float(loss)} at step {self.steps}")
+            scores = self._scores(train, b, lr, gbar if self.second_order else None)
+        finally:
+            for h in handles:
+                h.remove()
+        self.store.add(ia, scores.detach().cpu().numpy().astype(np.float64))
+        self.steps += 1
+        if self.steps % self.flush_every == 0:
+            self.store.flush(steps=self.steps)
+        return loss.detach()
+
+    def _combined_step(self, x, y, ia: np.ndarray, lr: float) -> torch.Tensor:
+        """One forward over ``[train; validation]`` and one backward to the layer outputs only;
+        the train-only parameter gradient and ``V = grad L_val`` are rebuilt from the captured
+        rows with the same kernels autograd uses (``.grad`` allclose, not bit-identical)."""
+        b = len(x)
+        outputs: dict[str, torch.Tensor] = {}
+        handles = self._count_hooks()
+        for name, mod in self.modules.items():
+            def keep(_m, _i, out, name=name):
+                outputs[name] = out
+            handles.append(mod.register_forward_hook(keep))
+        try:
+            with self._capture() as cap:
+                out = self.model(torch.cat([x, self.x_val]))
+                loss = self.loss_fn(out[:b], y)
+                total = loss + self.loss_fn(out[b:], self.y_val) * self.n_val
+                names = [n for n in self.modules if n in outputs and outputs[n].requires_grad]
+                gs = torch.autograd.grad(total, [outputs[n] for n in names])
+            self._check_calls()
+        finally:
+            for h in handles:
+                h.remove()
+        if not bool(torch.isfinite(loss)):
+            raise NonFiniteError(f"non-finite training loss {float(loss)} at step {self.steps}")
+        scores = torch.zeros(b, dtype=out.dtype, device=out.device)
+        for name, g in zip(names, gs):
+            mod, a = self.modules[name], cap.inputs[name]
+            g = g.detach()
+            train_grad = _param_grads(mod, a[:b], g[:b])
+            for pn, p in mod.named_parameters(recurse=False):
+                if p.grad is None:
+                    p.grad = train_grad[pn]
+                else:
+                    p.grad += train_grad[pn]
+            V = _param_grads(mod, a[b:], g[b:])
+            scores += dot_with_param_vector(mod, a[:b], g[:b], V)
+        scores = scores * lr
+        self.store.add(ia, scores.detach().cpu().numpy().astype(np.float64))
+        self.steps += 1
+        if self.steps % self.flush_every == 0:
+            self.store.flush(steps=self.steps)
+        return loss.detach()
+
+    def _scores(self, train: dict, b: int, lr: float, gbar) -> torch.Tensor:
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            if self.per_validation_point:
+                out = self._pairwise_scores(train, b)
+            else:
+                out = self._summed_scores(train, b, lr, gbar)
+        finally:
+            self.model.train(was_training)
+        out = out * lr  # (lr / b) * <b * G_mean, ...>: captured train grads are of the mean loss
+        if not bool(torch.isfinite(out).all()):
+            raise NonFiniteError(f"non-finite in-run scores at step {self.steps}")
+        return out
+
+    def _val_chunks(self):
+        for s in range(0, self.n_val, self.val_batch_size):
+            e = s + self.val_batch_size
+            yield s, self.x_val[s:e], self.y_val[s:e]
+
+    def _summed_scores(self, train: dict, b: int, lr: float, gbar) -> torch.Tensor:
+        """``<g_i, V>`` with ``V = grad L_val`` (plus the second-order vector), layer by layer
+        as the directional derivative ``sum_l g_il . (V a_il)`` (one forward's cost)."""
+        V: list[torch.Tensor] | None = None
+        for _, xv, yv in self._val_chunks():
+            lv = self.loss_fn(self.model(xv), yv) * len(xv)
+            gv = torch.autograd.grad(lv, self.params, allow_unused=True, materialize_grads=True,
+                                     create_graph=gbar is not None)
+            if gbar is not None:
+                # second order: V -= (lr / 2) H_val gbar, so that (lr / b) <g_i, V> has the
+                # term -(lr^2 / (2 b)) <g_i, H_val gbar>
+                dot = sum((a * c).sum() for a, c in zip(gv, gbar))
+                hv = torch.autograd.grad(dot, self.params, allow_unused=True,
+                                         materialize_grads=True)
+                gv = [a.detach() - 0.5 * lr * h for a, h in zip(gv, hv)]
+            V = list(gv) if V is None else [t + h for t, h in zip(V, gv)]
+        assert V is not None
+        pidx = {id(p): k for k, p in enumerate(self.params)}
+        out = torch.zeros(b, dtype=V[0].dtype, device=V[0].device)
+        for name, (a, g) in train.items():
+            mod = self.modules[name]
+            tensors = {pn: V[pidx[id(p)]] for pn, p in mod.named_parameters(recurse=False)}
+            out += dot_with_param_vector(mod, a, g, tensors)
+        return out
+
+    def _pairwise_scores(self, train: dict, b: int) -> torch.Tensor:
+        """``(b, n_val)`` per-sample gradient dot products by ghost / materialised products."""
+        p0 = self.params[0]
+        out = torch.zeros(b, self.n_val, dtype=p0.dtype, device=p0.device)
+        train_m = self._matrices(train)
+        for s, xv, yv in self._val_chunks():
+            with self._capture() as cap:
+                lv = self.loss_fn(self.model(xv), yv) * len(xv)
+                torch.autograd.grad(lv, self.params, allow_unused=True)
+            val = self._matrices(self._raw(cap, 1.0))
+            for name, (A_t, G_t) in train_m.items():
+                if name in val:
+                    A_v, G_v = val[name]
+                    out[:, s : s + len(xv)] += layer_dot_products(
+                        self.modules[name], A_t, G_t, A_v, G_v, method=self.method)
+        return out
+
+    @property
+    def values(self) -> np.ndarray:
+        """Accumulated scores, ``(n_train,)`` or ``(n_train, n_val)`` float64 (flushes first)."""
+        return self.store.to_numpy()
+
+    def flush(self) -> None:
+        """Write buffered scores to the on-disk store (no-op in memory)."""
+        self.store.flush(steps=self.steps)
+
+    def close(self) -> None:
+        self.flush()
+
+    def __enter__(self) -> InRunShapley:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        where = "memory" if self.store.path is None else self.store.path
+        return (f"InRunShapley(n_train={self.n_train}, n_val={self.n_val}, "
+                f"per_validation_point={self.per_validation_point}, "
+                f"second_order={self.second_order}, steps={self.steps}, store={where})")

@@ -1,0 +1,192 @@
+"""TracInCP against explicit loops over checkpoints and pairs; projections; errors."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import rel_err
+from reference import ref_grads
+from torch import nn
+
+from dvl_ooc.exceptions import InputError
+from dvl_ooc.tracin import TracInCP
+
+
+class SmallCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 3, 3, padding=1, stride=2)
+        self.fc1 = nn.Linear(3 * 4 * 4, 8)
+        self.fc2 = nn.Linear(8, 10)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(torch.tanh(self.conv1(x)).flatten(1))))
+
+
+@pytest.fixture(scope="module")
+def run(digits, tmp_path_factory):
+    """SGD on 60 digits saving 3 checkpoints (two in memory, one on disk)."""
+    torch.manual_seed(0)
+    model = SmallCNN().double()
+    x = torch.as_tensor(digits.x_train[:60]).double()
+    y = torch.as_tensor(digits.y_train[:60]).long()
+    opt = torch.optim.SGD(model.parameters(), lr=0.3)
+    ckpts, lrs = [], []
+    path = tmp_path_factory.mktemp("ckpt") / "c2.pt"
+    for epoch in range(6):
+        for s in range(0, 60, 20):
+            opt.zero_grad()
+            F.cross_entropy(model(x[s : s + 20]), y[s : s + 20]).backward()
+            opt.step()
+        if epoch % 2 == 1:
+            sd = {k: v.clone() for k, v in model.state_dict().items()}
+            lrs.append(0.3 / (epoch + 1))
+            if len(ckpts) == 2:
+                torch.save({"state_dict": sd}, path)
+                ckpts.append(path)
+            else:
+                ckpts.append(sd)
+    xt = torch.as_tensor(digits.x_test[:7]).double()
+    yt = torch.as_tensor(digits.y_test[:7]).long()
+    return model, ckpts, lrs, x[:11], y[:11], xt, yt
+
+
+def _ref_grads_at(model, ckpt, x, y, names=None):
+    m = SmallCNN().double()
+    sd = ckpt if isinstance(ckpt, dict) else torch.load(ckpt)["state_dict"]
+    m.load_state_dict(sd)
+    if names is not None:
+        for n, p in m.named_parameters():
+            p.requires_grad_(any(n == k or n.startswith(k + ".") for k in names))
+    return ref_grads(m, F.cross_entropy, x, y)
+
+
+def _explicit(ckpts, lrs, xt, yt, x, y, names=None):
+    out = torch.zeros(len(xt), len(x), dtype=torch.float64)
+    for ck, eta in zip(ckpts, lrs):
+        gt = _ref_grads_at(None, ck, xt, yt, names)
+        gr = _ref_grads_at(None, ck, x, y, names)
+        for t in range(len(xt)):
+            for r in range(len(x)):
+                out[t, r] += eta * torch.dot(gt[t], gr[r])
+    return out
+
+
+def test_tracin_equals_explicit_loop(run):
+    model, ckpts, lrs, x, y, xt, yt = run
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    tr = TracInCP(model, F.cross_entropy, ckpts, lrs)
+    ref = _explicit(ckpts, lrs, xt, yt, x, y)
+    assert rel_err(tr.influences(xt, yt, x, y), ref) < 1e-10
+    ref_self = _explicit(ckpts, lrs, x, y, x, y).diagonal()
+    assert rel_err(tr.self_influence(x, y), ref_self) < 1e-10
+    assert rel_err(tr.influences(x, y), _explicit(ckpts, lrs, x, y, x, y)) < 1e-10
+    # the calculator's feature split gives the same matrix
+    feats = tr.test_features(tr.gradients(xt, yt)) @ tr.train_features(tr.gradients(x, y)).T
+    assert rel_err(feats, ref) < 1e-10
+    # the caller's model is untouched
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+    # fit takes no data and keeps none
+    assert tr.fit(None) is tr and tr._fit_data is None
+
+
+def test_tracin_layer_restriction(run):
+    model, ckpts, lrs, x, y, xt, yt = run
+    tr = TracInCP(model, F.cross_entropy, ckpts, 0.5, layers=["fc2", "conv1.bias"])
+    assert tr.grads.num_params == 8 * 10 + 10 + 3
+    ref = _explicit(ckpts, [0.5] * 3, xt, yt, x, y, names=["fc2", "conv1.bias"])
+    assert rel_err(tr.influences(xt, yt, x, y), ref) < 1e-10
+
+
+def test_orthogonal_projection_with_full_dimension_is_exact(run):
+    model, ckpts, lrs, x, y, xt, yt = run
+    exact = TracInCP(model, F.cross_entropy, ckpts, lrs).influences(xt, yt, x, y)
+    p = TracInCP(model, F.cross_entropy, ckpts[:1], 1.0).grads.num_params
+    tr = TracInCP(model, F.cross_entropy, ckpts, lrs, projection="orthogonal",
+                  projection_dim=p + 5)
+    assert tr.feature_dim == 3 * p
+    assert rel_err(tr.influences(xt, yt, x, y), exact) < 1e-10
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "rademacher", "orthogonal"])
+def test_random_projection_preserves_inner_products(run, kind):
+    model, ckpts, lrs, x, y, xt, yt = run
+    exact = TracInCP(model, F.cross_entropy, ckpts, lrs)
+    g_t, g_r = exact.gradients(xt, yt), exact.gradients(x, y)
+    ref = g_t @ g_r.T
+    scale = g_t.norm(dim=1)[:, None] * g_r.norm(dim=1)[None, :]
+    errs = []
+    for d in (16, 256):
+        tr = TracInCP(model, F.cross_entropy, ckpts, lrs, projection=kind, projection_dim=d,
+                      seed=3)
+        assert tr.gradients(x, y).shape == (len(x), 3 * d)
+        errs.append(float(((tr.influences(xt, yt, x, y) - ref).abs() / scale).mean()))
+    # JL: relative error ~ 1/sqrt(d)
+    assert errs[1] < 0.12
+    assert errs[1] < errs[0]
+
+
+def test_projection_is_deterministic_and_blockwise_consistent(run):
+    model, ckpts, lrs, x, y, xt, yt = run
+    a = TracInCP(model, F.cross_entropy, ckpts, lrs, projection_dim=32, seed=1)
+    # tiny cache: regenerated block by block, must give the same matrix
+    b = TracInCP(model, F.cross_entropy, ckpts, lrs, projection_dim=32, seed=1,
+                 projection_cache_elements=32 * 7)
+    b.projection_block_rows = 100  # several seeded row blocks; a caches, b streams them
+    a.projection_block_rows = 100
+    c = pickle.loads(pickle.dumps(a))
+    ga = a.gradients(x, y)
+    assert rel_err(b.gradients(x, y), ga) < 1e-12
+    assert torch.equal(c.gradients(x, y), ga)
+    other = TracInCP(model, F.cross_entropy, ckpts, lrs, projection_dim=32, seed=2)
+    assert not torch.allclose(other.gradients(x, y), ga)
+
+
+def test_fingerprint_covers_checkpoints(run):
+    model, ckpts, lrs, *_ = run
+    f1 = TracInCP(model, F.cross_entropy, ckpts, lrs).fingerprint()
+    assert TracInCP(model, F.cross_entropy, ckpts, lrs).fingerprint() == f1
+    changed = [dict(ckpts[0]), ckpts[1], ckpts[2]]
+    changed[0]["fc2.bias"] = changed[0]["fc2.bias"] + 1e-9
+    assert TracInCP(model, F.cross_entropy, changed, lrs).fingerprint() != f1
+    assert TracInCP(model, F.cross_entropy, ckpts, [1.0, 1.0, 1.0]).fingerprint() != f1
+
+
+def test_tracin_bad_input(run, tmp_path):
+    model, ckpts, lrs, x, y, xt, yt = run
+    with pytest.raises(InputError, match="non-empty"):
+        TracInCP(model, F.cross_entropy, [], 1.0)
+    with pytest.raises(InputError, match="learning rates"):
+        TracInCP(model, F.cross_entropy, ckpts, [1.0, 2.0])
+    with pytest.raises(InputError, match="does not exist"):
+        TracInCP(model, F.cross_entropy, [tmp_path / "nope.pt"], 1.0)
+    with pytest.raises(InputError, match="architecture"):
+        TracInCP(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)).double(), F.cross_entropy,
+                 ckpts, 1.0)
+    with pytest.raises(InputError, match="projection"):
+        TracInCP(model, F.cross_entropy, ckpts, 1.0, projection="sparse", projection_dim=4)
+    with pytest.raises(InputError, match="not a parameter"):
+        TracInCP(model, F.cross_entropy, ckpts, 1.0, layers=["fc9"])
+    tr = TracInCP(model, F.cross_entropy, ckpts, 1.0, projection_dim=4)
+    with pytest.raises(InputError, match="features"):
+        tr.precondition(torch.zeros(2, 5, dtype=torch.float64))
+
+
+def test_tracin_through_the_calculator(run, tmp_path):
+    """The tiling calculator uses gradients / test_features / train_features unchanged."""
+    from dvl_ooc.calculator import SequentialInfluenceCalculator
+
+    model, ckpts, lrs, x, y, xt, yt = run
+    tr = TracInCP(model, F.cross_entropy, ckpts, lrs, projection_dim=64)
+    store = SequentialInfluenceCalculator(tr).to_zarr(
+        tmp_path / "tracin.zarr", xt.numpy(), yt.numpy(), x.numpy(), y.numpy(), test_chunk=3,
+        train_chunk=4, progress=False, dtype="float64", self_influence=True)
+    got = torch.as_tensor(np.asarray(store.influences[...]))
+    assert rel_err(got, tr.influences(xt, yt, x, y)) < 1e-10
+    si = torch.as_tensor(np.asarray(store.self_influence[...]))
+    assert rel_err(si, tr.self_influence(x, y)) < 1e-10
