@@ -1,0 +1,421 @@
+"""Exact streaming queries on influence stores.
+
+A store holds ``I[t, r]`` (test ``t`` x train ``r``, see :mod:`dvl_ooc.store`). The queries
+read it in **tall strips**: all test rows x one column band (by default the stored chunk width
+``train_chunk``), so that every stored chunk is read exactly once and memory is bounded by
+``n_test * band * itemsize`` per strip in flight (``max_in_flight`` strips at a time):
+
+* quantiles, per training point ``r`` and each ``q``::
+
+      Q_q(r) = quantile_q { I[t, r] : t in T(r) }
+
+  with ``T(r)`` all test points, or (``same_label=True``) the test points whose label equals
+  ``r``'s label. Computed with ``numpy.quantile(strip[T, cols], q, axis=0, method=...)`` on
+  the very values stored, so the result is identical to ``numpy.quantile`` on the dense
+  matrix. A class without test points gives NaN.
+* top-k per test point: ``k`` largest (most helpful) and ``k`` smallest (most harmful)
+  ``I[t, :]``; ``argpartition`` inside each strip keeps ``k`` candidates per row, and the
+  candidates of all strips are merged into a running top-k (ties broken by the lower
+  train position). Cost ``O(n_test * n_train)`` time, ``O(n_test * k)`` extra memory.
+* mean / sum per training point over (all or same-label) test points, accumulated in float64.
+* ranking by the stored self-influence ``<(H + lambda I)^-1 g_r, g_r>``.
+
+Strips are computed with Dask (``dask.delayed`` per strip, ``max_in_flight`` at a time, on the
+current scheduler: threads by default, or a ``distributed`` client when one is active).
+Results are labelled xarray objects (coordinates ``train`` / ``test`` indices and labels) and can
+be saved into the store as ``<store>/queries/<name>`` (a Zarr group; reopen with
+:func:`load_query` or ``xarray.open_zarr(store, group="queries/<name>")``).
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import dask
+import numpy as np
+import xarray as xr
+
+from .exceptions import IncompleteStoreError, InputError, StoreError, StoreNotFoundError
+from .store import InfluenceStore
+
+__all__ = [
+    "load_query",
+    "open_store",
+    "query_mean",
+    "query_quantiles",
+    "query_self_influence",
+    "query_topk",
+    "saved_queries",
+]
+
+StoreLike = str | Path | InfluenceStore
+
+_QUANTILE_METHODS = (
+    "inverted_cdf", "averaged_inverted_cdf", "closest_observation", "interpolated_inverted_cdf",
+    "hazen", "weibull", "linear", "median_unbiased", "normal_unbiased",
+    "lower", "higher", "midpoint", "nearest",
+)
+
+
+def open_store(store: StoreLike, *, allow_incomplete: bool = False) -> InfluenceStore:
+    """Open (or pass through) an influence store; refuse an incomplete one unless allowed."""
+    src = store if isinstance(store, InfluenceStore) else InfluenceStore.open(store)
+    if not allow_incomplete and not src.is_complete:
+        done = len(src.done_tiles())
+        raise IncompleteStoreError(
+            f"store {getattr(src, 'path', '')} is incomplete ({done} of {src.n_tiles} tiles "
+            "done); finish the computation (rerunning it resumes) or pass allow_incomplete=True "
+            "(missing values are NaN)"
+        )
+    return src
+
+
+# ---------------------------------------------------------------------------------- helpers
+def _bands(n_train: int, width: int) -> list[tuple[int, int]]:
+    return [(s, min(s + width, n_train)) for s in range(0, n_train, width)]
+
+
+def _band_width(src: InfluenceStore, band: int | None) -> int:
+    if band is None:
+        return int(src.chunks[1])
+    if int(band) < 1:
+        raise InputError(f"band must be a positive number of columns, got {band}")
+    return int(band)
+
+
+def _map_bands(
+    src: InfluenceStore,
+    fn: Callable[[np.ndarray, int, int], Any],
+    band: int | None,
+    max_in_flight: int,
+    scheduler: str | None,
+) -> Iterator[tuple[int, int, Any]]:
+    """Yield ``(start, stop, fn(strip, start, stop))`` for every column band, in order.
+
+    Each strip ``influences[:, start:stop]`` is read inside its task, so at most
+    ``max_in_flight`` strips are in memory at once.
+    """
+    if max_in_flight < 1:
+        raise InputError(f"max_in_flight must be >= 1, got {max_in_flight}")
+    arr = src.influences
+
+    def task(s: int, e: int) -> Any:
+        return fn(np.asarray(arr[:, s:e]), s, e)
+
+    bands = _bands(src.shape[1], _band_width(src, band))
+    for i in range(0, len(bands), max_in_flight):
+        batch = bands[i : i + max_in_flight]
+        results = dask.compute(
+            *[dask.delayed(task, pure=False)(s, e) for s, e in batch], scheduler=scheduler
+        )
+        for (s, e), res in zip(batch, results):
+            yield s, e, res
+
+
+def _labels(src: InfluenceStore, same_label: bool) -> tuple[np.ndarray | None, np.ndarray | None]:
+    tl, rl = src.test_labels, src.train_labels
+    if same_label and (tl is None or rl is None):
+        raise InputError(
+            "same_label=True needs scalar labels for the test and training points, and this "
+            "store has none (labels are stored only when there is one scalar label per sample)"
+        )
+    return (None if tl is None else np.asarray(tl)), (None if rl is None else np.asarray(rl))
+
+
+def _train_coords(src: InfluenceStore) -> dict[str, Any]:
+    c: dict[str, Any] = {"train": np.asarray(src.train_index)}
+    if src.train_labels is not None:
+        c["train_label"] = ("train", np.asarray(src.train_labels))
+    return c
+
+
+def _test_coords(src: InfluenceStore) -> dict[str, Any]:
+    c: dict[str, Any] = {"test": np.asarray(src.test_index)}
+    if src.test_labels is not None:
+        c["test_label"] = ("test", np.asarray(src.test_labels))
+    return c
+
+
+def _check_q(q: float | Sequence[float]) -> tuple[np.ndarray, bool]:
+    qa = np.asarray(q, dtype=np.float64)
+    scalar = qa.ndim == 0
+    qa = np.atleast_1d(qa)
+    if qa.ndim != 1 or qa.size == 0:
+        raise InputError(f"q must be a number or a 1-d sequence of numbers, got {q!r}")
+    if not np.all((qa >= 0) & (qa <= 1)):
+        raise InputError(f"quantiles must lie in [0, 1], got {qa.tolist()}")
+    return qa, scalar
+
+
+# ---------------------------------------------------------------------------------- queries
+def query_quantiles(
+    store: StoreLike,
+    q: float | Sequence[float],
+    *,
+    same_label: bool = False,
+    method: str = "linear",
+    band: int | None = None,
+    max_in_flight: int = 2,
+    scheduler: str | None = None,
+    allow_incomplete: bool = False,
+    save: str | None = None,
+) -> xr.DataArray:
+    """Per training point, the ``q``-quantile(s) of its influences over the test points.
+
+    Args:
+        store: path or :class:`~dvl_ooc.store.InfluenceStore`.
+        q: one quantile or a sequence, each in [0, 1].
+        same_label: only over test points with the same label as the training point
+            (training points of a class with no test point get NaN).
+        method: passed to ``numpy.quantile`` (``"linear"``, ``"lower"``, ``"nearest"``, ...).
+        band: columns per strip (default: the stored chunk width).
+        max_in_flight: strips computed (and held in memory) at once.
+        scheduler: Dask scheduler name (default: the current one).
+        allow_incomplete: work on a partly computed store (missing tiles are NaN and give NaN).
+        save: if given, also write the result to ``<store>/queries/<save>``.
+
+    Returns:
+        ``DataArray`` with dims ``("quantile", "train")`` (``("train",)`` for a scalar ``q``),
+        coordinates ``quantile``, ``train`` and ``train_label``.
+    """
+    if method not in _QUANTILE_METHODS:
+        raise InputError(f"unknown quantile method {method!r}; use one of {_QUANTILE_METHODS}")
+    qa, scalar = _check_q(q)
+    src = open_store(store, allow_incomplete=allow_incomplete)
+    tl, rl = _labels(src, same_label)
+
+    def fn(strip: np.ndarray, s: int, e: int) -> np.ndarray:
+        if not same_label:
+            return np.quantile(strip, qa, axis=0, method=method)
+        out = np.full((len(qa), e - s), np.nan, dtype=np.result_type(strip.dtype, np.float64)
+                      if strip.dtype.kind != "f" else strip.dtype)
+        band_labels = rl[s:e]  # type: ignore[index]
+        for c in np.unique(band_labels):
+            cols = np.flatnonzero(band_labels == c)
+            rows = np.flatnonzero(tl == c)
+            if rows.size:
+                out[:, cols] = np.quantile(strip[np.ix_(rows, cols)], qa, axis=0, method=method)
+        return out
+
+    n = src.shape[1]
+    res = None
+    for s, e, part in _map_bands(src, fn, band, max_in_flight, scheduler):
+        if res is None:
+            res = np.empty((len(qa), n), dtype=part.dtype)
+        res[:, s:e] = part
+    da = xr.DataArray(
+        res, dims=("quantile", "train"), coords={"quantile": qa, **_train_coords(src)},
+        name="quantile_influence",
+        attrs={"same_label": int(same_label), "method": method, "query": "quantile"},
+    )
+    if scalar:
+        da = da.isel(quantile=0)
+    if save:
+        _save(src, save, da.to_dataset())
+    return da
+
+
+def query_mean(
+    store: StoreLike,
+    *,
+    reduce: str = "mean",
+    same_label: bool = False,
+    band: int | None = None,
+    max_in_flight: int = 2,
+    scheduler: str | None = None,
+    allow_incomplete: bool = False,
+    save: str | None = None,
+) -> xr.DataArray:
+    """Per training point, the mean (``reduce="mean"``) or sum (``"sum"``) of its influences
+    over all (or same-label) test points, accumulated in float64. Missing tiles of an incomplete
+    store (``allow_incomplete=True``) are skipped (NaN-ignoring reduction)."""
+    if reduce not in ("mean", "sum"):
+        raise InputError(f"reduce must be 'mean' or 'sum', got {reduce!r}")
+    src = open_store(store, allow_incomplete=allow_incomplete)
+    tl, rl = _labels(src, same_label)
+    red = (np.nanmean if reduce == "mean" else np.nansum) if allow_incomplete else (
+        np.mean if reduce == "mean" else np.sum)
+
+    def fn(strip: np.ndarray, s: int, e: int) -> np.ndarray:
+        strip = strip.astype(np.float64)
+        if not same_label:
+            return red(strip, axis=0)
+        out = np.full(e - s, np.nan)
+        band_labels = rl[s:e]  # type: ignore[index]
+        for c in np.unique(band_labels):
+            cols = np.flatnonzero(band_labels == c)
+            rows = np.flatnonzero(tl == c)
+            if rows.size:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    out[cols] = red(strip[np.ix_(rows, cols)], axis=0)
+        return out
+
+    res = np.empty(src.shape[1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns of incomplete stores
+        for s, e, part in _map_bands(src, fn, band, max_in_flight, scheduler):
+            res[s:e] = part
+    da = xr.DataArray(
+        res, dims=("train",), coords=_train_coords(src), name=f"{reduce}_influence",
+        attrs={"same_label": int(same_label), "reduce": reduce, "query": "mean"},
+    )
+    if save:
+        _save(src, save, da.to_dataset())
+    return da
+
+
+def _merge_top(
+    best_v: np.ndarray | None, best_i: np.ndarray | None, v: np.ndarray, i: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Keep the ``k`` largest values per row of the union of two candidate sets, sorted by
+    value (descending), ties by position (ascending)."""
+    if best_v is not None:
+        v = np.concatenate([best_v, v], axis=1)
+        i = np.concatenate([best_i, i], axis=1)
+    order = np.lexsort((i, -v), axis=1)[:, :k]
+    return np.take_along_axis(v, order, 1), np.take_along_axis(i, order, 1)
+
+
+def query_topk(
+    store: StoreLike,
+    k: int = 10,
+    *,
+    band: int | None = None,
+    max_in_flight: int = 2,
+    scheduler: str | None = None,
+    allow_incomplete: bool = False,
+    save: str | None = None,
+) -> xr.Dataset:
+    """Per test point, the ``k`` most helpful (largest influence) and ``k`` most harmful
+    (smallest) training points.
+
+    Returns a ``Dataset`` with dims ``("test", "k")`` and variables ``helpful_train`` /
+    ``harmful_train`` (training sample indices from the store's ``train`` coordinate),
+    ``helpful_position`` / ``harmful_position`` (column numbers), ``helpful_influence`` /
+    ``harmful_influence``. Missing values (incomplete stores) are never selected; when fewer
+    than ``k`` values are known the rest is position -1 and value NaN.
+    """
+    src = open_store(store, allow_incomplete=allow_incomplete)
+    n_test, n_train = src.shape
+    if not isinstance(k, int | np.integer) or k < 1:
+        raise InputError(f"k must be a positive integer, got {k!r}")
+    k = int(min(k, n_train))
+
+    def fn(strip: np.ndarray, s: int, e: int) -> tuple[np.ndarray, ...]:
+        strip = strip.astype(np.float64)
+        out = []
+        for sign in (1.0, -1.0):
+            v = sign * strip
+            v[np.isnan(v)] = -np.inf
+            kk = min(k, v.shape[1])
+            idx = np.argpartition(-v, kk - 1, axis=1)[:, :kk] if kk < v.shape[1] else \
+                np.broadcast_to(np.arange(v.shape[1]), v.shape).copy()
+            out += [np.take_along_axis(v, idx, 1), idx + s]
+        return tuple(out)
+
+    hv = hi = lv = li = None
+    for _, _, (v1, i1, v2, i2) in _map_bands(src, fn, band, max_in_flight, scheduler):
+        hv, hi = _merge_top(hv, hi, v1, i1, k)
+        lv, li = _merge_top(lv, li, v2, i2, k)
+    assert hv is not None and lv is not None and hi is not None and li is not None
+    lv = -lv
+    train_index = np.asarray(src.train_index)
+    data: dict[str, Any] = {}
+    for name, v, pos in (("helpful", hv, hi), ("harmful", lv, li)):
+        missing = ~np.isfinite(v)
+        pos = np.where(missing, -1, pos)
+        data[f"{name}_position"] = (("test", "k"), pos)
+        data[f"{name}_train"] = (("test", "k"), np.where(missing, -1, train_index[pos]))
+        data[f"{name}_influence"] = (("test", "k"), np.where(missing, np.nan, v))
+    ds = xr.Dataset(
+        data, coords={**_test_coords(src), "k": np.arange(k)},
+        attrs={"query": "topk", "k": k},
+    )
+    if save:
+        _save(src, save, ds)
+    return ds
+
+
+def query_self_influence(
+    store: StoreLike,
+    *,
+    ascending: bool = False,
+    allow_incomplete: bool = False,
+    save: str | None = None,
+) -> xr.Dataset:
+    """Training points ranked by their stored self-influence (largest first by default).
+
+    Returns a ``Dataset`` over ``train`` (in ranked order) with ``self_influence``, ``rank``
+    (0 = first) and ``position`` (column in the store). NaN values (not computed) rank last.
+    """
+    src = open_store(store, allow_incomplete=allow_incomplete)
+    if src.self_influence is None:
+        raise StoreError(
+            "this store has no self-influence; compute it with "
+            "DaskInfluenceCalculator.to_zarr(..., self_influence=True)"
+        )
+    si = np.asarray(src.self_influence[:], dtype=np.float64)
+    if not allow_incomplete and np.isnan(si).any():
+        raise IncompleteStoreError(
+            f"{int(np.isnan(si).sum())} self-influence values are missing; finish the "
+            "computation or pass allow_incomplete=True"
+        )
+    key = np.where(np.isnan(si), np.inf, si if ascending else -si)
+    order = np.lexsort((np.arange(len(si)), key))
+    coords = _train_coords(src)
+    ds = xr.Dataset(
+        {
+            "self_influence": ("train", si[order]),
+            "rank": ("train", np.arange(len(si))),
+            "position": ("train", order),
+        },
+        coords={kk: (v[0], v[1][order]) if isinstance(v, tuple) else v[order]
+                for kk, v in coords.items()},
+        attrs={"query": "self", "ascending": int(ascending)},
+    )
+    if save:
+        _save(src, save, ds)
+    return ds
+
+
+# ---------------------------------------------------------------------------------- saving
+_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+def _save(src: InfluenceStore, name: str, ds: xr.Dataset) -> None:
+    import zarr
+
+    if not _NAME.match(name) or name in (".", ".."):
+        raise InputError(f"query name {name!r} must be letters, digits, '_', '-' or '.'")
+    zarr.open_group(str(src.path), mode="a").require_group("queries")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # consolidated metadata is not in the spec
+        ds.to_zarr(str(src.path), group=f"queries/{name}", mode="w", consolidated=True)
+
+
+def saved_queries(store: StoreLike) -> list[str]:
+    """Names of the query results saved in a store."""
+    import zarr
+
+    src = store if isinstance(store, InfluenceStore) else InfluenceStore.open(store)
+    try:
+        g = zarr.open_group(str(src.path), mode="r", path="queries", use_consolidated=False)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+        return []
+    return sorted(g.group_keys())
+
+
+def load_query(store: StoreLike, name: str) -> xr.Dataset:
+    """Load a query result saved with ``save=name`` (fully into memory)."""
+    src = store if isinstance(store, InfluenceStore) else InfluenceStore.open(store)
+    if name not in saved_queries(src):
+        raise StoreNotFoundError(f"no saved query {name!r} in {src.path}; "
+                                 f"saved: {saved_queries(src)}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return xr.open_zarr(str(src.path), group=f"queries/{name}").load()
