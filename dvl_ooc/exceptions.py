@@ -39,8 +39,22 @@ class ConvergenceError(DvlOocError, RuntimeError):
     """An iterative solver did not converge within its budget."""
 
 
+class NegativeCurvatureError(ConvergenceError):
+    """An iterative solver met non-positive curvature: H + lambda I is not positive definite
+    (use the Gauss-Newton matrix or a larger regularisation)."""
+
+
+class DivergenceError(ConvergenceError):
+    """An iteration diverged (e.g. a LiSSA scale smaller than the top curvature eigenvalue)."""
+
+
 class ConvergenceWarning(UserWarning):
     """An iterative solver reached its budget before its tolerance."""
+
+
+class IndefiniteCurvatureWarning(UserWarning):
+    """The curvature has negative eigenvalues that the regularisation does not cover
+    (use the Gauss-Newton matrix or a larger regularisation)."""
 
 
 class StoreError(DvlOocError):
@@ -53,3 +67,11 @@ class StoreMismatchError(StoreError):
 
 class StoreNotFoundError(StoreError, FileNotFoundError):
     """No dvl_ooc store exists at the given path."""
+
+
+class IncompleteStoreError(StoreError):
+    """A query needs a complete store and some tiles are not computed yet."""
+
+
+class UtilityError(DvlOocError, RuntimeError):
+    """A valuation utility (model training or scoring) failed on a subset."""

@@ -16,7 +16,9 @@ the micro-batch, never by the caller's batch or data set size.
 
 from __future__ import annotations
 
+import functools
 import math
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -39,6 +41,7 @@ BlockSpec = "str | Mapping[str, Sequence[str]]"
 HessianMode = Literal["exact", "gauss-newton"]
 
 __all__ = [
+    "MODEL_LOCK",
     "LayerCapture",
     "ModelGradients",
     "ParamBlock",
@@ -46,6 +49,30 @@ __all__ = [
     "layer_output_grad_matrix",
     "resolve_blocks",
 ]
+
+
+#: ``torch.func.functional_call`` swaps a module's parameters in place for the duration of a
+#: call, so two threads evaluating the same module concurrently corrupt each other's results
+#: (wrong values, "no dual level" errors, unpicklable leftovers). Every model evaluation in this
+#: module holds this process-wide lock; parallelism comes from worker processes and torch's
+#: intra-op threads, not from several Python threads on one model.
+MODEL_LOCK = threading.RLock()
+
+
+def _locked(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with MODEL_LOCK:
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+#: some torch.func transforms are not implemented for every operator (e.g. forward-mode AD
+#: through ``F.mse_loss``'s backward in torch 2.13); curvature products then fall back to plain
+#: double-backward autograd, one vector at a time
+_FUNC_LIMITATIONS = ("ZeroTensors are immutable", "inside vmap", "NYI", "not implemented",
+                     "not supported", "forward AD", "jvp")
 
 
 @dataclass(frozen=True)
@@ -170,18 +197,22 @@ class ModelGradients:
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(iter(_trainable(self.model).values())).dtype
+        with MODEL_LOCK:
+            return next(iter(_trainable(self.model).values())).dtype
 
     @property
     def device(self) -> torch.device:
-        return next(iter(_trainable(self.model).values())).device
+        with MODEL_LOCK:
+            return next(iter(_trainable(self.model).values())).device
 
+    @_locked
     def params(self, block: ParamBlock | None = None) -> dict[str, torch.Tensor]:
         """Detached trainable parameters (of one block, or of all blocks)."""
         p = _trainable(self.model)
         names = block.names if block is not None else self.param_names
         return {n: p[n].detach() for n in names}
 
+    @_locked
     def _constants(self) -> dict[str, torch.Tensor]:
         c = {n: p.detach() for n, p in self.model.named_parameters()}
         c.update({n: b for n, b in self.model.named_buffers()})
@@ -226,6 +257,7 @@ class ModelGradients:
     def _batch_loss(self, params: dict, consts: dict, x: torch.Tensor, y: torch.Tensor):
         return self.loss(functional_call(self.model, {**consts, **params}, (x,)), y)
 
+    @_locked
     def per_sample_grads(
         self, x: Any, y: Any, block: ParamBlock | None = None
     ) -> torch.Tensor:
@@ -250,6 +282,7 @@ class ModelGradients:
             out[s : s + len(xb)] = g
         return out
 
+    @_locked
     def mean_loss(self, data: DataLike) -> float:
         """Mean loss over a data source (every sample weighted equally)."""
         total, n = 0.0, 0
@@ -281,6 +314,58 @@ class ModelGradients:
             raise InputError(f"hessian must be 'exact' or 'gauss-newton', got {mode!r}")
         return hvp
 
+    def _hvp_autograd(self, block: ParamBlock, mode: HessianMode, x: torch.Tensor,
+                      y: torch.Tensor, Vd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Curvature-vector products by plain double-backward autograd (fallback path)."""
+        names = list(block.names)
+        params = {n: t.clone().requires_grad_(True) for n, t in self.params(block).items()}
+        plist = [params[n] for n in names]
+        consts = self._constants()
+        k = Vd[names[0]].shape[0]
+
+        def vecs(i):
+            return [Vd[n][i] for n in names]
+
+        def dense(r):
+            return [torch.zeros_like(p) if g is None else g for g, p in zip(r, plist)]
+
+        with torch.enable_grad():
+            if mode == "exact":
+                g = torch.autograd.grad(self._batch_loss(params, consts, x, y), plist,
+                                        create_graph=True)
+                rows = [dense(torch.autograd.grad(g, plist, vecs(i), retain_graph=True,
+                                                  allow_unused=True)) for i in range(k)]
+            else:
+                out = functional_call(self.model, {**consts, **params}, (x,))
+                u = torch.zeros_like(out, requires_grad=True)
+                jtu = torch.autograd.grad(out, plist, u, create_graph=True)
+                o = out.detach().requires_grad_(True)
+                go = torch.autograd.grad(self.loss(o, y), o, create_graph=True)[0]
+                rows = []
+                for i in range(k):
+                    jv = torch.autograd.grad(jtu, u, vecs(i), retain_graph=True)[0]
+                    hjv = torch.autograd.grad(go, o, jv, retain_graph=True, allow_unused=True)[0]
+                    if hjv is None:
+                        hjv = torch.zeros_like(o)
+                    rows.append(dense(torch.autograd.grad(out, plist, hjv, retain_graph=True,
+                                                          allow_unused=True)))
+        return {n: torch.stack([r[j].detach() for r in rows]) for j, n in enumerate(names)}
+
+    def _apply_hvp(self, fn, block: ParamBlock, mode: HessianMode, params, consts,
+                   x: torch.Tensor, y: torch.Tensor, Vd: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``(k, p_block)`` products for one micro-batch: vectorised torch.func, or the
+        autograd fallback when torch.func lacks an operator rule."""
+        if not getattr(self, "_use_autograd", False):
+            try:
+                with torch.no_grad():
+                    return self.flatten(fn(params, consts, x, y, Vd), block.names, 1)
+            except RuntimeError as e:
+                if not any(s in str(e) for s in _FUNC_LIMITATIONS):
+                    raise
+                self._use_autograd = True
+        return self.flatten(self._hvp_autograd(block, mode, x, y, Vd), block.names, 1)
+
+    @_locked
     def hvp(
         self, v: torch.Tensor, data: DataLike, block: ParamBlock, mode: HessianMode = "exact"
     ) -> torch.Tensor:
@@ -297,12 +382,12 @@ class ModelGradients:
         acc = torch.zeros_like(V)
         n = 0
         for xb, yb in self.batches(data):
-            with torch.no_grad():
-                acc += len(xb) * self.flatten(fn(params, consts, xb, yb, Vd), block.names, 1)
+            acc += len(xb) * self._apply_hvp(fn, block, mode, params, consts, xb, yb, Vd)
             n += len(xb)
         acc /= n
         return acc[0] if single else acc
 
+    @_locked
     def hessian(
         self, data: DataLike, block: ParamBlock, mode: HessianMode = "exact"
     ) -> torch.Tensor:
@@ -321,8 +406,7 @@ class ModelGradients:
             for xb, yb in self.batches(data):
                 for c in range(0, p, self.vector_chunk):
                     cols = self.unflatten(eye[c : c + self.vector_chunk], block)
-                    with torch.no_grad():
-                        hv = self.flatten(fn(params, consts, xb, yb, cols), block.names, 1)
+                    hv = self._apply_hvp(fn, block, mode, params, consts, xb, yb, cols)
                     H[c : c + self.vector_chunk] += len(xb) * hv.to(torch.float64)
                 n += len(xb)
             H = 0.5 * (H + H.T)
@@ -358,6 +442,47 @@ class ModelGradients:
 
 # ---------------------------------------------------------------------- layer capture
 SUPPORTED_LAYERS = (nn.Linear, nn.Conv2d)
+#: layers LayerCapture can record with ``include_embeddings=True`` (the "input matrix" of an
+#: embedding is its ``(n, L)`` index tensor, not activations)
+CAPTURABLE_LAYERS = (nn.Linear, nn.Conv2d, nn.Embedding)
+
+
+def _check_embedding(module: nn.Embedding) -> None:
+    if module.max_norm is not None:
+        raise UnsupportedModelError(
+            "nn.Embedding with max_norm renormalises its weights inside forward; per-sample "
+            "gradients are not supported for it (use max_norm=None)"
+        )
+    if module.scale_grad_by_freq:
+        raise UnsupportedModelError(
+            "nn.Embedding with scale_grad_by_freq=True has batch-dependent gradients; "
+            "per-sample gradients are not defined for it"
+        )
+
+
+def embedding_output_grad_matrix(module: nn.Embedding, idx: torch.Tensor,
+                                 g: torch.Tensor) -> torch.Tensor:
+    """Output gradients ``(n, L, d)`` of an embedding, zeroed where ``idx == padding_idx``
+    (the padding row never receives gradient)."""
+    G = g.reshape(g.shape[0], -1, g.shape[-1])
+    if module.padding_idx is not None:
+        G = G * (idx.reshape(idx.shape[0], -1) != module.padding_idx).unsqueeze(-1).to(G.dtype)
+    return G
+
+
+def embedding_per_sample_grads(module: nn.Embedding, idx: torch.Tensor,
+                               g: torch.Tensor) -> torch.Tensor:
+    """Per-sample embedding-table gradients ``(n, num_embeddings * d)``: scatter of the output
+    gradient rows onto the looked-up table rows."""
+    _check_embedding(module)
+    n = idx.shape[0]
+    I = idx.reshape(n, -1)
+    G = embedding_output_grad_matrix(module, idx, g)
+    V, d = module.num_embeddings, G.shape[-1]
+    out = torch.zeros(n * V, d, dtype=G.dtype, device=G.device)
+    rows = (torch.arange(n, device=I.device).unsqueeze(1) * V + I).reshape(-1)
+    out.index_add_(0, rows, G.reshape(-1, d))
+    return out.reshape(n, V * d)
 
 
 def _conv_padding(module: nn.Conv2d) -> tuple[int, int]:
@@ -380,7 +505,12 @@ def _conv_padding(module: nn.Conv2d) -> tuple[int, int]:
 
 def layer_input_matrix(module: nn.Module, a: torch.Tensor) -> torch.Tensor:
     """Layer inputs as ``(n, L, d_in [+1])`` rows whose outer products with output gradients give
-    the per-sample weight gradient; a trailing column of ones stands for the bias."""
+    the per-sample weight gradient; a trailing column of ones stands for the bias.
+
+    For ``nn.Embedding`` the result is the ``(n, L)`` integer index tensor."""
+    if isinstance(module, nn.Embedding):
+        _check_embedding(module)
+        return a.reshape(a.shape[0], -1)
     if isinstance(module, nn.Linear):
         A = a.reshape(a.shape[0], -1, a.shape[-1])
     elif isinstance(module, nn.Conv2d):
@@ -400,7 +530,7 @@ def layer_input_matrix(module: nn.Module, a: torch.Tensor) -> torch.Tensor:
 
 def layer_output_grad_matrix(module: nn.Module, g: torch.Tensor) -> torch.Tensor:
     """Output gradients as ``(n, L, d_out)`` rows matching :func:`layer_input_matrix`."""
-    if isinstance(module, nn.Linear):
+    if isinstance(module, (nn.Linear, nn.Embedding)):
         return g.reshape(g.shape[0], -1, g.shape[-1])
     if isinstance(module, nn.Conv2d):
         return g.flatten(2).transpose(1, 2)
@@ -435,12 +565,19 @@ class LayerCapture:
             parameters. Unsupported names raise :class:`UnsupportedModelError`.
     """
 
-    def __init__(self, model: nn.Module, modules: Iterable[str] | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        modules: Iterable[str] | None = None,
+        *,
+        include_embeddings: bool = False,
+    ) -> None:
         named = dict(model.named_modules())
+        kinds = CAPTURABLE_LAYERS if include_embeddings else SUPPORTED_LAYERS
         if modules is None:
             names = [
                 n for n, m in named.items()
-                if isinstance(m, SUPPORTED_LAYERS)
+                if isinstance(m, kinds)
                 and any(p.requires_grad for p in m.parameters(recurse=False))
             ]
         else:
@@ -448,10 +585,14 @@ class LayerCapture:
             for n in names:
                 if n not in named:
                     raise InputError(f"no module named {n!r} in the model")
-                if not isinstance(named[n], SUPPORTED_LAYERS):
+                if not isinstance(named[n], kinds):
+                    extra = (
+                        "" if include_embeddings
+                        else " (nn.Embedding with include_embeddings=True)"
+                    )
                     raise UnsupportedModelError(
                         f"module {n!r} is a {type(named[n]).__name__}; only nn.Linear and "
-                        "nn.Conv2d layers can be captured"
+                        f"nn.Conv2d layers can be captured{extra}"
                     )
         self.modules = {n: named[n] for n in names}
         self.inputs: dict[str, torch.Tensor] = {}
@@ -491,5 +632,9 @@ class LayerCapture:
 
         Valid when the backward pass was run on the *sum* of per-sample losses.
         """
+        if isinstance(self.modules[name], nn.Embedding):
+            return embedding_per_sample_grads(
+                self.modules[name], self.inputs[name], self.output_grads[name]
+            )
         A, G = self.input_matrix(name), self.output_grad_matrix(name)
         return combined_to_params(self.modules[name], torch.einsum("nlo,nli->noi", G, A))

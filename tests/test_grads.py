@@ -162,3 +162,43 @@ def test_layer_capture_rejects_unsupported_modules():
     with pytest.raises(UnsupportedModelError, match="groups"), LayerCapture(conv) as cap:
         conv(torch.randn(1, 2, 5, 5))
         cap.input_matrix("0")
+
+
+def test_concurrent_threads_on_one_model_give_correct_gradients(mlp_problem):
+    """functional_call swaps module parameters in place: without the model lock, threads
+    sharing a model corrupt each other's results (seen through dask's threaded scheduler)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    P = mlp_problem
+    mg = ModelGradients(P.model, P.loss, micro_batch_size=5)
+    block = mg.blocks[0]
+    V = torch.randn(3, P.p, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+
+    def work(i):
+        sl = slice(10 * i, 10 * i + 10)
+        return i, mg.per_sample_grads(P.x_train[sl], P.y_train[sl]), mg.hvp(
+            V, (P.x_train, P.y_train), block)
+
+    with ThreadPoolExecutor(4) as ex:
+        results = list(ex.map(work, range(8)))
+    for i, g, hv in results:
+        assert rel_err(g, P.g_train[10 * i : 10 * i + 10]) < 1e-12
+        assert rel_err(hv, V @ P.H) < 1e-10
+    assert all(isinstance(p, nn.Parameter) for p in P.model.parameters())
+
+
+@pytest.mark.parametrize("mode", ["exact", "gauss-newton"])
+def test_mse_loss_curvature_uses_autograd_fallback(mode):
+    """torch.func has no forward-AD rule through F.mse_loss's backward (torch 2.13): the
+    products fall back to double-backward autograd and must still be exact."""
+    from reference import ref_hessian
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)).double()
+    x = torch.randn(9, 4, dtype=torch.float64)
+    y = torch.randn(9, 2, dtype=torch.float64)
+    ref = (ref_hessian if mode == "exact" else ref_gauss_newton)(model, F.mse_loss, x, y)
+    mg = ModelGradients(model, F.mse_loss, micro_batch_size=4)
+    V = torch.randn(3, mg.num_params, dtype=torch.float64)
+    assert rel_err(mg.hvp(V, (x, y), mg.blocks[0], mode), V @ ref) < 1e-12
+    assert rel_err(mg.hessian((x, y), mg.blocks[0], mode), ref) < 1e-12

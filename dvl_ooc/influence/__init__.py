@@ -1,6 +1,19 @@
 """Influence models: fit the curvature once, then precondition gradients."""
 
+from .arnoldi import ArnoldiInfluence
 from .base import InfluenceModel
+from .cg import CgInfluence
 from .direct import DirectInfluence
+from .ekfac import EkfacInfluence
+from .lissa import LissaInfluence
+from .nystroem import NystroemSketchInfluence
 
-__all__ = ["DirectInfluence", "InfluenceModel"]
+__all__ = [
+    "ArnoldiInfluence",
+    "CgInfluence",
+    "DirectInfluence",
+    "EkfacInfluence",
+    "InfluenceModel",
+    "LissaInfluence",
+    "NystroemSketchInfluence",
+]
