@@ -618,8 +618,9 @@ class DaskInfluenceCalculator(_Base):
                 try:
                     from dask_cuda import LocalCUDACluster
                 except ImportError as e:
-                    raise InputError("cluster='cuda' needs dask-cuda: pip install "
-                                     "'dask-cuda[cu12]' (matching torch's CUDA)") from e
+                    raise InputError("cluster='cuda' needs dask-cuda with the extra matching "
+                                     "torch's CUDA major version: pip install "
+                                     "'dask-cuda[cu12]' or 'dask-cuda[cu13]'") from e
                 self.cluster = LocalCUDACluster(n_workers=n_workers,
                                                 threads_per_worker=threads_per_worker,
                                                 dashboard_address=dashboard_address,
