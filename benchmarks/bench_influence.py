@@ -62,7 +62,7 @@ def _make(method: str, model, reg: float):
         return dvl_ooc.LissaInfluence(model, loss, depth=200, batch_size=256, rtol=None,
                                       **common)
     if method == "arnoldi":
-        return dvl_ooc.ArnoldiInfluence(model, loss, rank=256, **common)
+        return dvl_ooc.ArnoldiInfluence(model, loss, rank=64, **common)
     if method == "nystroem":
         return dvl_ooc.NystroemSketchInfluence(model, loss, rank=256, **common)
     if method == "ekfac":

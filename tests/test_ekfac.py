@@ -364,3 +364,24 @@ def test_bad_arguments(lin):
     # regression with the GGN Fisher works (MSE output Hessian = 2/k I)
     ek = EkfacInfluence(reg, F.mse_loss, regularization=1e-3).fit(data)
     assert bool(torch.isfinite(ek.self_influence(*data)).all())
+
+
+def test_float32_confident_classifier_fits_with_ggn(linear_problem):
+    """Confident softmax outputs make diag(p) - pp^T a difference of O(1) terms: in float32 its
+    round-off produced spurious negative eigenvalues and a false 'not convex' error."""
+    P = linear_problem
+    m64 = nn.Sequential(nn.Flatten(), nn.Linear(64, 10)).double()
+    m64.load_state_dict({k: 30 * v for k, v in P.model.state_dict().items()})
+    m32 = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    m32.load_state_dict({k: v.float() for k, v in m64.state_dict().items()})
+    x, y = P.x_train[:120], P.y_train[:120]
+    with torch.no_grad():
+        conf = torch.softmax(m64(x), 1).amax(1)
+        assert float((conf > 1 - 1e-4).double().mean()) > 0.5  # mostly very confident
+    lam = 1e-3
+    ref = EkfacInfluence(m64, F.cross_entropy, regularization=lam).fit((x, y))
+    got = EkfacInfluence(m32, F.cross_entropy, regularization=lam).fit((x.float(), y))
+    a = got.influences(P.x_test[:10].float(), P.y_test[:10], x[:40].float(), y[:40])
+    b = ref.influences(P.x_test[:10], P.y_test[:10], x[:40], y[:40])
+    assert a.dtype == torch.float32 and bool(torch.isfinite(a).all())
+    assert float(torch.linalg.norm(a.double() - b) / torch.linalg.norm(b)) < 1e-2

@@ -265,11 +265,19 @@ class EkfacInfluence(InfluenceModel):
                 return loss(o.unsqueeze(0), t.unsqueeze(0))
 
             c = out[0].numel()
-            H = vmap(hessian(loss_i))(out, y).reshape(m, c, c).to(_F64)
+            # in float64: for confident predictions the output Hessian (e.g. diag(p) - pp^T)
+            # is a difference of O(1) terms, so its round-off scales with eps, not with its
+            # tiny top eigenvalue; float32 produced spurious "negative" eigenvalues
+            try:
+                H = vmap(hessian(loss_i))(out.detach().to(_F64), y)
+                eps = torch.finfo(_F64).eps
+            except RuntimeError:  # a loss with float32-only buffers
+                H = vmap(hessian(loss_i))(out, y)
+                eps = torch.finfo(out.dtype).eps
+            H = H.reshape(m, c, c).to(_F64)
             w, U = torch.linalg.eigh(0.5 * (H + H.transpose(1, 2)))
             top = w.abs().amax(1, keepdim=True).clamp_min(torch.finfo(_F64).tiny)
-            eps = torch.finfo(out.dtype).eps  # round-off of the output Hessian's dtype
-            if bool((w < -1e3 * eps * top).any()):
+            if bool((w < -1e3 * eps * top.clamp_min(1.0)).any()):
                 raise InputError(
                     "the loss is not convex in the model outputs (its output Hessian has "
                     "negative eigenvalues), so the Gauss-Newton matrix is not a Fisher; "
