@@ -387,6 +387,30 @@ class ModelGradients:
         acc /= n
         return acc[0] if single else acc
 
+    def gauss_newton_factors(
+        self, data: DataLike, block: ParamBlock
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Per micro-batch, float64 output Jacobians ``J (m, c, p_block)`` and output Hessians
+        ``H_out (m, c, c)`` of the per-sample losses: GGN = sum_i J_i^T H_out,i J_i / n."""
+        params, consts = self.params(block), self._constants()
+
+        def out_fn(prm, x):
+            return functional_call(self.model, {**consts, **prm}, (x.unsqueeze(0),))[0]
+
+        def loss_out(o, y):
+            return self.loss(o.unsqueeze(0), y.unsqueeze(0))
+
+        jac = vmap(jacrev(out_fn), in_dims=(None, 0))
+        hout = vmap(hessian(loss_out), in_dims=(0, 0))
+        for xb, yb in self.batches(data):
+            with MODEL_LOCK, torch.no_grad():
+                out = functional_call(self.model, {**consts, **params}, (xb,))
+                m, c = len(xb), math.prod(out.shape[1:])
+                J = self.flatten(jac(params, xb), block.names, out.ndim)
+                J = J.reshape(m, c, block.numel).to(torch.float64)
+                Ho = hout(out, yb).reshape(m, c, c).to(torch.float64)
+            yield J, Ho
+
     @_locked
     def hessian(
         self, data: DataLike, block: ParamBlock, mode: HessianMode = "exact"
@@ -411,25 +435,10 @@ class ModelGradients:
                 n += len(xb)
             H = 0.5 * (H + H.T)
         elif mode == "gauss-newton":
-
-            def out_fn(prm, x):
-                return functional_call(self.model, {**consts, **prm}, (x.unsqueeze(0),))[0]
-
-            def loss_out(o, y):
-                return self.loss(o.unsqueeze(0), y.unsqueeze(0))
-
-            jac = vmap(jacrev(out_fn), in_dims=(None, 0))
-            hout = vmap(hessian(loss_out), in_dims=(0, 0))
-            for xb, yb in self.batches(data):
-                with torch.no_grad():
-                    out = torch.func.functional_call(self.model, {**consts, **params}, (xb,))
-                    J = self.flatten(jac(params, xb), block.names, 1 + out.ndim - 1)
-                    m = len(xb)
-                    c = math.prod(out.shape[1:])
-                    J = J.reshape(m, c, p).to(torch.float64)
-                    Ho = hout(out, yb).reshape(m, c, c).to(torch.float64)
-                    HJ = torch.bmm(Ho, J).reshape(m * c, p)
-                    H += J.reshape(m * c, p).T @ HJ
+            for J, Ho in self.gauss_newton_factors(data, block):
+                m, c = J.shape[:2]
+                HJ = torch.bmm(Ho, J).reshape(m * c, p)
+                H += J.reshape(m * c, p).T @ HJ
                 n += m
             H = 0.5 * (H + H.T)
         else:

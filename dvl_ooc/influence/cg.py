@@ -42,7 +42,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import torch
-from torch.func import functional_call, hessian, jacrev, vmap
 
 from ..data import DataLike
 from ..exceptions import (
@@ -72,28 +71,11 @@ def gauss_newton_diagonal(
     grads: ModelGradients, data: DataLike, block: ParamBlock
 ) -> torch.Tensor:
     """Exact diagonal of the Gauss-Newton matrix of the mean loss (float64, ``(p_block,)``)."""
-    params, consts = grads.params(block), grads._constants()
-    model, loss = grads.model, grads.loss
-
-    def out_fn(prm, x):
-        return functional_call(model, {**consts, **prm}, (x.unsqueeze(0),))[0]
-
-    def loss_out(o, y):
-        return loss(o.unsqueeze(0), y.unsqueeze(0))
-
-    jac = vmap(jacrev(out_fn), in_dims=(None, 0))
-    hout = vmap(hessian(loss_out), in_dims=(0, 0))
     diag = torch.zeros(block.numel, dtype=torch.float64, device=grads.device)
     n = 0
-    for xb, yb in grads.batches(data):
-        with torch.no_grad():
-            out = functional_call(model, {**consts, **params}, (xb,))
-            m, c = len(xb), math.prod(out.shape[1:])
-            J = grads.flatten(jac(params, xb), block.names, out.ndim)
-            J = J.reshape(m, c, block.numel).to(torch.float64)
-            Ho = hout(out, yb).reshape(m, c, c).to(torch.float64)
-            diag += torch.einsum("mcj,mcd,mdj->j", J, Ho, J)
-        n += m
+    for J, Ho in grads.gauss_newton_factors(data, block):
+        diag += torch.einsum("mcj,mcd,mdj->j", J, Ho, J)
+        n += len(J)
     return diag / n
 
 
