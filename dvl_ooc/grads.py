@@ -572,6 +572,11 @@ class LayerCapture:
         model: the network.
         modules: module names to capture; default every supported module with trainable
             parameters. Unsupported names raise :class:`UnsupportedModelError`.
+        include_embeddings: also accept ``nn.Embedding`` layers.
+        keep_outputs: also keep the (non-detached) layer outputs in :attr:`outputs`.
+
+    :attr:`calls` counts the forward calls of each module (a count above one means weight
+    sharing, for which per-sample layer gradients are not defined).
     """
 
     def __init__(
@@ -580,6 +585,7 @@ class LayerCapture:
         modules: Iterable[str] | None = None,
         *,
         include_embeddings: bool = False,
+        keep_outputs: bool = False,
     ) -> None:
         named = dict(model.named_modules())
         kinds = CAPTURABLE_LAYERS if include_embeddings else SUPPORTED_LAYERS
@@ -604,8 +610,11 @@ class LayerCapture:
                         f"nn.Conv2d layers can be captured{extra}"
                     )
         self.modules = {n: named[n] for n in names}
+        self.keep_outputs = keep_outputs
         self.inputs: dict[str, torch.Tensor] = {}
         self.output_grads: dict[str, torch.Tensor] = {}
+        self.outputs: dict[str, torch.Tensor] = {}
+        self.calls: dict[str, int] = dict.fromkeys(self.modules, 0)
         self._handles: list[Any] = []
 
     def __enter__(self) -> LayerCapture:
@@ -620,7 +629,10 @@ class LayerCapture:
 
     def _forward_hook(self, name: str):
         def hook(module, inputs, output):
+            self.calls[name] += 1
             self.inputs[name] = inputs[0].detach()
+            if self.keep_outputs:
+                self.outputs[name] = output
             if output.requires_grad:
 
                 def save(g):

@@ -77,7 +77,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -117,23 +117,52 @@ Method = Literal["auto", "ghost", "materialize"]
 
 
 # ---------------------------------------------------------------------- model checks
-def supported_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Modules holding trainable parameters, all of which must be Linear/Conv2d/Embedding.
+def supported_modules(
+    model: nn.Module, layers: Sequence[str] | None = None
+) -> dict[str, nn.Module]:
+    """The layers whose trainable parameters are attributed, checked for support.
 
-    Raises :class:`UnsupportedModelError` naming the first parameter outside such a layer.
+    With ``layers=None`` every module holding trainable parameters, all of which must be
+    ``Linear``/``Conv2d``/``Embedding`` layers (else :class:`UnsupportedModelError` naming the
+    first parameter outside such a layer). With ``layers`` given, those named modules only
+    (each a supported layer with trainable parameters); other trainable parameters still train
+    but are left out of the scores.
     """
+    named = dict(model.named_modules())
+    if layers is None:
+        names = []
+        for name, mod in named.items():
+            own = [(n, p) for n, p in mod.named_parameters(recurse=False) if p.requires_grad]
+            if not own:
+                continue
+            if not isinstance(mod, CAPTURABLE_LAYERS):
+                pname = f"{name}.{own[0][0]}" if name else own[0][0]
+                raise UnsupportedModelError(
+                    f"parameter {pname!r} belongs to a {type(mod).__name__}; in-run attribution "
+                    "supports trainable parameters only in nn.Linear, nn.Conv2d and nn.Embedding "
+                    "layers (freeze the others with requires_grad_(False), or pass layers=[...] "
+                    "to attribute through some layers only)"
+                )
+            names.append(name)
+    else:
+        if isinstance(layers, str) or len(layers) == 0:
+            raise InputError("layers must be a non-empty list of module names (or None)")
+        names = list(dict.fromkeys(layers))
+        for name in names:
+            if name not in named:
+                raise InputError(f"no module named {name!r} in the model")
+            mod = named[name]
+            if not isinstance(mod, CAPTURABLE_LAYERS):
+                raise UnsupportedModelError(
+                    f"module {name!r} is a {type(mod).__name__}; in-run attribution supports "
+                    "nn.Linear, nn.Conv2d and nn.Embedding layers"
+                )
+            if not any(p.requires_grad for p in mod.parameters(recurse=False)):
+                raise InputError(f"layer {name!r} has no trainable parameters")
     out: dict[str, nn.Module] = {}
-    for name, mod in model.named_modules():
-        own = [(n, p) for n, p in mod.named_parameters(recurse=False) if p.requires_grad]
-        if not own:
-            continue
-        if not isinstance(mod, CAPTURABLE_LAYERS):
-            pname = f"{name}.{own[0][0]}" if name else own[0][0]
-            raise UnsupportedModelError(
-                f"parameter {pname!r} belongs to a {type(mod).__name__}; in-run attribution "
-                "supports trainable parameters only in nn.Linear, nn.Conv2d and nn.Embedding "
-                "layers (freeze the others with requires_grad_(False))"
-            )
+    for name in names:
+        mod = named[name]
+        own = [p for p in mod.parameters(recurse=False) if p.requires_grad]
         if len(own) != len(list(mod.parameters(recurse=False))):
             raise UnsupportedModelError(
                 f"layer {name!r} has both trainable and frozen parameters; freeze or train "
@@ -149,7 +178,7 @@ def supported_modules(model: nn.Module) -> dict[str, nn.Module]:
     if not out:
         raise NoTrainableParametersError("the model has no trainable parameters")
     for mod in model.modules():
-        if isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.track_running_stats:
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm):  # batch statistics in training
             raise UnsupportedModelError(
                 f"{type(mod).__name__} couples the samples of a batch; per-sample gradients "
                 "are not defined (use GroupNorm/LayerNorm without affine, or none)"
@@ -240,7 +269,8 @@ def dot_with_param_vector(
     if isinstance(module, nn.Conv2d):
         z = F.conv2d(a, Ww, None, module.stride, _conv_padding(module), module.dilation,
                      module.groups)
-        s = (z * g).reshape(n, -1).sum(1)
+        # in place: z is ours, and a second output-sized temporary costs page faults on CPU
+        s = z.mul_(g).sum((1, 2, 3))
         if Wb is not None:
             s = s + g.sum((2, 3)) @ Wb
         return s
@@ -463,13 +493,17 @@ class InRunShapley:
         tracker.values   # (n_train,) or (n_train, n_val); positive = lowered validation loss
 
     Args:
-        model: the network being trained; all trainable parameters must live in
-            ``Linear``/``Conv2d``/``Embedding`` layers (others: :class:`UnsupportedModelError`;
-            freeze them to exclude them), each layer called once per forward.
+        model: the network being trained; the attributed layers must be
+            ``Linear``/``Conv2d``/``Embedding`` layers, each called once per forward.
         loss_fn: the training loss, **mean**-reduced over the batch.
         x_val, y_val: validation set (kept on the model's device).
         n_train: number of training samples; sample indices passed to :meth:`step` are in
             ``[0, n_train)``.
+        layers: names of the layers to attribute through (``None``: every trainable
+            parameter, which must then all live in supported layers). With a subset, scores
+            use the gradient components of those layers only (e.g. the classifier head), the
+            other layers train as usual, and the per-step cost drops to the validation
+            forward plus the backward and products of the chosen layers.
         per_validation_point: keep one score per (train, validation) pair instead of the sum.
         second_order: add the second-order term (summed validation loss only).
         combined: one forward/backward over ``[train; validation]`` (see the module docstring;
@@ -491,6 +525,7 @@ class InRunShapley:
         y_val: Any,
         *,
         n_train: int,
+        layers: Sequence[str] | None = None,
         per_validation_point: bool = False,
         second_order: bool = False,
         combined: bool = False,
@@ -521,8 +556,16 @@ class InRunShapley:
             raise InputError("n_train, flush_every and val_batch_size must be >= 1")
         self.model = model
         self.loss_fn = loss_fn
-        self.modules = supported_modules(model)
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.modules = supported_modules(model, layers)
+        self.layers = None if layers is None else list(self.modules)
+        # every trainable parameter (the training step) and the attributed ones (the scores)
+        self.train_params = [p for p in model.parameters() if p.requires_grad]
+        self.params = [p for m in self.modules.values() for p in m.parameters(recurse=False)]
+        if combined and len(self.params) != len(self.train_params):
+            raise InputError(
+                "combined=True rebuilds every parameter gradient from the attributed layers; "
+                "it needs all trainable parameters in them (use layers=None)"
+            )
         p0 = self.params[0]
         self.x_val = as_tensor(x_val, dtype=p0.dtype, device=p0.device)
         self.y_val = as_tensor(y_val, device=p0.device)
@@ -543,38 +586,30 @@ class InRunShapley:
             mode=store_mode, max_buffer_bytes=max_buffer_bytes, chunk_bytes=chunk_bytes,
             attributes={"method": "InRunShapley", "n_train": self.n_train,
                         "n_val": self.n_val, "per_validation_point": self.per_validation_point,
-                        "second_order": self.second_order},
+                        "second_order": self.second_order, "layers": self.layers},
         )
         if self.store.array is not None:
             self.steps = int(self.store.array.attrs.get("steps", 0))
-        self._calls: dict[str, int] = {}
 
     # ------------------------------------------------------------------ internals
-    def _capture(self):
-        return LayerCapture(self.model, list(self.modules), include_embeddings=True)
+    def _capture(self, keep_outputs: bool = False) -> LayerCapture:
+        return LayerCapture(self.model, list(self.modules), include_embeddings=True,
+                            keep_outputs=keep_outputs)
 
-    def _count_hooks(self):
-        self._calls = dict.fromkeys(self.modules, 0)
-        handles = []
-        for name, mod in self.modules.items():
-            def pre(_m, _i, name=name):
-                self._calls[name] += 1
-            handles.append(mod.register_forward_pre_hook(pre))
-        return handles
-
-    def _check_calls(self) -> None:
-        twice = [n for n, c in self._calls.items() if c > 1]
+    @staticmethod
+    def _check_calls(cap: LayerCapture) -> None:
+        twice = [n for n, c in cap.calls.items() if c > 1]
         if twice:
             raise UnsupportedModelError(
                 f"layer(s) {twice} are called more than once per forward (weight sharing); "
                 "per-sample layer gradients are not defined for them"
             )
 
-    def _raw(self, cap: LayerCapture, scale: float, grads: dict | None = None):
-        """``{name: (input, output grad * scale)}`` of the captured layers, raw shapes."""
-        grads = cap.output_grads if grads is None else grads
-        # a layer missing from ``grads`` is not on the loss path: its gradient is zero
-        return {n: (cap.inputs[n], grads[n] * scale) for n in self.modules if n in grads}
+    def _raw(self, cap: LayerCapture) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """``{name: (input, output grad)}`` of the captured layers, raw shapes."""
+        # a layer missing from the output grads is not on the loss path: its gradient is zero
+        return {n: (cap.inputs[n], cap.output_grads[n]) for n in self.modules
+                if n in cap.output_grads}
 
     def _matrices(self, raw: dict):
         """Per-sample ``(A, G)`` matrices (unfolded for convolutions) from :meth:`_raw`."""
@@ -637,30 +672,25 @@ class InRunShapley:
         b = len(x)
         if self.combined:
             return self._combined_step(x, y, ia, lr)
-        handles = self._count_hooks()
-        try:
-            with self._capture() as cap:
-                loss = self.loss_fn(self.model(x), y)
-                if self.second_order:
-                    g = torch.autograd.grad(loss, self.params, allow_unused=True,
-                                            materialize_grads=True)
-                    for p, gp in zip(self.params, g):
-                        if p.grad is None:
-                            p.grad = gp
-                        else:
-                            p.grad += gp
-                    gbar = [gp.detach() for gp in g]
-                else:
-                    loss.backward()
-            self._check_calls()
-            # output grads of the MEAN loss are g_i / b: scale once at the end instead
-            train = self._raw(cap, 1.0)
-            if not bool(torch.isfinite(loss)):
-                raise NonFiniteError(f"non-finite training loss {float(loss)} at step {self.steps}")
-            scores = self._scores(train, b, lr, gbar if self.second_order else None)
-        finally:
-            for h in handles:
-                h.remove()
+        with self._capture() as cap:
+            loss = self.loss_fn(self.model(x), y)
+            self._check_calls(cap)
+            if self.second_order:
+                g = torch.autograd.grad(loss, self.train_params, allow_unused=True,
+                                        materialize_grads=True)
+                for p, gp in zip(self.train_params, g):
+                    if p.grad is None:
+                        p.grad = gp
+                    else:
+                        p.grad += gp
+                tidx = {id(p): k for k, p in enumerate(self.train_params)}
+                gbar = [g[tidx[id(p)]].detach() for p in self.params]
+            else:
+                loss.backward()
+        if not bool(torch.isfinite(loss)):
+            raise NonFiniteError(f"non-finite training loss {float(loss)} at step {self.steps}")
+        # output grads of the MEAN loss are g_i / b: the scores scale by lr once at the end
+        scores = self._scores(self._raw(cap), b, lr, gbar if self.second_order else None)
         self.store.add(ia, scores.detach().cpu().numpy().astype(np.float64))
         self.steps += 1
         if self.steps % self.flush_every == 0:
@@ -672,23 +702,14 @@ class InRunShapley:
         the train-only parameter gradient and ``V = grad L_val`` are rebuilt from the captured
         rows with the same kernels autograd uses (``.grad`` allclose, not bit-identical)."""
         b = len(x)
-        outputs: dict[str, torch.Tensor] = {}
-        handles = self._count_hooks()
-        for name, mod in self.modules.items():
-            def keep(_m, _i, out, name=name):
-                outputs[name] = out
-            handles.append(mod.register_forward_hook(keep))
-        try:
-            with self._capture() as cap:
-                out = self.model(torch.cat([x, self.x_val]))
-                loss = self.loss_fn(out[:b], y)
-                total = loss + self.loss_fn(out[b:], self.y_val) * self.n_val
-                names = [n for n in self.modules if n in outputs and outputs[n].requires_grad]
-                gs = torch.autograd.grad(total, [outputs[n] for n in names])
-            self._check_calls()
-        finally:
-            for h in handles:
-                h.remove()
+        with self._capture(keep_outputs=True) as cap:
+            out = self.model(torch.cat([x, self.x_val]))
+            self._check_calls(cap)
+            loss = self.loss_fn(out[:b], y)
+            total = loss + self.loss_fn(out[b:], self.y_val) * self.n_val
+            outputs = cap.outputs
+            names = [n for n in self.modules if n in outputs and outputs[n].requires_grad]
+            gs = torch.autograd.grad(total, [outputs[n] for n in names])
         if not bool(torch.isfinite(loss)):
             raise NonFiniteError(f"non-finite training loss {float(loss)} at step {self.steps}")
         scores = torch.zeros(b, dtype=out.dtype, device=out.device)
@@ -764,7 +785,7 @@ class InRunShapley:
             with self._capture() as cap:
                 lv = self.loss_fn(self.model(xv), yv) * len(xv)
                 torch.autograd.grad(lv, self.params, allow_unused=True)
-            val = self._matrices(self._raw(cap, 1.0))
+            val = self._matrices(self._raw(cap))
             for name, (A_t, G_t) in train_m.items():
                 if name in val:
                     A_v, G_v = val[name]
@@ -794,4 +815,5 @@ class InRunShapley:
         where = "memory" if self.store.path is None else self.store.path
         return (f"InRunShapley(n_train={self.n_train}, n_val={self.n_val}, "
                 f"per_validation_point={self.per_validation_point}, "
-                f"second_order={self.second_order}, steps={self.steps}, store={where})")
+                f"second_order={self.second_order}, layers={self.layers}, steps={self.steps}, "
+                f"store={where})")

@@ -401,3 +401,89 @@ def test_combined_batch_mode(kind, digits):
         tr.step(x[idx], y[idx], idx.numpy(), lr=lr)
         opt.step()
     assert rel_err(torch.as_tensor(tr.values), ref) < 1e-8
+
+
+# ---------------------------------------------------------------------- layer subsets
+
+
+class NormedCNN(nn.Module):
+    """A trainable LayerNorm (unsupported for attribution) between supported layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 3, 3, padding=1, stride=2)
+        self.norm = nn.LayerNorm(48)
+        self.fc1 = nn.Linear(48, 12)
+        self.fc2 = nn.Linear(12, 10)
+
+    def forward(self, x):
+        h = self.norm(torch.tanh(self.conv(x)).flatten(1))
+        return self.fc2(torch.tanh(self.fc1(h)))
+
+
+def _columns(model, layers):
+    """Mask of the flat (ref_grads) parameter vector belonging to ``layers``."""
+    return torch.cat([torch.full((p.numel(),), n.rsplit(".", 1)[0] in layers)
+                      for n, p in model.named_parameters() if p.requires_grad])
+
+
+@pytest.mark.parametrize("kw", [{}, {"per_validation_point": True}, {"second_order": True}])
+def test_layer_subset_values_and_exact_training(kw, digits):
+    """layers=[...]: scores are the dot products of the chosen layers' gradient components;
+    every trainable parameter (a LayerNorm included) still trains exactly as without it."""
+    layers = ["conv", "fc2"]
+    torch.manual_seed(4)
+    model = NormedCNN().double()
+    ref_model = NormedCNN().double()
+    ref_model.load_state_dict(model.state_dict())
+    x, y = _data("mixed", digits, 12)
+    xv, yv = _data("mixed", digits, 4, offset=300)
+    cols = _columns(model, layers)
+    tr = InRunShapley(model, F.cross_entropy, xv, yv, n_train=len(x), layers=layers,
+                      val_batch_size=3, **kw)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    ref_opt = torch.optim.SGD(ref_model.parameters(), lr=0.1, momentum=0.9)
+    ref = torch.zeros(len(x), len(xv), dtype=torch.float64)
+    ref2 = torch.zeros(len(x), dtype=torch.float64)
+    for s in range(0, len(x), 4):
+        idx = torch.arange(s, s + 4)
+        lr, b = 0.1, len(idx)
+        gt = ref_grads(ref_model, F.cross_entropy, x[idx], y[idx])[:, cols]
+        gv = ref_grads(ref_model, F.cross_entropy, xv, yv)[:, cols]
+        ref[idx] += lr / b * gt @ gv.T
+        if kw.get("second_order"):
+            theta = flat_params(ref_model)
+            H = hessian(mean_loss_fn(ref_model, F.cross_entropy, xv, yv), theta,
+                        vectorize=True)[cols][:, cols] * len(xv)
+            ref2[idx] += -0.5 * (lr / b) ** 2 * gt @ (H @ gt.sum(0))
+        ref_opt.zero_grad()
+        F.cross_entropy(ref_model(x[idx]), y[idx]).backward()
+        ref_opt.step()
+        opt.zero_grad()
+        tr.step(x[idx], y[idx], idx, lr=lr)
+        opt.step()
+    for (n, p), (_, q) in zip(ref_model.named_parameters(), model.named_parameters()):
+        assert torch.equal(p, q), n
+    got = torch.as_tensor(tr.values)
+    want = ref if kw.get("per_validation_point") else ref.sum(1) + ref2
+    assert rel_err(got, want) < 1e-8
+    if kw.get("second_order"):
+        assert ref2.abs().max() > 1e-4 * ref.sum(1).abs().max()
+
+
+def test_layer_subset_bad_input(digits):
+    xv, yv = _data("mixed", digits, 3, offset=50)
+    model = NormedCNN().double()
+    with pytest.raises(UnsupportedModelError, match="LayerNorm"):
+        InRunShapley(model, F.cross_entropy, xv, yv, n_train=5)  # all layers: norm included
+    with pytest.raises(UnsupportedModelError, match="LayerNorm"):
+        InRunShapley(model, F.cross_entropy, xv, yv, n_train=5, layers=["fc1", "norm"])
+    with pytest.raises(InputError, match="no module named 'fc3'"):
+        InRunShapley(model, F.cross_entropy, xv, yv, n_train=5, layers=["fc3"])
+    with pytest.raises(InputError, match="non-empty"):
+        InRunShapley(model, F.cross_entropy, xv, yv, n_train=5, layers=[])
+    with pytest.raises(InputError, match="combined"):
+        InRunShapley(model, F.cross_entropy, xv, yv, n_train=5, layers=["fc2"], combined=True)
+    model.fc1.requires_grad_(False)
+    with pytest.raises(InputError, match="no trainable"):
+        InRunShapley(model, F.cross_entropy, xv, yv, n_train=5, layers=["fc1"])
