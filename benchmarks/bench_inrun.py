@@ -1,19 +1,22 @@
 """Benchmark: In-Run Data Shapley tracker vs plain training vs naive per-sample backward passes,
 and TracIn / In-Run mislabel detection on flipped-label digits.
 
-Per model (digits CNN on 8x8, a larger CNN on 32x32 upsampled digits) it times one epoch of
+Per model (digits CNN on 8x8, a larger CNN on 32x32 upsampled digits) it times SGD steps of
 
-* plain SGD training,
-* training with ``InRunShapley`` (summed validation loss; the same with ``combined=True``, one
-  forward/backward over train + validation rows; one score per validation point),
+* plain training,
+* plain training plus the validation gradient at every step (the floor of any exact method),
+* training with ``InRunShapley``: summed validation loss; the same with ``combined=True`` (one
+  forward/backward over train + validation rows); one score per validation point (also
+  combined); attribution through the two linear layers only (``layers=``),
 * the naive way: one backward per training sample and one for the validation loss per step,
 
-and prints seconds per epoch, ratios to plain training and peak RSS, plus the largest relative
-difference between tracker and naive values (they must agree). Then it trains on digits with
-10 % flipped labels and reports the share of flipped points among the 10 % / 20 % highest TracIn
-self-influences (and lowest In-Run values).
+and prints CPU seconds per epoch (median step time x steps) and ratios to plain training, plus
+the largest relative difference between tracker and naive values (they must agree). Then it
+trains on digits with 10 % flipped labels and reports the share of flipped points among the
+10 % / 20 % highest TracIn self-influences (and lowest In-Run values).
 
-    python benchmarks/bench_inrun.py [--quick] [--threads N]
+    python benchmarks/bench_inrun.py [--quick] [--threads N] [--batch B] [--n-val M]
+                                     [--malloc-tuned]
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import resource
 import time
+from functools import partial
 
 import numpy as np
 import torch
@@ -51,6 +55,18 @@ class CNN32(nn.Module):
         return self.fc2(F.relu(self.fc1(x.flatten(1))))
 
 
+def tune_malloc() -> None:
+    """glibc returns freed blocks above the mmap threshold to the OS, so every training step
+    page-faults its activations in again (25-35 % of a CNN32 step here). Raising the mmap and
+    trim thresholds keeps them (what jemalloc/tcmalloc users get); it speeds up every variant."""
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6")
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)
+    libc.mallopt(M_TRIM_THRESHOLD, 1 << 62)
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -60,31 +76,53 @@ def batches(n, b, seed):
     return [perm[s : s + b] for s in range(0, n, b)]
 
 
-def epoch_plain(model, x, y, order, lr):
+def sgd_plain(model, x, y, lr, xv, yv):
     opt = torch.optim.SGD(model.parameters(), lr=lr)
-    for idx in order:
+
+    def step(idx):
         opt.zero_grad()
         F.cross_entropy(model(x[idx]), y[idx]).backward()
         opt.step()
 
+    return step, lambda: None
 
-def epoch_tracker(model, x, y, order, lr, xv, yv, per_val, combined=False):
+
+def sgd_floor(model, x, y, lr, xv, yv):
+    """Plain training plus the validation gradient at every step: what any exact per-step
+    method must at least compute (the tracker adds the per-sample products to this)."""
     opt = torch.optim.SGD(model.parameters(), lr=lr)
-    tr = InRunShapley(model, F.cross_entropy, xv, yv, n_train=len(x),
-                      per_validation_point=per_val, combined=combined)
-    for idx in order:
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step(idx):
+        opt.zero_grad()
+        F.cross_entropy(model(x[idx]), y[idx]).backward()
+        model.eval()
+        torch.autograd.grad(F.cross_entropy(model(xv), yv, reduction="sum"), params)
+        model.train()
+        opt.step()
+
+    return step, lambda: None
+
+
+def sgd_tracker(model, x, y, lr, xv, yv, **kw):
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    tr = InRunShapley(model, F.cross_entropy, xv, yv, n_train=len(x), **kw)
+
+    def step(idx):
         opt.zero_grad()
         tr.step(x[idx], y[idx], idx, lr=lr)
         opt.step()
-    return tr.values
+
+    return step, lambda: tr.values
 
 
-def epoch_naive(model, x, y, order, lr, xv, yv):
+def sgd_naive(model, x, y, lr, xv, yv):
     """One backward per training sample, one for the summed validation loss, per step."""
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     params = [p for p in model.parameters() if p.requires_grad]
     vals = np.zeros(len(x))
-    for idx in order:
+
+    def step(idx):
         model.eval()
         gv = torch.autograd.grad(F.cross_entropy(model(xv), yv, reduction="sum"), params)
         model.train()
@@ -94,20 +132,14 @@ def epoch_naive(model, x, y, order, lr, xv, yv):
         opt.zero_grad()
         F.cross_entropy(model(x[idx]), y[idx]).backward()
         opt.step()
-    return vals
+
+    return step, lambda: vals
 
 
-def timed(fn):
-    """CPU time of this process (robust on a shared machine; with one thread it is the compute
-    time), wall time and the result."""
-    t, w = time.process_time(), time.perf_counter()
-    out = fn()
-    return time.process_time() - t, time.perf_counter() - w, out
-
-
-def bench_speed(name, make, x, y, xv, yv, batch, lr, repeats, naive_subset):
-    rows = []
-    order = batches(len(x), batch, 0)
+def bench_speed(name, make, x, y, xv, yv, batch, lr, epochs, naive_steps, head):
+    """Every variant trains its own copy of the same initial model on the same batches; the
+    variants take turns step by step (in rotating order), so that load changes on a shared
+    machine hit all of them alike. Epoch time = median CPU time per step x steps per epoch."""
     init = make().state_dict()
 
     def fresh():
@@ -115,45 +147,53 @@ def bench_speed(name, make, x, y, xv, yv, batch, lr, repeats, naive_subset):
         m.load_state_dict(init)
         return m.train()
 
-    # warm up every code path (first calls initialise kernels and allocators)
-    epoch_plain(fresh(), x, y, order[:2], lr)
-    epoch_tracker(fresh(), x, y, order[:2], lr, xv, yv, False)
-    epoch_tracker(fresh(), x, y, order[:2], lr, xv, yv, True)
-    epoch_tracker(fresh(), x, y, order[:2], lr, xv, yv, False, True)
-    epoch_naive(fresh(), x, y, order[:1], lr, xv, yv)
-    # interleave the repeats so that load changes hit all variants alike
-    res: dict[str, tuple[float, float, object]] = {}
+    m = len(xv)
     variants = {
-        "plain": lambda: epoch_plain(fresh(), x, y, order, lr),
-        f"tracker (sum over {len(xv)} val)":
-            lambda: epoch_tracker(fresh(), x, y, order, lr, xv, yv, False),
-        f"tracker combined (sum, {len(xv)} val)":
-            lambda: epoch_tracker(fresh(), x, y, order, lr, xv, yv, False, True),
-        f"tracker ({len(xv)} per-val scores)":
-            lambda: epoch_tracker(fresh(), x, y, order, lr, xv, yv, True),
+        "plain": partial(sgd_plain),
+        "plain + val. gradient (floor)": partial(sgd_floor),
+        f"tracker (sum over {m} val)": partial(sgd_tracker),
+        f"tracker combined (sum, {m} val)": partial(sgd_tracker, combined=True),
+        f"tracker ({m} per-val scores)": partial(sgd_tracker, per_validation_point=True),
+        f"tracker combined ({m} per-val)": partial(sgd_tracker, per_validation_point=True,
+                                                    combined=True),
+        f"tracker, layers={'+'.join(head)} (sum)": partial(sgd_tracker, layers=head),
+        "naive": partial(sgd_naive),
     }
-    for _ in range(repeats):
-        for key, fn in variants.items():
-            cpu, wall, out = timed(fn)
-            old = res.get(key)
-            res[key] = (min(cpu, old[0]), min(wall, old[1]), out) if old else (cpu, wall, out)
-    t_plain = res["plain"][0]
-    for key, (cpu, wall, _) in res.items():
-        rows.append((name, key, cpu, cpu / t_plain, wall))
-    t_sum = res[f"tracker (sum over {len(xv)} val)"][0]
-    v_sum = res[f"tracker (sum over {len(xv)} val)"][2]
-    v_pv = res[f"tracker ({len(xv)} per-val scores)"][2]
-    # naive on the first steps only (it is slow), scaled to an epoch
-    sub = order[:naive_subset]
-    t_nv, w_nv, v_nv = timed(lambda: epoch_naive(fresh(), x, y, sub, lr, xv, yv))
-    t_nv *= len(order) / len(sub)
-    w_nv *= len(order) / len(sub)
-    rows.append((name, f"naive (from {len(sub)} steps)", t_nv, t_nv / t_plain, w_nv))
-    # agreement on the steps the naive loop ran (same weights along the way)
-    v_tr = epoch_tracker(fresh(), x, y, sub, lr, xv, yv, False)
+    run = {k: f(fresh(), x, y, lr, xv, yv) for k, f in variants.items()}
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    keys = list(variants)
+    n_steps = 0
+    for e in range(epochs):
+        order = batches(len(x), batch, e)
+        n_steps = len(order)
+        for s, idx in enumerate(order):
+            turn = keys[s % len(keys):] + keys[: s % len(keys)]
+            for k in turn:
+                if k == "naive" and (e > 0 or s >= naive_steps + 1):
+                    continue
+                t = time.process_time()
+                run[k][0](idx)
+                times[k].append(time.process_time() - t)
+    rows = []
+    # the first step of each variant warms up kernels and allocators: not timed
+    per_step = {k: float(np.median(v[1:])) for k, v in times.items()}
+    for k, t in per_step.items():
+        label = f"naive (from {len(times[k]) - 1} steps)" if k == "naive" else k
+        rows.append((name, label, t * n_steps, t / per_step["plain"]))
+    k_sum, k_pv = f"tracker (sum over {m} val)", f"tracker ({m} per-val scores)"
+    v_sum, v_pv = run[k_sum][1](), run[k_pv][1]()
+    pv_ok = np.allclose(v_pv.sum(1), v_sum, rtol=1e-3, atol=1e-6)
+    # agreement with the naive loop over the steps it ran (same start, same batches)
+    sub = batches(len(x), batch, 0)[: naive_steps + 1]
+    step_n, vals_n = sgd_naive(fresh(), x, y, lr, xv, yv)
+    step_t, vals_t = sgd_tracker(fresh(), x, y, lr, xv, yv)
+    for idx in sub:
+        step_n(idx)
+        step_t(idx)
     seen = np.concatenate([i.numpy() for i in sub])
-    agree = np.abs(v_tr[seen] - v_nv[seen]).max() / np.abs(v_nv[seen]).max()
-    return rows, t_nv / t_sum, agree, np.allclose(v_pv.sum(1), v_sum, rtol=1e-3, atol=1e-6)
+    v_n, v_t = vals_n(), vals_t()
+    agree = np.abs(v_t[seen] - v_n[seen]).max() / np.abs(v_n[seen]).max()
+    return rows, per_step["naive"] / per_step[k_sum], agree, pv_ok
 
 
 def mislabel(quick: bool):
@@ -162,22 +202,29 @@ def mislabel(quick: bool):
     y = torch.as_tensor(d.y_train).long()
     xv = torch.as_tensor(d.x_test[:100])
     yv = torch.as_tensor(d.y_test[:100]).long()
-    torch.manual_seed(0)
-    model = DigitsCNN()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    tr = InRunShapley(model, F.cross_entropy, xv, yv, n_train=len(x))
     epochs = 8 if quick else 20
-    ckpts, lrs = [], []
-    t0 = time.perf_counter()
-    for e in range(epochs):
-        for idx in batches(len(x), 64, e):
-            opt.zero_grad()
-            tr.step(x[idx], y[idx], idx, lr=0.1)
-            opt.step()
-        if e % 2 == 1:
-            ckpts.append({k: v.clone() for k, v in model.state_dict().items()})
-            lrs.append(0.1)
-    t_train = time.perf_counter() - t0
+
+    def run(layers):
+        """The same SGD run (the tracker leaves training bit-identical), in-run values from
+        all layers or from ``layers`` only, and TracIn checkpoints every second epoch."""
+        torch.manual_seed(0)
+        model = DigitsCNN()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        tr = InRunShapley(model, F.cross_entropy, xv, yv, n_train=len(x), layers=layers)
+        ckpts, lrs = [], []
+        t0 = time.perf_counter()
+        for e in range(epochs):
+            for idx in batches(len(x), 64, e):
+                opt.zero_grad()
+                tr.step(x[idx], y[idx], idx, lr=0.1)
+                opt.step()
+            if e % 2 == 1:
+                ckpts.append({k: v.clone() for k, v in model.state_dict().items()})
+                lrs.append(0.1)
+        return model, tr.values, ckpts, lrs, time.perf_counter() - t0
+
+    model, values, ckpts, lrs, t_train = run(None)
+    _, values_head, _, _, t_head = run(["fc1", "fc2"])
     out = []
     for proj in (None, 256):
         tc = TracInCP(model, F.cross_entropy, ckpts, lrs, projection_dim=proj)
@@ -186,7 +233,8 @@ def mislabel(quick: bool):
         t_si = time.perf_counter() - t0
         label = "TracInCP self-influence" + ("" if proj is None else f" (proj d={proj})")
         out.append((label, si, t_si))
-    out.append(("In-Run value (lowest = harmful)", -tr.values, t_train))
+    out.append(("In-Run value (lowest = harmful)", -values, t_train))
+    out.append(("In-Run value, fc1+fc2 only", -values_head, t_head))
     print(f"\nMislabel detection: digits, {d.flipped.sum()} of {len(x)} labels flipped, "
           f"DigitsCNN, {epochs} epochs SGD, {len(ckpts)} checkpoints, 100 validation points")
     print(f"{'score':<38}{'top 10%':>10}{'top 20%':>10}{'recall@20%':>12}{'time s':>9}")
@@ -207,7 +255,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--n-val", type=int, default=16)
+    ap.add_argument("--epochs", type=int, default=3, help="timed epochs (full run)")
+    ap.add_argument("--malloc-tuned", action="store_true",
+                    help="keep freed memory in the process (glibc mallopt), so that large "
+                         "temporaries are not page-faulted in again at every step")
     args = ap.parse_args()
+    if args.malloc_tuned:
+        tune_malloc()
     torch.set_num_threads(args.threads)
     d = load_digits_split(seed=0)
     x8 = torch.as_tensor(d.x_train)
@@ -217,11 +271,12 @@ def main() -> None:
     n32 = 384 if args.quick else len(x8)
     x32 = F.interpolate(x8[:n32], size=(32, 32), mode="bilinear", align_corners=False)
     xv32 = F.interpolate(xv8, size=(32, 32), mode="bilinear", align_corners=False)
-    repeats = 1 if args.quick else 2
+    epochs = 1 if args.quick else args.epochs
 
     print(f"torch {torch.__version__}, {args.threads} thread(s), float32, SGD, batch "
-          f"{args.batch}; process CPU time, best of {repeats} (wall time on a shared machine "
-          "is noisy)")
+          f"{args.batch}, {args.n_val} validation points; median process CPU time per step over "
+          f"{epochs} epoch(s), variants interleaved step by step; allocator "
+          f"{'tuned' if args.malloc_tuned else 'default'}")
     all_rows, notes = [], []
     torch.manual_seed(0)
     for name, make, x, yy, xv in (
@@ -230,14 +285,14 @@ def main() -> None:
     ):
         naive_steps = 2 if args.quick else 4
         rows, speedup, agree, pv_ok = bench_speed(name, make, x, yy, xv, yv, args.batch, 0.05,
-                                                  repeats, naive_steps)
+                                                  epochs, naive_steps, ["fc1", "fc2"])
         all_rows += rows
         notes.append(f"{name}: n_train={len(x)}, tracker {speedup:.1f}x faster than naive; "
                      f"max |tracker - naive| / max|naive| = {agree:.1e}; "
                      f"per-val scores sum to summed scores: {pv_ok}")
-    print(f"\n{'model':<16}{'method':<34}{'CPU s/epoch':>12}{'x plain':>9}{'wall s':>9}")
-    for name, method, t, ratio, w in all_rows:
-        print(f"{name:<16}{method:<34}{t:>12.3f}{ratio:>9.2f}{w:>9.2f}")
+    print(f"\n{'model':<16}{'method':<34}{'CPU s/epoch':>12}{'x plain':>9}")
+    for name, method, t, ratio in all_rows:
+        print(f"{name:<16}{method:<34}{t:>12.3f}{ratio:>9.2f}")
     print(f"peak RSS {peak_rss_mb():.0f} MB")
     for n in notes:
         print(n)

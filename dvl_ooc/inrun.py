@@ -49,8 +49,19 @@ parameter gradient of one validation backward, and ``<g_i, V> = sum_l g_il . (V 
 directional derivative computed layer by layer from the captured train rows (a matrix product
 for ``Linear``, a convolution of the inputs with ``V`` for ``Conv2d`` -- no ``im2col`` --, a
 gather for ``Embedding``): the cost of one extra forward, cheaper than ghost products whenever
-``m L^2 (d_in + d_out) > d_in d_out``, i.e. almost always. Per step the tracker therefore costs
-plain training plus one validation forward/backward plus about one forward of the batch.
+``m L^2 (d_in + d_out) > d_in d_out``, i.e. almost always.
+
+Cost per step, and its floor. Exact first-order values need, besides plain training, the
+validation gradient ``V`` at the current weights (a forward/backward of the ``m`` validation
+rows: about ``m / b`` of a training step when compute-bound) and the ``b`` directional
+derivatives (one forward of the attributed layers, about a third of a step). For a
+compute-bound CNN the tracker therefore costs ``~1 + m/b + 1/3`` training steps; on one CPU
+thread ``benchmarks/bench_inrun.py`` measures the 32x32 CNN (``m/b = 16/64``) at ~1.5x plain
+training against ~1.2x for plain training plus ``V`` alone, and the 6k-parameter digits CNN,
+whose steps are dominated by per-operation overhead, at ~2.5x (plain plus ``V`` alone: ~1.6x).
+Two ways to pay less: a larger batch per validation set, or ``layers=[...]`` (attribute through
+some layers only, e.g. the classifier head; the validation backward and the products then stop
+at those layers: ~1.2x on the 32x32 CNN).
 
 Exactness of training. ``step`` runs the user's forward and ``loss.backward()`` on the training
 batch exactly as plain training does (hooks only read activations and gradients), so the
@@ -59,13 +70,17 @@ the tracker. The validation set goes through a second forward/backward (``torch.
 never touching ``.grad``) in ``eval()`` mode: the same FLOPs as one backward over a combined
 train + validation batch, but it cannot perturb batch statistics, dropout masks or ``.grad``.
 
-``combined=True`` (first-order, summed validation loss) instead runs ONE forward over the
-concatenated ``[train; validation]`` rows (in the model's current mode) and one backward to the
-captured layer outputs only; the train-only parameter gradient (``G_t^T A_t``, the convolution
-weight-gradient kernel, an index-add for embeddings) and ``V`` are rebuilt from the captured rows
-and written to ``.grad``. This halves the per-step fixed overhead on small models; the weights
-then agree with plain training to rounding (float64: ~1e-15 relative, tested at 1e-12), not
-bit for bit, because the GEMMs see a different batch size and summation order.
+``combined=True`` (first order) instead runs ONE forward over the concatenated
+``[train; validation]`` rows (in the model's current mode) and one backward to the captured
+layer outputs only; the train-only parameter gradient (``G_t^T A_t``, the convolution
+weight-gradient kernel, an index-add for embeddings) is rebuilt from the captured rows and
+written to ``.grad``, and the scores come from the same backward: ``V`` rebuilt from the
+validation rows (summed loss) or ghost / materialised products between train and validation
+rows (``per_validation_point=True``). The weights then agree with plain training to rounding
+(float64: ~1e-15 relative, tested at 1e-12), not bit for bit, because the GEMMs see a different
+batch size and summation order. It saves kernel launches, not FLOPs: on CPU it measured no
+faster than the default (slower on the 32x32 CNN, whose larger activations fall out of cache);
+it is meant for launch-bound accelerators.
 
 Storage. Scores are keyed by training-sample index and accumulated in float64, in memory
 (NumPy) or in a Zarr v3 array on disk (``store=path``) chunked along the training axis; on disk,
@@ -109,6 +124,8 @@ __all__ = [
     "ScoreStore",
     "dot_with_param_vector",
     "layer_dot_products",
+    "pairwise_layer_products",
+    "per_sample_layer_grads",
     "supported_modules",
 ]
 
@@ -188,9 +205,15 @@ def supported_modules(
 
 # ---------------------------------------------------------------------- dot products
 def _costs(module: nn.Module, A_t, G_t, A_v, G_v, reduce: bool) -> tuple[float, float]:
-    n, Lt = G_t.shape[:2]
-    m, Lv = G_v.shape[:2]
-    d_out = G_t.shape[-1]
+    """(ghost, materialise) cost of a layer from its row matrices."""
+    d_in = 1 if isinstance(module, nn.Embedding) else A_t.shape[-1]
+    return _cost_model(module, G_t.shape[0], G_t.shape[1], G_v.shape[0], G_v.shape[1], d_in,
+                       G_t.shape[-1], reduce)
+
+
+def _cost_model(module: nn.Module, n: int, Lt: int, m: int, Lv: int, d_in: int, d_out: int,
+                reduce: bool) -> tuple[float, float]:
+    """FLOPs of ghost vs materialised products (see the module docstring)."""
     if isinstance(module, nn.Embedding):
         ghost = n * m * Lt * Lv * (d_out + 1.0)
         u = min(module.num_embeddings, n * Lt + m * Lv)
@@ -198,10 +221,52 @@ def _costs(module: nn.Module, A_t, G_t, A_v, G_v, reduce: bool) -> tuple[float, 
         if not reduce:
             mat += (n * m + n + m) * u * d_out
         return ghost, float(mat)
-    d_in = A_t.shape[-1]
     ghost = n * m * Lt * Lv * (d_in + d_out + 1.0)
     mat = (n * Lt + m * Lv) * d_in * d_out + (0 if reduce else n * m * d_in * d_out)
     return ghost, float(mat)
+
+
+def _raw_dims(module: nn.Module, a: torch.Tensor, g: torch.Tensor) -> tuple[int, int, int]:
+    """``(L, d_in [+1 for the bias], d_out)`` of a Linear/Conv2d layer from its raw rows."""
+    bias = int(getattr(module, "bias", None) is not None)
+    if isinstance(module, nn.Conv2d):
+        kh, kw = module.kernel_size
+        return g.shape[2] * g.shape[3], module.in_channels * kh * kw + bias, g.shape[1]
+    return a[0].numel() // a.shape[-1], a.shape[-1] + bias, g.shape[-1]
+
+
+def per_sample_layer_grads(module: nn.Module, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Per-sample ``(n, d_out * d_in [+ d_out])`` gradients (weight, then bias) of a Linear or
+    Conv2d layer from its raw input and output-gradient rows.
+
+    Linear: one batched matrix product. Conv2d on CPU: the weight-gradient kernel of a grouped
+    convolution with one group per sample (no ``im2col`` buffer; 1.3-2.4x faster than ``unfold``
+    + ``bmm`` on the 32x32 CNN of the benchmark); elsewhere ``unfold`` + ``bmm``.
+    """
+    n = a.shape[0]
+    if isinstance(module, nn.Conv2d):
+        pad = _conv_padding(module)
+        G = g.flatten(2)  # (n, d_out, L)
+        if a.device.type == "cpu":
+            w = module.weight.detach()
+            Wg = torch.ops.aten.convolution_backward(
+                g.reshape(1, -1, *g.shape[2:]), a.reshape(1, -1, *a.shape[2:]),
+                w.repeat(n, 1, 1, 1), None, module.stride, pad, module.dilation, False,
+                [0, 0], n, [False, True, False])[1]
+            parts = [Wg.reshape(n, -1)]
+        else:
+            U = F.unfold(a, module.kernel_size, dilation=module.dilation, padding=pad,
+                         stride=module.stride)  # (n, d_in k^2, L)
+            parts = [torch.bmm(G, U.transpose(1, 2)).reshape(n, -1)]
+        if module.bias is not None:
+            parts.append(G.sum(2))
+    else:
+        A = a.reshape(n, -1, a.shape[-1])
+        G = g.reshape(n, -1, g.shape[-1])
+        parts = [torch.bmm(G.transpose(1, 2), A).reshape(n, -1)]
+        if module.bias is not None:
+            parts.append(G.sum(1))
+    return torch.cat(parts, 1) if len(parts) > 1 else parts[0]
 
 
 def _row_chunk(n: int, per_row: int, max_elements: int) -> int:
@@ -358,6 +423,54 @@ def layer_dot_products(
     return out
 
 
+def _row_matrices(module: nn.Module, a: torch.Tensor, g: torch.Tensor):
+    """``(A, G)`` row matrices of :func:`layer_dot_products` from raw layer rows."""
+    A = layer_input_matrix(module, a)
+    if isinstance(module, nn.Embedding):
+        return A, embedding_output_grad_matrix(module, a, g)
+    return A, layer_output_grad_matrix(module, g)
+
+
+def pairwise_layer_products(
+    module: nn.Module,
+    a_t: torch.Tensor,
+    g_t: torch.Tensor,
+    a_v: torch.Tensor,
+    g_v: torch.Tensor,
+    *,
+    method: Method = "auto",
+    max_elements: int = 2**24,
+) -> torch.Tensor:
+    """Train x validation per-sample gradient dot products ``(n, m)`` of one layer from its raw
+    rows (layer inputs and output gradients as captured), by the cheaper of ghost and
+    materialised products (or ``method``). Materialised products of ``Linear``/``Conv2d``
+    layers use :func:`per_sample_layer_grads`; train rows are processed in chunks so that
+    temporaries stay below ``max_elements``."""
+    if method not in ("auto", "ghost", "materialize"):
+        raise InputError(f"method must be 'auto', 'ghost' or 'materialize', got {method!r}")
+    if isinstance(module, nn.Embedding):
+        return layer_dot_products(module, *_row_matrices(module, a_t, g_t),
+                                  *_row_matrices(module, a_v, g_v), method=method,
+                                  max_elements=max_elements)
+    n, m = a_t.shape[0], a_v.shape[0]
+    Lt, d_in, d_out = _raw_dims(module, a_t, g_t)
+    Lv = _raw_dims(module, a_v, g_v)[0]
+    if method == "auto":
+        ghost, mat = _cost_model(module, n, Lt, m, Lv, d_in, d_out, reduce=False)
+        method = "ghost" if ghost <= mat else "materialize"
+    if method == "ghost":
+        return layer_dot_products(module, *_row_matrices(module, a_t, g_t),
+                                  *_row_matrices(module, a_v, g_v), method="ghost",
+                                  max_elements=max_elements)
+    Pv = per_sample_layer_grads(module, a_v, g_v)
+    out = torch.empty(n, m, dtype=g_t.dtype, device=g_t.device)
+    step = _row_chunk(n, Lt * d_in + Pv.shape[1], max_elements)
+    for s in range(0, n, step):
+        out[s : s + step] = per_sample_layer_grads(module, a_t[s : s + step],
+                                                   g_t[s : s + step]) @ Pv.T
+    return out
+
+
 # ---------------------------------------------------------------------- score store
 class ScoreStore:
     """Float64 accumulator of scores keyed by training-sample index.
@@ -507,7 +620,8 @@ class InRunShapley:
         per_validation_point: keep one score per (train, validation) pair instead of the sum.
         second_order: add the second-order term (summed validation loss only).
         combined: one forward/backward over ``[train; validation]`` (see the module docstring;
-            first-order summed validation loss only; ``.grad`` allclose instead of bit-identical).
+            first order only; the validation rows run in the model's current mode, all at once;
+            ``.grad`` allclose instead of bit-identical).
         store: ``None`` (in memory) or a directory for a Zarr v3 array.
         store_mode: ``"w"`` (overwrite) or ``"a"`` (resume accumulating into an existing store).
         flush_every: steps between flushes of the on-disk store.
@@ -541,10 +655,8 @@ class InRunShapley:
             raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not callable(loss_fn):
             raise InputError("loss_fn must be a callable loss_fn(outputs, targets)")
-        if combined and (second_order or per_validation_point):
-            raise InputError(
-                "combined=True supports the first-order summed validation loss only"
-            )
+        if combined and second_order:
+            raise InputError("combined=True supports first-order values only")
         if second_order and per_validation_point:
             raise InputError(
                 "second_order=True is implemented for the summed validation loss only; "
@@ -611,18 +723,16 @@ class InRunShapley:
         return {n: (cap.inputs[n], cap.output_grads[n]) for n in self.modules
                 if n in cap.output_grads}
 
-    def _matrices(self, raw: dict):
-        """Per-sample ``(A, G)`` matrices (unfolded for convolutions) from :meth:`_raw`."""
-        out = {}
-        for name, (a, g) in raw.items():
-            mod = self.modules[name]
-            A = layer_input_matrix(mod, a)
-            if isinstance(mod, nn.Embedding):
-                G = embedding_output_grad_matrix(mod, a, g)
-            else:
-                G = layer_output_grad_matrix(mod, g)
-            out[name] = (A, G)
-        return out
+    def _layer_rows(self, x: torch.Tensor, loss: Callable[[torch.Tensor], torch.Tensor]):
+        """Raw ``{name: (input, output grad)}`` rows of ``loss(model(x))``: one forward and a
+        backward to the captured layer outputs only (no parameter gradients)."""
+        with self._capture(keep_outputs=True) as cap:
+            lv = loss(self.model(x))
+            outs = cap.outputs
+            names = [n for n in self.modules if n in outs and outs[n].requires_grad]
+            gs = torch.autograd.grad(lv, [outs[n] for n in names], allow_unused=True)
+        # a layer whose output is unused has no gradient (as in plain training)
+        return cap, {n: (cap.inputs[n], g.detach()) for n, g in zip(names, gs) if g is not None}
 
     def _check_batch(self, x: Any, y: Any, idx: Any) -> tuple[torch.Tensor, torch.Tensor,
                                                                   np.ndarray]:
@@ -702,28 +812,33 @@ class InRunShapley:
         the train-only parameter gradient and ``V = grad L_val`` are rebuilt from the captured
         rows with the same kernels autograd uses (``.grad`` allclose, not bit-identical)."""
         b = len(x)
-        with self._capture(keep_outputs=True) as cap:
-            out = self.model(torch.cat([x, self.x_val]))
-            self._check_calls(cap)
-            loss = self.loss_fn(out[:b], y)
-            total = loss + self.loss_fn(out[b:], self.y_val) * self.n_val
-            outputs = cap.outputs
-            names = [n for n in self.modules if n in outputs and outputs[n].requires_grad]
-            gs = torch.autograd.grad(total, [outputs[n] for n in names])
+        losses: list[torch.Tensor] = []
+
+        def total(out: torch.Tensor) -> torch.Tensor:
+            losses.append(self.loss_fn(out[:b], y))
+            return losses[0] + self.loss_fn(out[b:], self.y_val) * self.n_val
+
+        cap, rows = self._layer_rows(torch.cat([x, self.x_val]), total)
+        self._check_calls(cap)
+        loss = losses[0]
         if not bool(torch.isfinite(loss)):
             raise NonFiniteError(f"non-finite training loss {float(loss)} at step {self.steps}")
-        scores = torch.zeros(b, dtype=out.dtype, device=out.device)
-        for name, g in zip(names, gs):
-            mod, a = self.modules[name], cap.inputs[name]
-            g = g.detach()
+        pv = self.per_validation_point
+        scores = torch.zeros((b, self.n_val) if pv else b, dtype=loss.dtype, device=loss.device)
+        for name, (a, g) in rows.items():
+            mod = self.modules[name]
             train_grad = _param_grads(mod, a[:b], g[:b])
             for pn, p in mod.named_parameters(recurse=False):
                 if p.grad is None:
                     p.grad = train_grad[pn]
                 else:
                     p.grad += train_grad[pn]
-            V = _param_grads(mod, a[b:], g[b:])
-            scores += dot_with_param_vector(mod, a[:b], g[:b], V)
+            if pv:  # ghost / materialised products of the rows of the same backward
+                scores += pairwise_layer_products(mod, a[:b], g[:b], a[b:], g[b:],
+                                                  method=self.method)
+            else:
+                V = _param_grads(mod, a[b:], g[b:])
+                scores += dot_with_param_vector(mod, a[:b], g[:b], V)
         scores = scores * lr
         self.store.add(ia, scores.detach().cpu().numpy().astype(np.float64))
         self.steps += 1
@@ -780,17 +895,12 @@ class InRunShapley:
         """``(b, n_val)`` per-sample gradient dot products by ghost / materialised products."""
         p0 = self.params[0]
         out = torch.zeros(b, self.n_val, dtype=p0.dtype, device=p0.device)
-        train_m = self._matrices(train)
         for s, xv, yv in self._val_chunks():
-            with self._capture() as cap:
-                lv = self.loss_fn(self.model(xv), yv) * len(xv)
-                torch.autograd.grad(lv, self.params, allow_unused=True)
-            val = self._matrices(self._raw(cap))
-            for name, (A_t, G_t) in train_m.items():
+            _, val = self._layer_rows(xv, lambda o, yv=yv: self.loss_fn(o, yv) * len(yv))
+            for name, (a_t, g_t) in train.items():
                 if name in val:
-                    A_v, G_v = val[name]
-                    out[:, s : s + len(xv)] += layer_dot_products(
-                        self.modules[name], A_t, G_t, A_v, G_v, method=self.method)
+                    out[:, s : s + len(xv)] += pairwise_layer_products(
+                        self.modules[name], a_t, g_t, *val[name], method=self.method)
         return out
 
     @property

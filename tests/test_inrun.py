@@ -342,7 +342,7 @@ def test_bad_input(digits):
                      per_validation_point=True)
     with pytest.raises(InputError, match="combined"):
         InRunShapley(model, F.cross_entropy, xv, yv, n_train=10, combined=True,
-                     per_validation_point=True)
+                     second_order=True)
     with pytest.raises(InputError, match="shape"):
         InRunShapley(model, F.cross_entropy, xv[:, :, :4], yv, n_train=10, combined=True).step(
             x, y, np.arange(4), lr=0.1)
@@ -381,19 +381,24 @@ def test_layer_capture_embedding_per_sample_grads():
                      n_train=4)
 
 
-@pytest.mark.parametrize("kind", ["mixed", "seq"])
-def test_combined_batch_mode(kind, digits):
+@pytest.mark.parametrize(("kind", "per_val", "method"), [
+    ("mixed", False, "auto"), ("seq", False, "auto"), ("mixed", True, "ghost"),
+    ("mixed", True, "materialize"), ("seq", True, "ghost"), ("seq", True, "materialize")])
+def test_combined_batch_mode(kind, per_val, method, digits):
     """combined=True: one forward/backward over [train; val]; weights allclose (float64) to
-    plain training, values equal to the explicit loop."""
+    plain training, values (summed, or per validation point by ghost / materialised products of
+    the rows of that one backward) equal to the explicit loop."""
     for opt_name in ("sgd", "adam"):
         plain, _ = _train(kind, digits, opt_name, False)
-        tracked, tr = _train(kind, digits, opt_name, True, combined=True)
+        tracked, tr = _train(kind, digits, opt_name, True, combined=True,
+                             per_validation_point=per_val, method=method)
         for (n, p), (_, q) in zip(plain.named_parameters(), tracked.named_parameters()):
             assert torch.allclose(p, q, rtol=1e-12, atol=1e-13), n
-    ref, steps, (x, y, xv, yv) = _explicit_run(kind, digits, False)
+    ref, steps, (x, y, xv, yv) = _explicit_run(kind, digits, per_val)
     model = _make(kind, seed=5)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    tr = InRunShapley(model, F.cross_entropy, xv, yv, n_train=len(x), combined=True)
+    tr = InRunShapley(model, F.cross_entropy, xv, yv, n_train=len(x), combined=True,
+                      per_validation_point=per_val, method=method)
     for idx, lr in steps:
         for grp in opt.param_groups:
             grp["lr"] = lr
@@ -487,3 +492,35 @@ def test_layer_subset_bad_input(digits):
     model.fc1.requires_grad_(False)
     with pytest.raises(InputError, match="no trainable"):
         InRunShapley(model, F.cross_entropy, xv, yv, n_train=5, layers=["fc1"])
+
+
+@pytest.mark.parametrize("conv_kw", [
+    {"stride": 2, "padding": 1}, {"padding": "same", "dilation": 2, "bias": False},
+    {"stride": (1, 2), "padding": (0, 2), "kernel_size": (2, 3)}])
+def test_per_sample_layer_grads_and_chunking(conv_kw, digits):
+    """Raw-row per-sample gradients (grouped-convolution kernel on CPU) equal autograd's, and
+    the chunked materialised products equal the unchunked ones."""
+    from dvl_ooc.grads import LayerCapture
+    from dvl_ooc.inrun import pairwise_layer_products, per_sample_layer_grads
+
+    torch.manual_seed(2)
+    kw = {"kernel_size": 3, **conv_kw}
+    conv = nn.Conv2d(1, 4, **kw).double()
+    model = nn.Sequential(conv, nn.Tanh(), nn.Flatten(), nn.LazyLinear(10)).double()
+    x, y = _data("conv", digits, 6)
+    model(x)  # materialise the lazy layer
+    with LayerCapture(model) as cap:
+        (F.cross_entropy(model(x), y) * len(x)).backward()
+    nw = conv.weight.numel()
+    ref = ref_grads(model, F.cross_entropy, x, y)
+    p_conv = nw + (4 if conv.bias is not None else 0)
+    got = per_sample_layer_grads(conv, cap.inputs["0"], cap.output_grads["0"])
+    assert rel_err(got, ref[:, :p_conv]) < 1e-12
+    a, g = cap.inputs["0"], cap.output_grads["0"]
+    full = pairwise_layer_products(conv, a, g, a[:3], g[:3], method="materialize")
+    small = pairwise_layer_products(conv, a, g, a[:3], g[:3], method="materialize",
+                                    max_elements=1)  # one train row at a time
+    assert rel_err(small, full) < 1e-14
+    assert rel_err(full, ref[:, :p_conv] @ ref[:3, :p_conv].T) < 1e-12
+    ghost = pairwise_layer_products(conv, a, g, a[:3], g[:3], method="ghost")
+    assert rel_err(ghost, full) < 1e-12
