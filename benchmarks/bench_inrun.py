@@ -16,7 +16,7 @@ trains on digits with 10 % flipped labels and reports the share of flipped point
 10 % / 20 % highest TracIn self-influences (and lowest In-Run values).
 
     python benchmarks/bench_inrun.py [--quick] [--threads N] [--batch B] [--n-val M]
-                                     [--malloc-tuned]
+                                     [--malloc-tuned] [--device cuda]
 """
 
 from __future__ import annotations
@@ -136,7 +136,7 @@ def sgd_naive(model, x, y, lr, xv, yv):
     return step, lambda: vals
 
 
-def bench_speed(name, make, x, y, xv, yv, batch, lr, epochs, naive_steps, head):
+def bench_speed(name, make, x, y, xv, yv, batch, lr, epochs, naive_steps, head, device):
     """Every variant trains its own copy of the same initial model on the same batches; the
     variants take turns step by step (in rotating order), so that load changes on a shared
     machine hit all of them alike. Epoch time = median CPU time per step x steps per epoch."""
@@ -145,7 +145,15 @@ def bench_speed(name, make, x, y, xv, yv, batch, lr, epochs, naive_steps, head):
     def fresh():
         m = make()
         m.load_state_dict(init)
-        return m.train()
+        return m.to(device).train()
+
+    x, y, xv, yv = (t.to(device) for t in (x, y, xv, yv))
+    if device.type == "cuda":  # wall time of the device work (CPU time says nothing there)
+        def clock():
+            torch.cuda.synchronize(device)
+            return time.perf_counter()
+    else:
+        clock = time.process_time
 
     m = len(xv)
     variants = {
@@ -171,9 +179,9 @@ def bench_speed(name, make, x, y, xv, yv, batch, lr, epochs, naive_steps, head):
             for k in turn:
                 if k == "naive" and (e > 0 or s >= naive_steps + 1):
                     continue
-                t = time.process_time()
+                t = clock()
                 run[k][0](idx)
-                times[k].append(time.process_time() - t)
+                times[k].append(clock() - t)
     rows = []
     # the first step of each variant warms up kernels and allocators: not timed
     per_step = {k: float(np.median(v[1:])) for k, v in times.items()}
@@ -256,6 +264,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--n-val", type=int, default=16)
     ap.add_argument("--epochs", type=int, default=3, help="timed epochs (full run)")
+    ap.add_argument("--device", default="cpu",
+                    help="device of the speed table (cuda: synchronised wall time per step)")
     ap.add_argument("--malloc-tuned", action="store_true",
                     help="keep freed memory in the process (glibc mallopt), so that large "
                          "temporaries are not page-faulted in again at every step")
@@ -273,8 +283,10 @@ def main() -> None:
     xv32 = F.interpolate(xv8, size=(32, 32), mode="bilinear", align_corners=False)
     epochs = 1 if args.quick else args.epochs
 
-    print(f"torch {torch.__version__}, {args.threads} thread(s), float32, SGD, batch "
-          f"{args.batch}, {args.n_val} validation points; median process CPU time per step over "
+    device = torch.device(args.device)
+    timing = "synchronised wall" if device.type == "cuda" else "process CPU"
+    print(f"torch {torch.__version__}, {device}, {args.threads} thread(s), float32, SGD, batch "
+          f"{args.batch}, {args.n_val} validation points; median {timing} time per step over "
           f"{epochs} epoch(s), variants interleaved step by step; allocator "
           f"{'tuned' if args.malloc_tuned else 'default'}")
     all_rows, notes = [], []
@@ -285,12 +297,12 @@ def main() -> None:
     ):
         naive_steps = 2 if args.quick else 4
         rows, speedup, agree, pv_ok = bench_speed(name, make, x, yy, xv, yv, args.batch, 0.05,
-                                                  epochs, naive_steps, ["fc1", "fc2"])
+                                                  epochs, naive_steps, ["fc1", "fc2"], device)
         all_rows += rows
         notes.append(f"{name}: n_train={len(x)}, tracker {speedup:.1f}x faster than naive; "
                      f"max |tracker - naive| / max|naive| = {agree:.1e}; "
                      f"per-val scores sum to summed scores: {pv_ok}")
-    print(f"\n{'model':<16}{'method':<34}{'CPU s/epoch':>12}{'x plain':>9}")
+    print(f"\n{'model':<16}{'method':<34}{'s/epoch':>12}{'x plain':>9}")
     for name, method, t, ratio in all_rows:
         print(f"{name:<16}{method:<34}{t:>12.3f}{ratio:>9.2f}")
     print(f"peak RSS {peak_rss_mb():.0f} MB")

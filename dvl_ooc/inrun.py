@@ -56,9 +56,9 @@ validation gradient ``V`` at the current weights (a forward/backward of the ``m`
 rows: about ``m / b`` of a training step when compute-bound) and the ``b`` directional
 derivatives (one forward of the attributed layers, about a third of a step). For a
 compute-bound CNN the tracker therefore costs ``~1 + m/b + 1/3`` training steps; on one CPU
-thread ``benchmarks/bench_inrun.py`` measures the 32x32 CNN (``m/b = 16/64``) at ~1.5x plain
-training against ~1.2x for plain training plus ``V`` alone, and the 6k-parameter digits CNN,
-whose steps are dominated by per-operation overhead, at ~2.5x (plain plus ``V`` alone: ~1.6x).
+thread ``benchmarks/bench_inrun.py`` measures the 32x32 CNN (``m/b = 16/64``) at 1.6-1.7x plain
+training against ~1.3x for plain training plus ``V`` alone, and the 6k-parameter digits CNN,
+whose steps are dominated by per-operation overhead, at ~2.3x (plain plus ``V`` alone: ~1.6x).
 Two ways to pay less: a larger batch per validation set, or ``layers=[...]`` (attribute through
 some layers only, e.g. the classifier head; the validation backward and the products then stop
 at those layers: ~1.2x on the 32x32 CNN).
