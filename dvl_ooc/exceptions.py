@@ -65,6 +65,10 @@ class StoreMismatchError(StoreError):
     """An existing store was created with different parameters."""
 
 
+class StoreExistsError(StoreError, FileExistsError):
+    """A result store already exists where a new one was to be created."""
+
+
 class StoreNotFoundError(StoreError, FileNotFoundError):
     """No dvl_ooc store exists at the given path."""
 

@@ -106,6 +106,8 @@ from .exceptions import (
     LengthMismatchError,
     NonFiniteError,
     NoTrainableParametersError,
+    StoreError,
+    StoreExistsError,
     StoreMismatchError,
     StoreNotFoundError,
     UnsupportedModelError,
@@ -482,8 +484,10 @@ class ScoreStore:
     Args:
         n_train, n_val: shape (``n_val=None`` for one score per sample).
         path: directory of the Zarr store, or ``None`` for memory.
-        mode: ``"w"`` create (overwrite) or ``"a"`` open an existing store with the same
-            shape and attributes and keep accumulating (resume), creating it if missing.
+        mode: ``"w-"`` create, refusing an existing store (:class:`StoreExistsError`);
+            ``"w"`` create, replacing an existing score store; ``"a"`` open an existing store
+            with the same shape and attributes and keep accumulating (resume), creating it if
+            missing. A non-empty directory that is not a Zarr store is never touched.
         chunk_bytes: target bytes per stored chunk (sets the rows per chunk).
         max_buffer_bytes: flush automatically when the buffered deltas exceed this.
         attributes: plain-data metadata recorded in (and checked against) the store.
@@ -495,15 +499,15 @@ class ScoreStore:
         n_val: int | None = None,
         path: str | os.PathLike | None = None,
         *,
-        mode: Literal["w", "a"] = "w",
+        mode: Literal["w-", "w", "a"] = "w-",
         chunk_bytes: int = 8 * 2**20,
         max_buffer_bytes: int = 256 * 2**20,
         attributes: dict[str, Any] | None = None,
     ) -> None:
         if n_train < 1:
             raise InputError(f"n_train must be >= 1, got {n_train}")
-        if mode not in ("w", "a"):
-            raise InputError(f"mode must be 'w' or 'a', got {mode!r}")
+        if mode not in ("w-", "w", "a"):
+            raise InputError(f"mode must be 'w-', 'w' or 'a', got {mode!r}")
         self.shape = (int(n_train),) if n_val is None else (int(n_train), int(n_val))
         row_bytes = 8 * (1 if n_val is None else int(n_val))
         self.chunk_rows = max(1, min(int(n_train), chunk_bytes // row_bytes))
@@ -519,6 +523,16 @@ class ScoreStore:
 
         self._mem = None
         exists = os.path.exists(os.path.join(self.path, "zarr.json"))
+        if not exists and os.path.isdir(self.path) and os.listdir(self.path):
+            raise StoreError(
+                f"{self.path!r} exists and is not a Zarr store; refusing to touch it (remove it "
+                "yourself or choose another path)"
+            )
+        if exists and mode == "w-":
+            raise StoreExistsError(
+                f"a score store already exists at {self.path!r}; pass store_mode='a' to keep "
+                "accumulating into it, store_mode='w' to replace it, or choose another path"
+            )
         if mode == "a" and exists:
             arr = zarr.open_array(self.path, mode="r+")
             if tuple(arr.shape) != self.shape:
@@ -623,7 +637,8 @@ class InRunShapley:
             first order only; the validation rows run in the model's current mode, all at once;
             ``.grad`` allclose instead of bit-identical).
         store: ``None`` (in memory) or a directory for a Zarr v3 array.
-        store_mode: ``"w"`` (overwrite) or ``"a"`` (resume accumulating into an existing store).
+        store_mode: ``"w-"`` (new store; an existing one raises :class:`StoreExistsError`),
+            ``"w"`` (replace an existing score store) or ``"a"`` (resume accumulating).
         flush_every: steps between flushes of the on-disk store.
         val_batch_size: validation rows per forward/backward (bounds memory).
         method: ``"auto"``, ``"ghost"`` or ``"materialize"`` (see the module docstring).
@@ -644,7 +659,7 @@ class InRunShapley:
         second_order: bool = False,
         combined: bool = False,
         store: str | os.PathLike | None = None,
-        store_mode: Literal["w", "a"] = "w",
+        store_mode: Literal["w-", "w", "a"] = "w-",
         flush_every: int = 50,
         val_batch_size: int = 256,
         method: Method = "auto",

@@ -14,6 +14,8 @@ from torch.autograd.functional import hessian
 from dvl_ooc.exceptions import (
     InputError,
     LengthMismatchError,
+    StoreError,
+    StoreExistsError,
     StoreMismatchError,
     UnsupportedModelError,
 )
@@ -265,6 +267,22 @@ def test_store_resume_and_mismatch(digits, tmp_path):
     with pytest.raises(StoreMismatchError):
         InRunShapley(model, F.cross_entropy, xv, yv, n_train=10, store=path, store_mode="a",
                      second_order=True)
+    # never silently replaced: the default mode refuses an existing store and leaves it intact
+    with pytest.raises(StoreExistsError, match="store_mode='a'"):
+        InRunShapley(model, F.cross_entropy, xv, yv, n_train=10, store=path)
+    from dvl_ooc.inrun import ScoreStore
+
+    assert np.array_equal(ScoreStore.open(path), tr2.values)
+    tr3 = InRunShapley(model, F.cross_entropy, xv, yv, n_train=10, store=path, store_mode="w")
+    assert tr3.steps == 0 and not tr3.values.any()  # replaced on request
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    for mode in ("w-", "w", "a"):
+        with pytest.raises(StoreError, match="not a Zarr store"):
+            InRunShapley(model, F.cross_entropy, xv, yv, n_train=10, store=other,
+                         store_mode=mode)
+    assert (other / "notes.txt").read_text() == "keep me"
 
 
 # ---------------------------------------------------------------------- second order
