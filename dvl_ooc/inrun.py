@@ -640,6 +640,10 @@ class InRunShapley:
         store_mode: ``"w-"`` (new store; an existing one raises :class:`StoreExistsError`),
             ``"w"`` (replace an existing score store) or ``"a"`` (resume accumulating).
         flush_every: steps between flushes of the on-disk store.
+        sync_every: steps between copies of the scores from the device to the host store,
+            where they are also checked for NaN/inf (:class:`NonFiniteError` names the step;
+            that window's scores are not stored). Default 1 on CPU (no cost there) and
+            ``flush_every`` on accelerators, which then never wait for the host mid-run.
         val_batch_size: validation rows per forward/backward (bounds memory).
         method: ``"auto"``, ``"ghost"`` or ``"materialize"`` (see the module docstring).
         max_buffer_bytes, chunk_bytes: on-disk store buffering and chunk size, see
@@ -661,6 +665,7 @@ class InRunShapley:
         store: str | os.PathLike | None = None,
         store_mode: Literal["w-", "w", "a"] = "w-",
         flush_every: int = 50,
+        sync_every: int | None = None,
         val_batch_size: int = 256,
         method: Method = "auto",
         max_buffer_bytes: int = 256 * 2**20,
@@ -679,8 +684,9 @@ class InRunShapley:
             )
         if method not in ("auto", "ghost", "materialize"):
             raise InputError(f"method must be 'auto', 'ghost' or 'materialize', got {method!r}")
-        if int(n_train) < 1 or flush_every < 1 or val_batch_size < 1:
-            raise InputError("n_train, flush_every and val_batch_size must be >= 1")
+        if int(n_train) < 1 or flush_every < 1 or val_batch_size < 1 or (
+                sync_every is not None and sync_every < 1):
+            raise InputError("n_train, flush_every, sync_every and val_batch_size must be >= 1")
         self.model = model
         self.loss_fn = loss_fn
         self.modules = supported_modules(model, layers)
@@ -699,6 +705,8 @@ class InRunShapley:
         if self.y_val.is_floating_point():
             self.y_val = self.y_val.to(p0.dtype)
         check_xy(self.x_val, self.y_val, what="validation set")
+        self.sync_every = int(sync_every if sync_every is not None
+                              else 1 if p0.device.type == "cpu" else flush_every)
         self.n_train = int(n_train)
         self.n_val = len(self.x_val)
         self.per_validation_point = bool(per_validation_point)
@@ -707,6 +715,9 @@ class InRunShapley:
         self.method: Method = method
         self.val_batch_size = int(val_batch_size)
         self.flush_every = int(flush_every)
+        self.max_buffer_bytes = int(max_buffer_bytes)
+        self._pending: list[tuple[np.ndarray, torch.Tensor, torch.Tensor]] = []
+        self._pending_elements = 0
         self.steps = 0
         self.store = ScoreStore(
             self.n_train, self.n_val if self.per_validation_point else None, store,
@@ -812,15 +823,9 @@ class InRunShapley:
                 gbar = [g[tidx[id(p)]].detach() for p in self.params]
             else:
                 loss.backward()
-        if not bool(torch.isfinite(loss)):
-            raise NonFiniteError(f"non-finite training loss {float(loss)} at step {self.steps}")
         # output grads of the MEAN loss are g_i / b: the scores scale by lr once at the end
         scores = self._scores(self._raw(cap), b, lr, gbar if self.second_order else None)
-        self.store.add(ia, scores.detach().cpu().numpy().astype(np.float64))
-        self.steps += 1
-        if self.steps % self.flush_every == 0:
-            self.store.flush(steps=self.steps)
-        return loss.detach()
+        return self._record(ia, scores, loss)
 
     def _combined_step(self, x, y, ia: np.ndarray, lr: float) -> torch.Tensor:
         """One forward over ``[train; validation]`` and one backward to the layer outputs only;
@@ -836,8 +841,6 @@ class InRunShapley:
         cap, rows = self._layer_rows(torch.cat([x, self.x_val]), total)
         self._check_calls(cap)
         loss = losses[0]
-        if not bool(torch.isfinite(loss)):
-            raise NonFiniteError(f"non-finite training loss {float(loss)} at step {self.steps}")
         pv = self.per_validation_point
         scores = torch.zeros((b, self.n_val) if pv else b, dtype=loss.dtype, device=loss.device)
         for name, (a, g) in rows.items():
@@ -854,12 +857,7 @@ class InRunShapley:
             else:
                 V = _param_grads(mod, a[b:], g[b:])
                 scores += dot_with_param_vector(mod, a[:b], g[:b], V)
-        scores = scores * lr
-        self.store.add(ia, scores.detach().cpu().numpy().astype(np.float64))
-        self.steps += 1
-        if self.steps % self.flush_every == 0:
-            self.store.flush(steps=self.steps)
-        return loss.detach()
+        return self._record(ia, scores * lr, loss)
 
     def _scores(self, train: dict, b: int, lr: float, gbar) -> torch.Tensor:
         was_training = self.model.training
@@ -871,10 +869,7 @@ class InRunShapley:
                 out = self._summed_scores(train, b, lr, gbar)
         finally:
             self.model.train(was_training)
-        out = out * lr  # (lr / b) * <b * G_mean, ...>: captured train grads are of the mean loss
-        if not bool(torch.isfinite(out).all()):
-            raise NonFiniteError(f"non-finite in-run scores at step {self.steps}")
-        return out
+        return out * lr  # (lr / b) * <b * G_mean, ...>: captured train grads are of the mean loss
 
     def _val_chunks(self):
         for s in range(0, self.n_val, self.val_batch_size):
@@ -918,13 +913,51 @@ class InRunShapley:
                         self.modules[name], a_t, g_t, *val[name], method=self.method)
         return out
 
+    def _record(self, ia: np.ndarray, scores: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
+        """Queue a step's scores (on the device) and move them to the store every
+        ``sync_every`` steps, so that an accelerator is not synchronised at every step."""
+        loss = loss.detach()
+        self._pending.append((ia, scores.detach(), loss))
+        self._pending_elements += scores.numel()
+        self.steps += 1
+        flush = self.steps % self.flush_every == 0
+        if flush or len(self._pending) >= self.sync_every or (
+                self._pending_elements > self.max_buffer_bytes // 8):
+            self._drain()
+        if flush:
+            self.store.flush(steps=self.steps)
+        return loss
+
+    def _drain(self) -> None:
+        """Copy the queued scores to the host, check them, add them to the store."""
+        if not self._pending:
+            return
+        pending, self._pending, self._pending_elements = self._pending, [], 0
+        first = self.steps - len(pending)
+        losses = torch.stack([p[2] for p in pending]).cpu().numpy()
+        scores = torch.cat([p[1] for p in pending]).to("cpu", torch.float64).numpy()
+        bad = np.flatnonzero(~np.isfinite(losses))
+        if len(bad):
+            raise NonFiniteError(
+                f"non-finite training loss {losses[bad[0]]} at step {first + int(bad[0])}; the "
+                f"scores of steps {first}..{self.steps - 1} were not stored"
+            )
+        if not np.isfinite(scores).all():
+            raise NonFiniteError(
+                f"non-finite in-run scores in steps {first}..{self.steps - 1}; they were not "
+                "stored"
+            )
+        self.store.add(np.concatenate([p[0] for p in pending]), scores)
+
     @property
     def values(self) -> np.ndarray:
         """Accumulated scores, ``(n_train,)`` or ``(n_train, n_val)`` float64 (flushes first)."""
+        self._drain()
         return self.store.to_numpy()
 
     def flush(self) -> None:
-        """Write buffered scores to the on-disk store (no-op in memory)."""
+        """Write queued and buffered scores to the store (on disk: into the Zarr array)."""
+        self._drain()
         self.store.flush(steps=self.steps)
 
     def close(self) -> None:

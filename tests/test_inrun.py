@@ -542,3 +542,45 @@ def test_per_sample_layer_grads_and_chunking(conv_kw, digits):
     assert rel_err(full, ref[:, :p_conv] @ ref[:3, :p_conv].T) < 1e-12
     ghost = pairwise_layer_products(conv, a, g, a[:3], g[:3], method="ghost")
     assert rel_err(ghost, full) < 1e-12
+
+
+def test_deferred_sync_and_non_finite(digits, tmp_path):
+    """Scores are queued on the device and copied every ``sync_every`` steps: same values as
+    copying every step; a NaN is reported with its step and that window is not stored."""
+    from dvl_ooc.exceptions import NonFiniteError
+
+    x, y = _data("mixed", digits, 24)
+    xv, yv = _data("mixed", digits, 4, offset=300)
+    runs = {}
+    for sync in (1, 3):
+        model = _make("mixed", seed=1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        tr = InRunShapley(model, F.cross_entropy, xv, yv, n_train=len(x), sync_every=sync,
+                          store=tmp_path / f"s{sync}.zarr", flush_every=4)
+        for s in range(0, 24, 4):
+            opt.zero_grad()
+            tr.step(x[s : s + 4], y[s : s + 4], np.arange(s, s + 4), lr=0.1)
+            opt.step()
+            if s == 8:
+                mid = tr.values.copy()  # drains the queue mid-window
+                assert mid[:12].all() and not mid[12:].any()
+        runs[sync] = tr.values
+    assert np.array_equal(runs[1], runs[3])
+
+    model = _make("mixed", seed=1)
+    tr = InRunShapley(model, F.cross_entropy, xv, yv, n_train=len(x), sync_every=4)
+    xb = x.clone()
+    xb[9, 0, 0, 0] = float("nan")
+    for k in range(2):
+        tr.step(xb[4 * k : 4 * k + 4], y[4 * k : 4 * k + 4], np.arange(4 * k, 4 * k + 4), lr=0.1)
+    with pytest.raises(NonFiniteError, match="at step 2; the scores of steps 0..3"):
+        for k in range(2, 4):
+            tr.step(xb[4 * k : 4 * k + 4], y[4 * k : 4 * k + 4], np.arange(4 * k, 4 * k + 4),
+                    lr=0.1)
+    assert not tr.values.any()  # the window with the NaN was not stored
+    model = _make("mixed", seed=1)
+    tr = InRunShapley(model, F.cross_entropy, xv, yv, n_train=len(x))  # CPU: every step
+    tr.step(x[:4], y[:4], np.arange(4), lr=0.1)
+    with pytest.raises(NonFiniteError, match="at step 1"):
+        tr.step(xb[8:12], y[8:12], np.arange(8, 12), lr=0.1)
+    assert tr.values[:4].all() and not tr.values[4:].any()
