@@ -2,6 +2,7 @@
 
 from . import exceptions, valuation
 from .calculator import DaskInfluenceCalculator, SequentialInfluenceCalculator
+from .data import IndexedDataset
 from .exceptions import DvlOocError
 from .grads import LayerCapture, ModelGradients, resolve_blocks
 from .imagefolder import ImageFolder
@@ -37,6 +38,7 @@ __all__ = [
     "resolve_blocks",
     "ImageFolder",
     "InRunShapley",
+    "IndexedDataset",
     "TracInCP",
     "query_mean",
     "query_quantiles",

@@ -25,6 +25,7 @@ DataLike = tuple | list | Dataset | DataLoader
 
 __all__ = [
     "DataLike",
+    "IndexedDataset",
     "as_tensor",
     "check_xy",
     "iter_batches",
@@ -133,3 +134,33 @@ def split_micro_batches(
     """Split a batch into micro-batches of at most ``size`` samples."""
     for s in range(0, len(x), size):
         yield x[s : s + size], y[s : s + size]
+
+
+class IndexedDataset(Dataset):
+    """``(index, x, y)`` items from a map-style dataset of ``(x, y)`` items, so that a shuffling
+    ``DataLoader`` hands the in-run tracker the dataset index of every sample in its batch::
+
+        loader = DataLoader(IndexedDataset(train_ds), batch_size=64, shuffle=True)
+        for idx, xb, yb in loader:
+            tracker.step(xb, yb, idx, lr=lr)
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
+            raise InputError(
+                f"IndexedDataset needs a map-style dataset with __getitem__ and __len__, got "
+                f"{type(dataset).__name__}"
+            )
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> tuple[int, Any, Any]:
+        item = self.dataset[i]
+        if not isinstance(item, (tuple, list)) or len(item) != 2:
+            raise InputError(
+                f"IndexedDataset expects (x, y) items, got {type(item).__name__} of length "
+                f"{len(item) if isinstance(item, (tuple, list)) else '-'} at index {i}"
+            )
+        return i, item[0], item[1]
