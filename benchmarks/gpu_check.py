@@ -3,9 +3,12 @@
 Each method is fitted in float64 on the CPU and on ``cuda`` from the same trained digits model;
 the influence matrices must agree to float64 rounding (relative error < 1e-8, LiSSA/CG to their
 solver tolerance), which validates the device handling of gradients, curvature products and
-fitted states. Then the float32 digits CNN is timed on both devices.
+fitted states. Then the float32 digits CNN is timed on both devices. First, In-Run Shapley
+(every mode) and TracIn on CUDA against the CPU, and training with the tracker against plain
+training on CUDA.
 
-    python benchmarks/gpu_check.py
+    python benchmarks/gpu_check.py                  # needs a GPU
+    python benchmarks/gpu_check.py --inrun-dry-run  # the In-Run part, cpu vs cpu (no GPU)
 """
 
 from __future__ import annotations
@@ -57,9 +60,77 @@ def _run(make, model, device, dtype, d, n_train, n_test):
     return I.double().cpu().numpy(), t1 - t0, t2 - t1
 
 
+def _inrun_values(device: str, d, kw: dict, steps: int = 6) -> tuple[np.ndarray, list]:
+    """Six SGD steps of a float64 digits CNN with the tracker on ``device``."""
+    torch.manual_seed(0)
+    model = DigitsCNN().double().to(device)
+    x = torch.as_tensor(d.x_train[: 32 * steps]).double().to(device)
+    y = torch.as_tensor(d.y_train[: 32 * steps]).to(device)
+    xv = torch.as_tensor(d.x_test[:20]).double().to(device)
+    yv = torch.as_tensor(d.y_test[:20]).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    tr = dvl_ooc.InRunShapley(model, F.cross_entropy, xv, yv, n_train=len(x), val_batch_size=8,
+                              **kw) if kw is not None else None
+    for s in range(steps):
+        idx = torch.arange(32 * s, 32 * (s + 1))
+        opt.zero_grad()
+        if tr is None:
+            F.cross_entropy(model(x[idx]), y[idx]).backward()
+        else:
+            tr.step(x[idx], y[idx], idx, lr=0.1)
+        opt.step()
+    params = [p.detach().cpu() for p in model.parameters()]
+    return (tr.values if tr is not None else None), params
+
+
+def inrun_check(device: str) -> None:
+    """In-Run Shapley and TracIn on ``device`` against the CPU (float64), and the tracker's
+    training against plain training on ``device`` (deterministic kernels: bit for bit)."""
+    d = load_digits_split(seed=0)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    print(f"\nIn-Run Shapley, float64 digits CNN, 6 steps of 32, 20 validation points: "
+          f"{device} vs cpu")
+    print(f"{'mode':<34} {'rel err':>10} {'weights == plain':>17}")
+    _, plain = _inrun_values(device, d, None)
+    for label, kw in (("summed", {}), ("per validation point", {"per_validation_point": True}),
+                      ("combined, summed", {"combined": True}),
+                      ("combined, per validation point",
+                       {"combined": True, "per_validation_point": True}),
+                      ("second order", {"second_order": True}),
+                      ("layers fc1+fc2", {"layers": ["fc1", "fc2"]})):
+        ref, _ = _inrun_values("cpu", d, kw)
+        got, weights = _inrun_values(device, d, kw)
+        err = np.linalg.norm(got - ref) / np.linalg.norm(ref)
+        if kw.get("combined"):  # rebuilt gradients: equal to rounding, not bit for bit
+            same = "allclose" if all(torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+                                     for a, b in zip(weights, plain)) else "NOT close"
+        else:
+            same = all(torch.equal(a, b) for a, b in zip(weights, plain))
+        print(f"{label:<34} {err:>10.2e} {str(same):>17}")
+    torch.use_deterministic_algorithms(False)
+    torch.manual_seed(0)
+    model = DigitsCNN().double()
+    ckpts = [{k: v.clone() for k, v in model.state_dict().items()}]
+    x = torch.as_tensor(d.x_train[:300]).double()
+    y = torch.as_tensor(d.y_train[:300])
+    vals = {}
+    for dev in ("cpu", device):
+        tc = dvl_ooc.TracInCP(model.to(dev), F.cross_entropy, ckpts, 0.1, projection_dim=128)
+        vals[dev] = tc.self_influence(x.to(dev), y.to(dev)).double().cpu().numpy()
+    err = np.linalg.norm(vals[device] - vals["cpu"]) / np.linalg.norm(vals["cpu"])
+    print(f"TracInCP self-influence (projection 128): rel err {err:.2e}")
+    print("timings: python benchmarks/bench_inrun.py --device cuda")
+
+
 def main() -> None:
+    import sys
+
+    if "--inrun-dry-run" in sys.argv:  # the In-Run part with cpu in place of cuda
+        inrun_check("cpu")
+        return
     assert torch.cuda.is_available(), "needs a GPU"
     print(f"device: {torch.cuda.get_device_name(0)}, torch {torch.__version__}")
+    inrun_check("cuda")
     d = load_digits_split(seed=0)
     torch.manual_seed(0)
     mlp = train_classifier(DigitsMLP(hidden=16).double(), d.x_train[:400], d.y_train[:400],
