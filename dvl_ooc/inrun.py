@@ -86,6 +86,9 @@ Storage. Scores are keyed by training-sample index and accumulated in float64, i
 (NumPy) or in a Zarr v3 array on disk (``store=path``) chunked along the training axis; on disk,
 updates are buffered per chunk and added to the array every ``flush_every`` steps or when the
 buffer exceeds ``max_buffer_bytes``, so memory is bounded by the buffer, not by ``n_train``.
+A step's scores stay on the model's device until they are copied to the host, every
+``sync_every`` steps (1 on CPU; ``flush_every`` on accelerators, which thus never wait for the
+host mid-run); NaN/inf in losses or scores are detected at that copy.
 """
 
 from __future__ import annotations
