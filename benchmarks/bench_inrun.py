@@ -295,7 +295,7 @@ def main() -> None:
         ("DigitsCNN 8x8", lambda: DigitsCNN(), x8, y, xv8),
         ("CNN32 32x32", lambda: CNN32(), x32, y[:n32], xv32),
     ):
-        naive_steps = 2 if args.quick else 4
+        naive_steps = 2 if args.quick else 8
         rows, speedup, agree, pv_ok = bench_speed(name, make, x, yy, xv, yv, args.batch, 0.05,
                                                   epochs, naive_steps, ["fc1", "fc2"], device)
         all_rows += rows

@@ -56,7 +56,7 @@ validation gradient ``V`` at the current weights (a forward/backward of the ``m`
 rows: about ``m / b`` of a training step when compute-bound) and the ``b`` directional
 derivatives (one forward of the attributed layers, about a third of a step). For a
 compute-bound CNN the tracker therefore costs ``~1 + m/b + 1/3`` training steps; on one CPU
-thread ``benchmarks/bench_inrun.py`` measures the 32x32 CNN (``m/b = 16/64``) at 1.6-1.7x plain
+thread ``benchmarks/bench_inrun.py`` measures the 32x32 CNN (``m/b = 16/64``) at 1.8-1.9x plain
 training against ~1.3x for plain training plus ``V`` alone, and the 6k-parameter digits CNN,
 whose steps are dominated by per-operation overhead, at ~2.3x (plain plus ``V`` alone: ~1.6x).
 Two ways to pay less: a larger batch per validation set, or ``layers=[...]`` (attribute through
@@ -969,8 +969,14 @@ class InRunShapley:
     def __enter__(self) -> InRunShapley:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        try:  # keep what was computed, without masking the exception that is propagating
+            self.close()
+        except NonFiniteError:
+            pass
 
     def __repr__(self) -> str:
         where = "memory" if self.store.path is None else self.store.path
