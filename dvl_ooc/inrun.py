@@ -253,11 +253,11 @@ def per_sample_layer_grads(module: nn.Module, a: torch.Tensor, g: torch.Tensor) 
         pad = _conv_padding(module)
         G = g.flatten(2)  # (n, d_out, L)
         if a.device.type == "cpu":
-            w = module.weight.detach()
+            w = module.weight
+            shape = w.new_zeros(()).expand(n * w.shape[0], *w.shape[1:])  # sizes only, no data
             Wg = torch.ops.aten.convolution_backward(
-                g.reshape(1, -1, *g.shape[2:]), a.reshape(1, -1, *a.shape[2:]),
-                w.repeat(n, 1, 1, 1), None, module.stride, pad, module.dilation, False,
-                [0, 0], n, [False, True, False])[1]
+                g.reshape(1, -1, *g.shape[2:]), a.reshape(1, -1, *a.shape[2:]), shape, None,
+                module.stride, pad, module.dilation, False, [0, 0], n, [False, True, False])[1]
             parts = [Wg.reshape(n, -1)]
         else:
             U = F.unfold(a, module.kernel_size, dilation=module.dilation, padding=pad,
@@ -815,15 +815,17 @@ class InRunShapley:
             loss = self.loss_fn(self.model(x), y)
             self._check_calls(cap)
             if self.second_order:
-                g = torch.autograd.grad(loss, self.train_params, allow_unused=True,
-                                        materialize_grads=True)
+                g = torch.autograd.grad(loss, self.train_params, allow_unused=True)
                 for p, gp in zip(self.train_params, g):
+                    if gp is None:  # not on the loss path: .grad untouched, as by backward()
+                        continue
                     if p.grad is None:
                         p.grad = gp
                     else:
                         p.grad += gp
-                tidx = {id(p): k for k, p in enumerate(self.train_params)}
-                gbar = [g[tidx[id(p)]].detach() for p in self.params]
+                got = {id(p): gp for p, gp in zip(self.train_params, g)}
+                gbar = [torch.zeros_like(p) if got[id(p)] is None else got[id(p)].detach()
+                        for p in self.params]
             else:
                 loss.backward()
         # output grads of the MEAN loss are g_i / b: the scores scale by lr once at the end

@@ -628,3 +628,39 @@ def test_indexed_dataset_loader_and_example(digits, tmp_path):
     assert "2 epochs" in done.stdout and "TracIn self-influence" in done.stdout
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert again.returncode != 0 and "--overwrite" in again.stderr
+
+
+@pytest.mark.parametrize("kw", [{}, {"second_order": True}, {"combined": True}])
+def test_unused_layer_keeps_no_grad(kw, digits):
+    """A layer off the loss path keeps ``.grad = None`` as with ``backward()`` (so weight decay
+    leaves it alone exactly as in plain training) and gets no score."""
+
+    class WithSpare(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(64, 10)
+            self.spare = nn.Linear(3, 3)
+
+        def forward(self, x):
+            return self.fc(x.flatten(1))
+
+    x, y = _data("linear", digits, 16)
+    xv, yv = _data("linear", digits, 4, offset=60)
+    models = []
+    for tracked in (False, True):
+        torch.manual_seed(0)
+        model = WithSpare().double()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
+        tr = InRunShapley(model, F.cross_entropy, xv, yv, n_train=16, **kw) if tracked else None
+        for s in range(0, 16, 4):
+            opt.zero_grad()
+            if tr is None:
+                F.cross_entropy(model(x[s : s + 4]), y[s : s + 4]).backward()
+            else:
+                tr.step(x[s : s + 4], y[s : s + 4], np.arange(s, s + 4), lr=0.1)
+            assert model.spare.weight.grad is None
+            opt.step()
+        models.append(model)
+    for (n, p), (_, q) in zip(models[0].named_parameters(), models[1].named_parameters()):
+        assert torch.allclose(p, q, rtol=1e-12, atol=1e-13) if kw.get("combined") else \
+            torch.equal(p, q), n
