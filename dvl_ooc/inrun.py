@@ -374,6 +374,14 @@ def _param_grads(module: nn.Module, a: torch.Tensor, g: torch.Tensor) -> dict[st
     return out
 
 
+def _accumulate_grad(p: torch.Tensor, g: torch.Tensor) -> None:
+    """Add ``g`` into ``p.grad`` as ``backward()`` does (set it when there is none)."""
+    if p.grad is None:
+        p.grad = g
+    else:
+        p.grad += g
+
+
 def _sum_of_val_grads(module, A_v, G_v) -> torch.Tensor:
     if isinstance(module, nn.Embedding):
         d = G_v.shape[-1]
@@ -817,12 +825,8 @@ class InRunShapley:
             if self.second_order:
                 g = torch.autograd.grad(loss, self.train_params, allow_unused=True)
                 for p, gp in zip(self.train_params, g):
-                    if gp is None:  # not on the loss path: .grad untouched, as by backward()
-                        continue
-                    if p.grad is None:
-                        p.grad = gp
-                    else:
-                        p.grad += gp
+                    if gp is not None:  # off the loss path: .grad untouched, as by backward()
+                        _accumulate_grad(p, gp)
                 got = {id(p): gp for p, gp in zip(self.train_params, g)}
                 gbar = [torch.zeros_like(p) if got[id(p)] is None else got[id(p)].detach()
                         for p in self.params]
@@ -852,10 +856,7 @@ class InRunShapley:
             mod = self.modules[name]
             train_grad = _param_grads(mod, a[:b], g[:b])
             for pn, p in mod.named_parameters(recurse=False):
-                if p.grad is None:
-                    p.grad = train_grad[pn]
-                else:
-                    p.grad += train_grad[pn]
+                _accumulate_grad(p, train_grad[pn])
             if pv:  # ghost / materialised products of the rows of the same backward
                 scores += pairwise_layer_products(mod, a[:b], g[:b], a[b:], g[b:],
                                                   method=self.method)
@@ -972,13 +973,11 @@ class InRunShapley:
         return self
 
     def __exit__(self, exc_type: object, *exc: object) -> None:
-        if exc_type is None:
-            self.close()
-            return
-        try:  # keep what was computed, without masking the exception that is propagating
+        try:
             self.close()
         except NonFiniteError:
-            pass
+            if exc_type is None:  # else: do not mask the exception that is propagating
+                raise
 
     def __repr__(self) -> str:
         where = "memory" if self.store.path is None else self.store.path

@@ -223,6 +223,16 @@ def _explicit_run(kind, digits, per_val, epochs=2, b=6, n=12):
     return (vals if per_val else vals.sum(1)), steps, (x, y, xv, yv)
 
 
+def _replay(tr, opt, steps, x, y):
+    """Run the tracker over the batches and learning rates of :func:`_explicit_run`."""
+    for idx, lr in steps:
+        for grp in opt.param_groups:
+            grp["lr"] = lr
+        opt.zero_grad()
+        tr.step(x[idx], y[idx], idx.numpy(), lr=lr)
+        opt.step()
+
+
 @pytest.mark.parametrize(("kind", "per_val", "on_disk"), [
     ("mixed", False, False), ("mixed", True, True), ("seq", False, True), ("seq", True, False)])
 def test_values_equal_explicit_loop(kind, per_val, on_disk, digits, tmp_path):
@@ -233,12 +243,7 @@ def test_values_equal_explicit_loop(kind, per_val, on_disk, digits, tmp_path):
     tr = InRunShapley(model, F.cross_entropy, xv, yv, n_train=len(x),
                       per_validation_point=per_val, store=store, flush_every=3,
                       chunk_bytes=5 * 8 * (len(xv) if per_val else 1))  # 5 rows per chunk
-    for idx, lr in steps:
-        for grp in opt.param_groups:
-            grp["lr"] = lr
-        opt.zero_grad()
-        tr.step(x[idx], y[idx], idx.numpy(), lr=lr)
-        opt.step()
+    _replay(tr, opt, steps, x, y)
     assert rel_err(torch.as_tensor(tr.values), ref) < 1e-8
     if on_disk:
         tr.close()
@@ -417,12 +422,7 @@ def test_combined_batch_mode(kind, per_val, method, digits):
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     tr = InRunShapley(model, F.cross_entropy, xv, yv, n_train=len(x), combined=True,
                       per_validation_point=per_val, method=method)
-    for idx, lr in steps:
-        for grp in opt.param_groups:
-            grp["lr"] = lr
-        opt.zero_grad()
-        tr.step(x[idx], y[idx], idx.numpy(), lr=lr)
-        opt.step()
+    _replay(tr, opt, steps, x, y)
     assert rel_err(torch.as_tensor(tr.values), ref) < 1e-8
 
 
