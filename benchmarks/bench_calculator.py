@@ -27,9 +27,9 @@ import torch
 import torch.nn.functional as F
 
 from dvl_ooc import CgInfluence, DaskInfluenceCalculator, DirectInfluence, InfluenceStore
-from dvl_ooc.calculator import _Input, _prepared
-from dvl_ooc.datasets import load_digits_split
-from dvl_ooc.nets import DigitsCNN, train_classifier
+from dvl_ooc.calculator.core import _Input, _prepared
+from dvl_ooc.demo.datasets import load_digits_split
+from dvl_ooc.demo.nets import DigitsCNN, train_classifier
 
 
 def brute_tile(model, token, fit, xy_test, xy_train, path, i, j):

@@ -33,8 +33,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def _setup(seed: int = 0):
     import torch
 
-    from dvl_ooc.datasets import load_digits_split
-    from dvl_ooc.nets import DigitsCNN, accuracy, train_classifier
+    from dvl_ooc.demo.datasets import load_digits_split
+    from dvl_ooc.demo.nets import DigitsCNN, accuracy, train_classifier
 
     torch.manual_seed(seed)
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))

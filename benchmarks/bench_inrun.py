@@ -31,10 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dvl_ooc.datasets import load_digits_split
+from dvl_ooc.demo.datasets import load_digits_split
+from dvl_ooc.demo.nets import DigitsCNN
+from dvl_ooc.influence.tracin import TracInCP
 from dvl_ooc.inrun import InRunShapley
-from dvl_ooc.nets import DigitsCNN
-from dvl_ooc.tracin import TracInCP
 
 
 class CNN32(nn.Module):

@@ -29,8 +29,8 @@ import torch.nn.functional as F
 import zarr
 
 from dvl_ooc import DaskInfluenceCalculator
-from dvl_ooc.datasets import load_digits_split
-from dvl_ooc.nets import DigitsCNN, train_classifier
+from dvl_ooc.demo.datasets import load_digits_split
+from dvl_ooc.demo.nets import DigitsCNN, train_classifier
 
 
 def _peak_rss_gib() -> float:

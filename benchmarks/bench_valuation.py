@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dvl_ooc.datasets import load_digits_split
+from dvl_ooc.demo.datasets import load_digits_split
 from dvl_ooc.valuation import (
     MaxChecks,
     MaxUpdates,

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 
 import dvl_ooc
-from dvl_ooc.datasets import load_digits_split
-from dvl_ooc.nets import DigitsCNN, DigitsMLP, train_classifier
+from dvl_ooc.demo.datasets import load_digits_split
+from dvl_ooc.demo.nets import DigitsCNN, DigitsMLP, train_classifier
 
 
 def _methods(reg: float) -> dict:

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from dvl_ooc import DaskInfluenceCalculator, DirectInfluence, SequentialInfluenceCalculator
-from dvl_ooc.datasets import load_digits_split
-from dvl_ooc.nets import DigitsCNN, train_classifier
+from dvl_ooc.demo.datasets import load_digits_split
+from dvl_ooc.demo.nets import DigitsCNN, train_classifier
 
 
 def _jitter(d, n: int, seed: int):

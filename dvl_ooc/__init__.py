@@ -1,23 +1,26 @@
 """dvl_ooc: out-of-core data attribution for PyTorch models on Dask and Zarr."""
 
 from . import exceptions, valuation
+from ._compat import install_module_aliases
 from .calculator import DaskInfluenceCalculator, SequentialInfluenceCalculator
-from .data import IndexedDataset
+from .data import ImageFolder, IndexedDataset
 from .exceptions import DvlOocError
-from .grads import LayerCapture, ModelGradients, resolve_blocks
-from .imagefolder import ImageFolder
+from .grads import ModelGradients, resolve_blocks
 from .influence import DirectInfluence, InfluenceModel
 from .influence.arnoldi import ArnoldiInfluence
 from .influence.cg import CgInfluence
 from .influence.ekfac import EkfacInfluence
 from .influence.lissa import LissaInfluence
 from .influence.nystroem import NystroemSketchInfluence
+from .influence.tracin import TracInCP
 from .inrun import InRunShapley
+from .layers import LayerCapture
 from .query import query_mean, query_quantiles, query_self_influence, query_topk
 from .store import InfluenceStore
-from .tracin import TracInCP
 
 __version__ = "0.1.0"
+
+install_module_aliases()
 
 __all__ = [
     "ArnoldiInfluence",

@@ -10,7 +10,7 @@ Without ``--root`` a small folder of PNG files is generated from the scikit-lear
 
     python examples/image_folder_workflow.py --out folder_out
 
-Steps: read the folder (:class:`dvl_ooc.imagefolder.ImageFolder`), split train/test, train a
+Steps: read the folder (:class:`dvl_ooc.data.imagefolder.ImageFolder`), split train/test, train a
 small CNN, fit :class:`dvl_ooc.DirectInfluence` (Gauss-Newton, one block per layer), compute the
 test x train influence matrix with :class:`dvl_ooc.DaskInfluenceCalculator` into
 ``<out>/influences.zarr`` (resumable: rerun after an interruption and only missing tiles are
@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dvl_ooc import DaskInfluenceCalculator, DirectInfluence
-from dvl_ooc.imagefolder import ImageFolder
-from dvl_ooc.nets import accuracy, train_classifier
+from dvl_ooc.data.imagefolder import ImageFolder
+from dvl_ooc.demo.nets import accuracy, train_classifier
 from dvl_ooc.query import query_quantiles, query_self_influence
 
 

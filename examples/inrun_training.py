@@ -24,10 +24,10 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from dvl_ooc import IndexedDataset, InRunShapley, TracInCP
-from dvl_ooc.datasets import load_digits_split
+from dvl_ooc.demo.datasets import load_digits_split
+from dvl_ooc.demo.nets import DigitsCNN, accuracy
 from dvl_ooc.exceptions import StoreExistsError
 from dvl_ooc.inrun import ScoreStore
-from dvl_ooc.nets import DigitsCNN, accuracy
 
 
 def share_flipped(score: np.ndarray, flipped: np.ndarray, frac: float) -> float:

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dvl_ooc.datasets import load_digits_split
-from dvl_ooc.nets import DigitsCNN, DigitsMLP, train_classifier
+from dvl_ooc.demo.datasets import load_digits_split
+from dvl_ooc.demo.nets import DigitsCNN, DigitsMLP, train_classifier
 
 torch.set_num_threads(1)  # tiny models: threads only add spin-wait overhead
 

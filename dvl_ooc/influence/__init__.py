@@ -7,6 +7,7 @@ from .direct import DirectInfluence
 from .ekfac import EkfacInfluence
 from .lissa import LissaInfluence
 from .nystroem import NystroemSketchInfluence
+from .tracin import TracInCP
 
 __all__ = [
     "ArnoldiInfluence",
@@ -16,4 +17,5 @@ __all__ = [
     "InfluenceModel",
     "LissaInfluence",
     "NystroemSketchInfluence",
+    "TracInCP",
 ]

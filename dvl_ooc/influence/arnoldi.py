@@ -57,7 +57,8 @@ from torch import nn
 from ..data import DataLike
 from ..exceptions import ConvergenceError, InputError, RegularizationError
 from ..grads import HessianMode, LossFn, ParamBlock
-from ._lowrank import (
+from .base import InfluenceModel
+from .sketch import (
     _NoConvergence,
     block_krylov_eigs,
     block_rng,
@@ -65,7 +66,6 @@ from ._lowrank import (
     check_shifted,
     resolve_ranks,
 )
-from .base import InfluenceModel
 
 __all__ = ["ArnoldiInfluence"]
 

@@ -83,13 +83,8 @@ from ..exceptions import (
     RegularizationError,
     UnsupportedModelError,
 )
-from ..grads import (
-    SUPPORTED_LAYERS,
-    LossFn,
-    ParamBlock,
-    layer_input_matrix,
-    layer_output_grad_matrix,
-)
+from ..grads import LossFn, ParamBlock
+from ..layers import SUPPORTED_LAYERS, layer_input_matrix, layer_output_grad_matrix
 from .base import InfluenceModel
 
 __all__ = ["EkfacInfluence"]

@@ -36,8 +36,8 @@ from torch import nn
 from ..data import DataLike
 from ..exceptions import IndefiniteCurvatureWarning, NonFiniteError
 from ..grads import HessianMode, LossFn, ParamBlock
-from ._lowrank import block_rng, check_dtype, resolve_ranks
 from .base import InfluenceModel
+from .sketch import block_rng, check_dtype, resolve_ranks
 
 __all__ = ["NystroemSketchInfluence"]
 

@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 
 from ..exceptions import InputError
-from .kernels import blas_threads
 from .result import ValuationResult
+from .tasks import blas_threads
 from .utility import evaluate_masks
 
 __all__ = ["MAX_EXACT_POINTS", "all_coalition_utilities", "exact_banzhaf", "exact_shapley"]

@@ -10,7 +10,7 @@ r"""Monte-Carlo valuation methods and their execution as a chunked reduction.
 Execution plan of ``fit``:
 
 1. bind the utility to the training data; evaluate ``u(all)`` and ``u(empty)`` once (driver);
-2. scatter one :class:`~dvl_ooc.valuation.kernels.Job` (utility + data + sampler) to every
+2. scatter one :class:`~dvl_ooc.valuation.tasks.Job` (utility + data + sampler) to every
    worker (``client.scatter(..., broadcast=True)``) -- never re-sent per task;
 3. repeat rounds: a round is ``samples_per_round`` consecutive sample indices split into
    tasks of ``batch_size`` samples; each task returns partial moments; the driver merges them
@@ -39,10 +39,10 @@ from typing import Any
 import numpy as np
 
 from ..exceptions import InputError
-from .kernels import Job, blas_threads, run_batch
 from .result import ValuationResult
 from .samplers import MSRSampler, NoTruncation, PermutationSampler, TruncationPolicy
 from .stopping import StoppingCriterion
+from .tasks import Job, blas_threads, run_batch
 
 __all__ = ["CombinatorialShapleyValuation", "MSRBanzhafValuation", "TMCShapleyValuation"]
 

@@ -241,7 +241,7 @@ class TorchEstimator:
     def fit(self, x: Any, y: Any) -> TorchEstimator:
         import torch
 
-        from ..nets import train_classifier
+        from ..demo.nets import train_classifier
 
         net = copy.deepcopy(self.module)
         torch.manual_seed(self.seed)
@@ -254,7 +254,7 @@ class TorchEstimator:
         return self
 
     def score(self, x: Any, y: Any) -> float:
-        from ..nets import accuracy
+        from ..demo.nets import accuracy
 
         if self.fitted_ is None:
             raise InputError("TorchEstimator.score called before fit")

@@ -17,13 +17,13 @@ from reference import block_diagonal, ref_gauss_newton, ref_grads, ref_hessian, 
 from torch.utils.data import DataLoader, TensorDataset
 
 from dvl_ooc import ArnoldiInfluence, DirectInfluence, NystroemSketchInfluence
+from dvl_ooc.demo.nets import DigitsMLP, train_classifier
 from dvl_ooc.exceptions import (
     IndefiniteCurvatureWarning,
     InputError,
     NotFittedError,
     RegularizationError,
 )
-from dvl_ooc.nets import DigitsMLP, train_classifier
 
 MB = 512  # one micro-batch per data pass: these problems are tiny
 

@@ -129,11 +129,11 @@ def run_demo(
     import torch
     import torch.nn.functional as F
 
-    from .calculator import DaskInfluenceCalculator
+    from ..calculator import DaskInfluenceCalculator
+    from ..influence import DirectInfluence
+    from ..query import query_quantiles, query_self_influence
     from .datasets import load_digits_split
-    from .influence import DirectInfluence
     from .nets import accuracy
-    from .query import query_quantiles, query_self_influence
 
     lines: list[str] = []
     _echo = echo

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dvl_ooc.demo.nets import DigitsMLP
 from dvl_ooc.exceptions import InputError
-from dvl_ooc.nets import DigitsMLP
 from dvl_ooc.valuation import (
     MaskingUtility,
     MaxChecks,

@@ -17,7 +17,8 @@ from dvl_ooc.exceptions import (
     NoTrainableParametersError,
     UnsupportedModelError,
 )
-from dvl_ooc.grads import LayerCapture, ModelGradients, resolve_blocks
+from dvl_ooc.grads import ModelGradients, resolve_blocks
+from dvl_ooc.layers import LayerCapture
 
 
 def test_per_sample_grads_match_loop(problem):

@@ -1,4 +1,4 @@
-"""Per-sample gradients, curvature products and per-layer activation/gradient capture.
+"""Functional per-sample gradients and curvature products of a model's loss (torch.func).
 
 Conventions used throughout the package:
 
@@ -19,21 +19,19 @@ from __future__ import annotations
 import functools
 import math
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, hessian, jacrev, jvp, vjp, vmap
 
-from .data import DataLike, as_tensor, check_xy, iter_batches, split_micro_batches
-from .exceptions import (
+from ..data import DataLike, as_tensor, check_xy, iter_batches, split_micro_batches
+from ..exceptions import (
     InputError,
     NonFiniteError,
     NoTrainableParametersError,
-    UnsupportedModelError,
 )
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -42,11 +40,10 @@ HessianMode = Literal["exact", "gauss-newton"]
 
 __all__ = [
     "MODEL_LOCK",
-    "LayerCapture",
+    "HessianMode",
+    "LossFn",
     "ModelGradients",
     "ParamBlock",
-    "layer_input_matrix",
-    "layer_output_grad_matrix",
     "resolve_blocks",
 ]
 
@@ -453,215 +450,3 @@ class ModelGradients:
         if not bool(torch.isfinite(H).all()):
             raise NonFiniteError("the curvature matrix has non-finite entries; check the loss")
         return H
-
-
-# ---------------------------------------------------------------------- layer capture
-SUPPORTED_LAYERS = (nn.Linear, nn.Conv2d)
-#: layers LayerCapture can record with ``include_embeddings=True`` (the "input matrix" of an
-#: embedding is its ``(n, L)`` index tensor, not activations)
-CAPTURABLE_LAYERS = (nn.Linear, nn.Conv2d, nn.Embedding)
-
-
-def _check_embedding(module: nn.Embedding) -> None:
-    if module.max_norm is not None:
-        raise UnsupportedModelError(
-            "nn.Embedding with max_norm renormalises its weights inside forward; per-sample "
-            "gradients are not supported for it (use max_norm=None)"
-        )
-    if module.scale_grad_by_freq:
-        raise UnsupportedModelError(
-            "nn.Embedding with scale_grad_by_freq=True has batch-dependent gradients; "
-            "per-sample gradients are not defined for it"
-        )
-
-
-def embedding_output_grad_matrix(module: nn.Embedding, idx: torch.Tensor,
-                                 g: torch.Tensor) -> torch.Tensor:
-    """Output gradients ``(n, L, d)`` of an embedding, zeroed where ``idx == padding_idx``
-    (the padding row never receives gradient)."""
-    G = g.reshape(g.shape[0], -1, g.shape[-1])
-    if module.padding_idx is not None:
-        G = G * (idx.reshape(idx.shape[0], -1) != module.padding_idx).unsqueeze(-1).to(G.dtype)
-    return G
-
-
-def embedding_per_sample_grads(module: nn.Embedding, idx: torch.Tensor,
-                               g: torch.Tensor) -> torch.Tensor:
-    """Per-sample embedding-table gradients ``(n, num_embeddings * d)``: scatter of the output
-    gradient rows onto the looked-up table rows."""
-    _check_embedding(module)
-    n = idx.shape[0]
-    I = idx.reshape(n, -1)
-    G = embedding_output_grad_matrix(module, idx, g)
-    V, d = module.num_embeddings, G.shape[-1]
-    out = torch.zeros(n * V, d, dtype=G.dtype, device=G.device)
-    rows = (torch.arange(n, device=I.device).unsqueeze(1) * V + I).reshape(-1)
-    out.index_add_(0, rows, G.reshape(-1, d))
-    return out.reshape(n, V * d)
-
-
-def _conv_padding(module: nn.Conv2d) -> tuple[int, int]:
-    if module.padding_mode != "zeros":
-        raise UnsupportedModelError(
-            f"Conv2d with padding_mode={module.padding_mode!r} is not supported; use 'zeros'"
-        )
-    pad = module.padding
-    if isinstance(pad, str):
-        if pad == "valid":
-            return (0, 0)
-        k, d = module.kernel_size, module.dilation
-        if any((d[i] * (k[i] - 1)) % 2 for i in range(2)):
-            raise UnsupportedModelError(
-                "padding='same' with an even receptive field is not supported"
-            )
-        return (d[0] * (k[0] - 1) // 2, d[1] * (k[1] - 1) // 2)
-    return tuple(pad)  # type: ignore[return-value]
-
-
-def layer_input_matrix(module: nn.Module, a: torch.Tensor) -> torch.Tensor:
-    """Layer inputs as ``(n, L, d_in [+1])`` rows whose outer products with output gradients give
-    the per-sample weight gradient; a trailing column of ones stands for the bias.
-
-    For ``nn.Embedding`` the result is the ``(n, L)`` integer index tensor."""
-    if isinstance(module, nn.Embedding):
-        _check_embedding(module)
-        return a.reshape(a.shape[0], -1)
-    if isinstance(module, nn.Linear):
-        A = a.reshape(a.shape[0], -1, a.shape[-1])
-    elif isinstance(module, nn.Conv2d):
-        if module.groups != 1:
-            raise UnsupportedModelError("Conv2d with groups > 1 is not supported")
-        cols = F.unfold(a, module.kernel_size, dilation=module.dilation,
-                        padding=_conv_padding(module), stride=module.stride)
-        A = cols.transpose(1, 2)
-    else:
-        raise UnsupportedModelError(
-            f"layer capture supports nn.Linear and nn.Conv2d, not {type(module).__name__}"
-        )
-    if getattr(module, "bias", None) is not None:
-        A = torch.cat([A, torch.ones_like(A[..., :1])], dim=-1)
-    return A
-
-
-def layer_output_grad_matrix(module: nn.Module, g: torch.Tensor) -> torch.Tensor:
-    """Output gradients as ``(n, L, d_out)`` rows matching :func:`layer_input_matrix`."""
-    if isinstance(module, (nn.Linear, nn.Embedding)):
-        return g.reshape(g.shape[0], -1, g.shape[-1])
-    if isinstance(module, nn.Conv2d):
-        return g.flatten(2).transpose(1, 2)
-    raise UnsupportedModelError(
-        f"layer capture supports nn.Linear and nn.Conv2d, not {type(module).__name__}"
-    )
-
-
-def combined_to_params(module: nn.Module, G: torch.Tensor) -> torch.Tensor:
-    """Map combined ``(..., d_out, d_in [+1])`` gradients to the flat order (weight, bias)."""
-    has_bias = getattr(module, "bias", None) is not None
-    lead = G.shape[:-2]
-    if has_bias:
-        w, b = G[..., :-1], G[..., -1]
-        return torch.cat([w.reshape(*lead, -1), b.reshape(*lead, -1)], dim=-1)
-    return G.reshape(*lead, -1)
-
-
-class LayerCapture:
-    """Record input activations and output gradients of ``Linear``/``Conv2d`` layers.
-
-    Use as a context manager around a forward and backward pass of plain autograd::
-
-        with LayerCapture(model) as cap:
-            loss = loss_fn(model(x), y) * len(x)   # sum of per-sample losses
-            loss.backward()
-        A = cap.inputs["fc"]; G = cap.output_grads["fc"]
-
-    Args:
-        model: the network.
-        modules: module names to capture; default every supported module with trainable
-            parameters. Unsupported names raise :class:`UnsupportedModelError`.
-        include_embeddings: also accept ``nn.Embedding`` layers.
-        keep_outputs: also keep the (non-detached) layer outputs in :attr:`outputs`.
-
-    :attr:`calls` counts the forward calls of each module (a count above one means weight
-    sharing, for which per-sample layer gradients are not defined).
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        modules: Iterable[str] | None = None,
-        *,
-        include_embeddings: bool = False,
-        keep_outputs: bool = False,
-    ) -> None:
-        named = dict(model.named_modules())
-        kinds = CAPTURABLE_LAYERS if include_embeddings else SUPPORTED_LAYERS
-        if modules is None:
-            names = [
-                n for n, m in named.items()
-                if isinstance(m, kinds)
-                and any(p.requires_grad for p in m.parameters(recurse=False))
-            ]
-        else:
-            names = list(modules)
-            for n in names:
-                if n not in named:
-                    raise InputError(f"no module named {n!r} in the model")
-                if not isinstance(named[n], kinds):
-                    extra = (
-                        "" if include_embeddings
-                        else " (nn.Embedding with include_embeddings=True)"
-                    )
-                    raise UnsupportedModelError(
-                        f"module {n!r} is a {type(named[n]).__name__}; only nn.Linear and "
-                        f"nn.Conv2d layers can be captured{extra}"
-                    )
-        self.modules = {n: named[n] for n in names}
-        self.keep_outputs = keep_outputs
-        self.inputs: dict[str, torch.Tensor] = {}
-        self.output_grads: dict[str, torch.Tensor] = {}
-        self.outputs: dict[str, torch.Tensor] = {}
-        self.calls: dict[str, int] = dict.fromkeys(self.modules, 0)
-        self._handles: list[Any] = []
-
-    def __enter__(self) -> LayerCapture:
-        for name, mod in self.modules.items():
-            self._handles.append(mod.register_forward_hook(self._forward_hook(name)))
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-
-    def _forward_hook(self, name: str):
-        def hook(module, inputs, output):
-            self.calls[name] += 1
-            self.inputs[name] = inputs[0].detach()
-            if self.keep_outputs:
-                self.outputs[name] = output
-            if output.requires_grad:
-
-                def save(g):
-                    self.output_grads[name] = g.detach()
-
-                output.register_hook(save)
-
-        return hook
-
-    def input_matrix(self, name: str) -> torch.Tensor:
-        return layer_input_matrix(self.modules[name], self.inputs[name])
-
-    def output_grad_matrix(self, name: str) -> torch.Tensor:
-        return layer_output_grad_matrix(self.modules[name], self.output_grads[name])
-
-    def per_sample_grads(self, name: str) -> torch.Tensor:
-        """Per-sample gradients of the captured layer, ``(n, p_layer)`` in (weight, bias) order.
-
-        Valid when the backward pass was run on the *sum* of per-sample losses.
-        """
-        if isinstance(self.modules[name], nn.Embedding):
-            return embedding_per_sample_grads(
-                self.modules[name], self.inputs[name], self.output_grads[name]
-            )
-        A, G = self.input_matrix(name), self.output_grad_matrix(name)
-        return combined_to_params(self.modules[name], torch.einsum("nlo,nli->noi", G, A))

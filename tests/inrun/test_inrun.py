@@ -137,7 +137,7 @@ def test_layer_dot_products_long_sequence_embedding_with_repeats():
 
 
 def test_auto_method_follows_cost_model():
-    from dvl_ooc.inrun import _costs
+    from dvl_ooc.inrun.kernels import _costs
 
     lin = nn.Linear(256, 256)
     A = torch.zeros(8, 1, 257)
@@ -385,7 +385,7 @@ def test_bad_input(digits):
 
 def test_layer_capture_embedding_per_sample_grads():
     """The additive Embedding support of LayerCapture (scatter of output-gradient rows)."""
-    from dvl_ooc.grads import LayerCapture
+    from dvl_ooc.layers import LayerCapture
 
     model = _make("seq")
     x, y = _data("seq", None, 5)
@@ -518,8 +518,8 @@ def test_layer_subset_bad_input(digits):
 def test_per_sample_layer_grads_and_chunking(conv_kw, digits):
     """Raw-row per-sample gradients (grouped-convolution kernel on CPU) equal autograd's, and
     the chunked materialised products equal the unchunked ones."""
-    from dvl_ooc.grads import LayerCapture
     from dvl_ooc.inrun import pairwise_layer_products, per_sample_layer_grads
+    from dvl_ooc.layers import LayerCapture
 
     torch.manual_seed(2)
     kw = {"kernel_size": 3, **conv_kw}

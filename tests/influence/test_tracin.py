@@ -13,7 +13,7 @@ from reference import ref_grads
 from torch import nn
 
 from dvl_ooc.exceptions import InputError
-from dvl_ooc.tracin import TracInCP
+from dvl_ooc.influence.tracin import TracInCP
 
 
 class SmallCNN(nn.Module):

@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 
 from dvl_ooc.data import iter_batches
+from dvl_ooc.data.imagefolder import ImageFolder, load_image_folder
 from dvl_ooc.exceptions import InputError
-from dvl_ooc.imagefolder import ImageFolder, load_image_folder
 
 CLASSES = ["b_three", "a_one", "c_seven"]  # sorted order: a_one, b_three, c_seven
 DIGITS = {"a_one": 1, "b_three": 3, "c_seven": 7}

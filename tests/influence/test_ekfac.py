@@ -20,6 +20,7 @@ from torch.autograd.functional import hessian
 from torch.utils.data import DataLoader, TensorDataset
 
 from dvl_ooc import EkfacInfluence, ModelGradients
+from dvl_ooc.demo.nets import DigitsCNN, DigitsMLP, train_classifier
 from dvl_ooc.exceptions import (
     InputError,
     NotFittedError,
@@ -27,7 +28,6 @@ from dvl_ooc.exceptions import (
     RegularizationError,
     UnsupportedModelError,
 )
-from dvl_ooc.nets import DigitsCNN, DigitsMLP, train_classifier
 
 F64 = torch.float64
 

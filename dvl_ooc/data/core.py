@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .exceptions import InputError, LengthMismatchError, NonFiniteError
+from ..exceptions import InputError, LengthMismatchError, NonFiniteError
 
 DataLike = tuple | list | Dataset | DataLoader
 

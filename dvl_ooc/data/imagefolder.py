@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .exceptions import InputError
+from ..exceptions import InputError
 
 __all__ = ["IMAGE_EXTENSIONS", "ImageFolder", "load_image_folder"]
 

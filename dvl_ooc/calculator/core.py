@@ -55,10 +55,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .data import as_tensor
-from .exceptions import InputError, LengthMismatchError, NotFittedError
-from .influence.base import InfluenceModel
-from .store import InfluenceStore
+from ..data import as_tensor
+from ..exceptions import InputError, LengthMismatchError, NotFittedError
+from ..influence.base import InfluenceModel
+from ..store import InfluenceStore
 
 __all__ = ["DaskInfluenceCalculator", "SequentialInfluenceCalculator"]
 

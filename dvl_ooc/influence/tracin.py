@@ -37,10 +37,10 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from .data import DataLike
-from .exceptions import InputError
-from .grads import LossFn
-from .influence.base import InfluenceModel
+from ..data import DataLike
+from ..exceptions import InputError
+from ..grads import LossFn
+from .base import InfluenceModel
 
 __all__ = ["TracInCP"]
 

@@ -1,0 +1,149 @@
+"""The In-Run score store: per-training-sample values accumulated in memory or in Zarr."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Literal
+
+import numpy as np
+
+from ..exceptions import (
+    InputError,
+    StoreError,
+    StoreExistsError,
+    StoreMismatchError,
+    StoreNotFoundError,
+)
+
+
+class ScoreStore:
+    """Float64 accumulator of scores keyed by training-sample index.
+
+    In memory (``path=None``) it is a NumPy array. On disk it is a Zarr v3 array of shape
+    ``(n_train,)`` or ``(n_train, n_val)`` chunked along the training axis; :meth:`add` buffers
+    per-chunk deltas and :meth:`flush` adds them into the array (read-modify-write per chunk).
+
+    Args:
+        n_train, n_val: shape (``n_val=None`` for one score per sample).
+        path: directory of the Zarr store, or ``None`` for memory.
+        mode: ``"w-"`` create, refusing an existing store (:class:`StoreExistsError`);
+            ``"w"`` create, replacing an existing score store; ``"a"`` open an existing store
+            with the same shape and attributes and keep accumulating (resume), creating it if
+            missing. A non-empty directory that is not a Zarr store is never touched.
+        chunk_bytes: target bytes per stored chunk (sets the rows per chunk).
+        max_buffer_bytes: flush automatically when the buffered deltas exceed this.
+        attributes: plain-data metadata recorded in (and checked against) the store.
+    """
+
+    def __init__(
+        self,
+        n_train: int,
+        n_val: int | None = None,
+        path: str | os.PathLike | None = None,
+        *,
+        mode: Literal["w-", "w", "a"] = "w-",
+        chunk_bytes: int = 8 * 2**20,
+        max_buffer_bytes: int = 256 * 2**20,
+        attributes: dict[str, Any] | None = None,
+    ) -> None:
+        if n_train < 1:
+            raise InputError(f"n_train must be >= 1, got {n_train}")
+        if mode not in ("w-", "w", "a"):
+            raise InputError(f"mode must be 'w-', 'w' or 'a', got {mode!r}")
+        self.shape = (int(n_train),) if n_val is None else (int(n_train), int(n_val))
+        row_bytes = 8 * (1 if n_val is None else int(n_val))
+        self.chunk_rows = max(1, min(int(n_train), chunk_bytes // row_bytes))
+        self.max_buffer_bytes = int(max_buffer_bytes)
+        self.path = None if path is None else os.fspath(path)
+        self._buffer: dict[int, np.ndarray] = {}
+        self.attributes = dict(attributes or {})
+        if self.path is None:
+            self._mem: np.ndarray | None = np.zeros(self.shape)
+            self.array = None
+            return
+        import zarr
+
+        self._mem = None
+        exists = os.path.exists(os.path.join(self.path, "zarr.json"))
+        if not exists and os.path.isdir(self.path) and os.listdir(self.path):
+            raise StoreError(
+                f"{self.path!r} exists and is not a Zarr store; refusing to touch it (remove it "
+                "yourself or choose another path)"
+            )
+        if exists and mode == "w-":
+            raise StoreExistsError(
+                f"a score store already exists at {self.path!r}; pass store_mode='a' to keep "
+                "accumulating into it, store_mode='w' to replace it, or choose another path"
+            )
+        if mode == "a" and exists:
+            arr = zarr.open_array(self.path, mode="r+")
+            if tuple(arr.shape) != self.shape:
+                raise StoreMismatchError(
+                    f"store {self.path} has shape {tuple(arr.shape)}, expected {self.shape}; "
+                    "use a new path or mode='w' to overwrite"
+                )
+            old = {k: v for k, v in arr.attrs.asdict().items() if k != "steps"}
+            new = {k: v for k, v in self.attributes.items() if k != "steps"}
+            if old != new:
+                diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+                raise StoreMismatchError(
+                    f"store {self.path} was written by a different configuration {diff}; "
+                    "use a new path or mode='w'"
+                )
+            self.array = arr
+            self.chunk_rows = int(arr.chunks[0])
+        else:
+            chunks = (self.chunk_rows,) + self.shape[1:]
+            self.array = zarr.create_array(
+                self.path, shape=self.shape, chunks=chunks, dtype="float64", fill_value=0.0,
+                attributes=self.attributes, overwrite=True,
+            )
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> np.ndarray:
+        """Read a finished store into memory."""
+        import zarr
+
+        if not os.path.exists(os.path.join(os.fspath(path), "zarr.json")):
+            raise StoreNotFoundError(f"no score store at {os.fspath(path)}")
+        return np.asarray(zarr.open_array(os.fspath(path), mode="r")[...])
+
+    @property
+    def buffered_bytes(self) -> int:
+        return sum(b.nbytes for b in self._buffer.values())
+
+    def add(self, idx: np.ndarray, values: np.ndarray) -> None:
+        """Add ``values`` (``(b,)`` or ``(b, n_val)``) to the rows ``idx`` (repeats add up)."""
+        if self._mem is not None:
+            np.add.at(self._mem, idx, values)
+            return
+        chunk = idx // self.chunk_rows
+        for k in np.unique(chunk):
+            sel = chunk == k
+            buf = self._buffer.get(int(k))
+            if buf is None:
+                rows = min(self.chunk_rows, self.shape[0] - int(k) * self.chunk_rows)
+                buf = self._buffer[int(k)] = np.zeros((rows,) + self.shape[1:])
+            np.add.at(buf, idx[sel] - int(k) * self.chunk_rows, values[sel])
+        if self.buffered_bytes > self.max_buffer_bytes:
+            self.flush()
+
+    def flush(self, **attrs: Any) -> None:
+        """Add the buffered deltas into the Zarr array (no-op in memory)."""
+        if self.array is None:
+            return
+        for k in sorted(self._buffer):
+            sl = slice(k * self.chunk_rows, k * self.chunk_rows + len(self._buffer[k]))
+            self.array[sl] = self.array[sl] + self._buffer[k]
+        self._buffer.clear()
+        if attrs:
+            self.array.attrs.update(attrs)
+
+    def to_numpy(self) -> np.ndarray:
+        """All accumulated scores (flushes first)."""
+        if self._mem is not None:
+            return self._mem.copy()
+        self.flush()
+        return np.asarray(self.array[...])
+
+
