@@ -79,3 +79,8 @@ class IncompleteStoreError(StoreError):
 
 class UtilityError(DvlOocError, RuntimeError):
     """A valuation utility (model training or scoring) failed on a subset."""
+
+
+class MainGuardError(DvlOocError, RuntimeError):
+    """Worker processes would be started from a script without an
+    ``if __name__ == "__main__":`` guard (each spawned worker would re-run the script)."""

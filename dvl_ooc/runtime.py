@@ -1,0 +1,130 @@
+"""Where work runs: local Dask clusters (one place that starts them, with the spawn-pitfall
+check) and progress bars.
+
+The spawn pitfall. ``LocalCluster`` workers are started with the ``spawn`` method: each worker
+process re-imports the main script (as ``__mp_main__``) before it can run a task. A flat script
+without an ``if __name__ == "__main__":`` guard therefore re-runs all its work (loading data,
+training, fitting) in every worker before the cluster fails to start, which looks like a hang
+of several minutes with no message. :func:`check_main_guard` detects the situation in the parent
+*before* any worker is spawned: it finds the main script's module-level frame on the call stack
+and checks, from the script's syntax tree, that the line being executed lies inside an
+``if __name__ == "__main__":`` block. Inside a spawned child that is still importing the main
+script (``multiprocessing``'s bootstrapping phase) it raises as well.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import multiprocessing
+import sys
+from typing import Any
+
+from .exceptions import InputError, MainGuardError
+
+__all__ = ["check_main_guard", "local_cluster", "progress"]
+
+
+def _is_main_test(node: ast.expr) -> bool:
+    """``__name__ == "__main__"`` (either operand order)."""
+    if not (isinstance(node, ast.Compare) and len(node.ops) == 1
+            and isinstance(node.ops[0], ast.Eq)):
+        return False
+    sides = [node.left, node.comparators[0]]
+    names = [s for s in sides if isinstance(s, ast.Name) and s.id == "__name__"]
+    consts = [s for s in sides if isinstance(s, ast.Constant) and s.value == "__main__"]
+    return len(names) == 1 and len(consts) == 1
+
+
+@functools.lru_cache(maxsize=8)
+def _guarded_lines(path: str, mtime: float) -> tuple[tuple[int, int], ...] | None:
+    """Line ranges of the bodies of ``if __name__ == "__main__":`` blocks in a script."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            tree = ast.parse(f.read(), filename=path)
+    except (OSError, SyntaxError, UnicodeDecodeError, ValueError):
+        return None
+    ranges = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and _is_main_test(node.test) and node.body:
+            ranges.append((node.body[0].lineno, node.body[-1].end_lineno or node.lineno))
+    return tuple(ranges)
+
+
+def _unguarded_main_line() -> tuple[str, int] | None:
+    """``(script, line)`` when the main script's module-level code is running outside an
+    ``if __name__ == "__main__":`` block somewhere up the stack; None otherwise."""
+    import os
+
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if main is None or not path:
+        return None  # interactive session, notebook, python -c: workers do not re-import it
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_globals is main.__dict__ and frame.f_code.co_name == "<module>":
+            try:
+                mtime = os.path.getmtime(path)
+            except OSError:
+                return None
+            ranges = _guarded_lines(os.path.abspath(path), mtime)
+            if ranges is None:
+                return None
+            line = frame.f_lineno
+            if any(a <= line <= b for a, b in ranges):
+                return None
+            return path, line
+        frame = frame.f_back
+    return None
+
+
+def check_main_guard(what: str) -> None:
+    """Raise :class:`MainGuardError` when starting worker processes now would re-run the main
+    script in every worker (see the module docstring). ``what`` names the caller."""
+    if getattr(multiprocessing.current_process(), "_inheriting", False):
+        raise MainGuardError(
+            f"{what} was called while a spawned worker process was importing the main script: "
+            "put the script's code under `if __name__ == \"__main__\":`"
+        )
+    hit = _unguarded_main_line()
+    if hit is not None:
+        path, line = hit
+        raise MainGuardError(
+            f"{what} starts worker processes, and {path}, line {line}, runs it outside an "
+            "`if __name__ == \"__main__\":` block. Each worker process re-imports the main "
+            "script, so it would re-run everything above (data loading, training, fitting) "
+            "before the cluster could start. Put the script's code under "
+            "`if __name__ == \"__main__\":` (or in a function called from there)."
+        )
+
+
+def local_cluster(n_workers: int | None = None, *, threads_per_worker: int = 1,
+                  kind: str = "local", what: str = "a local Dask cluster",
+                  dashboard_address: str | None = ":0", **kwargs: Any) -> Any:
+    """Start a ``LocalCluster`` of worker processes (``kind="local"``) or a
+    ``dask_cuda.LocalCUDACluster`` with one GPU per worker (``kind="cuda"``), after
+    :func:`check_main_guard`."""
+    if kind not in ("local", "cuda"):
+        raise InputError(f"cluster must be 'local' or 'cuda', got {kind!r}")
+    check_main_guard(what)
+    if kind == "cuda":
+        try:
+            from dask_cuda import LocalCUDACluster
+        except ImportError as e:
+            raise InputError("cluster='cuda' needs dask-cuda with the extra matching torch's "
+                             "CUDA major version: pip install 'dask-cuda[cu12]' or "
+                             "'dask-cuda[cu13]'") from e
+        return LocalCUDACluster(n_workers=n_workers, threads_per_worker=threads_per_worker,
+                                dashboard_address=dashboard_address, **kwargs)
+    from distributed import LocalCluster
+
+    return LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker,
+                        processes=True, dashboard_address=dashboard_address, **kwargs)
+
+
+def progress(enabled: bool, *, total: int | None = None, unit: str = "it",
+             desc: str | None = None) -> Any:
+    """A ``tqdm`` progress bar (disabled when ``enabled`` is False)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, disable=not enabled, unit=unit, desc=desc)
