@@ -8,6 +8,7 @@ from .core import (
     iter_batches,
     num_samples,
     split_micro_batches,
+    to_numpy,
 )
 from .imagefolder import ImageFolder, load_image_folder
 
@@ -21,4 +22,5 @@ __all__ = [
     "load_image_folder",
     "num_samples",
     "split_micro_batches",
+    "to_numpy",
 ]

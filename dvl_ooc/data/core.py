@@ -31,6 +31,7 @@ __all__ = [
     "iter_batches",
     "num_samples",
     "split_micro_batches",
+    "to_numpy",
 ]
 
 
@@ -48,6 +49,16 @@ def as_tensor(a: Any, *, dtype: torch.dtype | None = None, device: Any = None) -
     if device is not None:
         t = t.to(device)
     return t
+
+
+def to_numpy(a: Any) -> np.ndarray:
+    """A NumPy view/copy of a tensor (any device) or array-like; object arrays are refused."""
+    if isinstance(a, torch.Tensor):
+        return a.detach().cpu().numpy()
+    arr = np.asarray(a)
+    if arr.dtype == object:
+        raise InputError(f"cannot use an object array of shape {arr.shape} as numeric input")
+    return arr
 
 
 def check_xy(x: torch.Tensor, y: torch.Tensor, *, what: str = "data") -> None:
