@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from dvl_ooc import CgInfluence, DaskInfluenceCalculator, DirectInfluence, InfluenceStore
-from dvl_ooc.calculator.core import _Input, _prepared
+from dvl_ooc.calculator.inputs import _Input
+from dvl_ooc.calculator.tasks import _prepared
 from dvl_ooc.demo.datasets import load_digits_split
 from dvl_ooc.demo.nets import DigitsCNN, train_classifier
 
@@ -52,7 +53,7 @@ def run_brute(calc, path, xt, yt, x, y, tc, rc):
     m = calc.model
     s = InfluenceStore.create(path, n_test=len(xt), n_train=len(x), test_chunk=tc,
                               train_chunk=rc, method=type(m).__name__, config=m.config(),
-                              fingerprint=m.fingerprint(), overwrite=True)
+                              fingerprint=m.fingerprint(), mode="w")
     model_f, fit_f = calc._ship()
     te, tr = _Input.make(xt, yt, "test"), _Input.make(x, y, "train")
     tb = [(a, min(len(xt), a + tc)) for a in range(0, len(xt), tc)]
@@ -113,16 +114,18 @@ def main() -> None:
     if "cg" in args.methods:
         models["CgInfluence"] = CgInfluence(net, F.cross_entropy, regularization=lam,
                                             hessian="gauss-newton", rtol=1e-7,
-                                            maxiter=1000).fit((xfit, yfit))
+                                            max_iter=1000).fit((xfit, yfit))
     print(f"DigitsCNN p={p}, n_fit={n_fit}, lambda={lam:.3g} (1e-2 x top GN eigenvalue; "
           f"Direct fit {t_direct_fit:.1f}s), n_test={n_test}, n_train={n_train}, "
           f"tiles {tc}x{rc} -> {-(-n_test // tc)}x{-(-n_train // rc)}")
     tmp = Path(tempfile.mkdtemp(prefix="bench_calc_"))
     rows = []
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                      dashboard_address=":0") as cluster, Client(cluster) as client:
+    from dvl_ooc.runtime import local_cluster
+
+    with local_cluster(2, threads_per_worker=1, what="bench_calculator") as cluster, \
+            Client(cluster) as client:
         for name, m in models.items():
             calc = DaskInfluenceCalculator(m, client)
             calc._ship()

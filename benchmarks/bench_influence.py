@@ -1,8 +1,8 @@
 """Influence models on the digits CNN: fit time, 540 x 1257 matrix time, peak RSS, error vs Direct.
 
 Each measurement runs in a fresh subprocess so that its peak RSS (``ru_maxrss``) is its own.
-Settings that keep one run within minutes on 2 cores: CG to rtol 1e-4 (maxiter 300), LiSSA
-with stochastic batches of 256 and depth 200 (far from converged at small λ: it shows the cost
+Settings that keep one run within minutes on 2 cores: CG to rtol 1e-4 (max_iter 300), LiSSA
+with stochastic batches of 256 and max_iter 200 (far from converged at small λ: it shows the cost
 of iterative solvers with many right-hand sides, which the calculator pays once per test point).
 Curvature: Gauss-Newton for every method (EK-FAC only supports it; CG/Nyström need a PSD
 matrix), λ = ``--rel-reg`` × the top eigenvalue (read from Direct's fit).
@@ -54,12 +54,12 @@ def _make(method: str, model, reg: float):
     if method == "direct":
         return dvl_ooc.DirectInfluence(model, loss, **common)
     if method == "cg":
-        return dvl_ooc.CgInfluence(model, loss, rtol=1e-4, maxiter=300, **common)
+        return dvl_ooc.CgInfluence(model, loss, rtol=1e-4, max_iter=300, **common)
     if method == "cg-nystroem":
         return dvl_ooc.CgInfluence(model, loss, preconditioner="nystroem", rtol=1e-4,
-                                   maxiter=300, **common)
+                                   max_iter=300, **common)
     if method == "lissa":
-        return dvl_ooc.LissaInfluence(model, loss, depth=200, batch_size=256, rtol=None,
+        return dvl_ooc.LissaInfluence(model, loss, max_iter=200, batch_size=256, rtol=None,
                                       **common)
     if method == "arnoldi":
         return dvl_ooc.ArnoldiInfluence(model, loss, rank=64, **common)

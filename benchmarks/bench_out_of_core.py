@@ -108,21 +108,23 @@ def main() -> None:
           f"(RAM {ram / 2**30:.1f} GiB: {'larger' if nbytes > ram else 'smaller'} than RAM); "
           f"tiles {args.test_chunk} x {args.train_chunk}, {args.workers} workers x 1 thread")
 
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
-    with LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True,
-                      dashboard_address=":0") as cluster, Client(cluster) as client:
+    from dvl_ooc.runtime import local_cluster
+
+    with local_cluster(args.workers, threads_per_worker=1, what="bench_out_of_core") as cluster, \
+            Client(cluster) as client:
         calc = DaskInfluenceCalculator(model, client)
         t0 = time.perf_counter()
         store = calc.to_zarr(path, xt, yt, x, y, test_chunk=args.test_chunk,
                              train_chunk=args.train_chunk, progress=args.progress,
-                             compressor=args.compressor, overwrite=True)
+                             compressor=args.compressor, mode="w")
         wall = time.perf_counter() - t0
         worker_rss = client.run(_peak_rss_gib)
-    stats = calc.last_stats
-    t_feat = sum(s.t_features for s in stats)
-    t_mm = sum(s.t_matmul for s in stats)
-    t_wr = sum(s.t_write for s in stats)
+    stats = calc.info["columns"]
+    t_feat = sum(s["t_features"] for s in stats)
+    t_mm = sum(s["t_matmul"] for s in stats)
+    t_wr = sum(s["t_write"] for s in stats)
     busy = t_feat + t_mm + t_wr
     assert store.is_complete
     # spot check: random tiles against an in-process computation of the same features

@@ -42,7 +42,7 @@ def make_store(path: str, n_test: int, n_train: int, chunks: tuple[int, int]) ->
         path, n_test=n_test, n_train=n_train, test_chunk=chunks[0], train_chunk=chunks[1],
         method="Synthetic", config={}, fingerprint="bench",
         test_labels=rng.integers(0, 10, n_test), train_labels=rng.integers(0, 10, n_train),
-        overwrite=True,
+        mode="w",
     )
     a = zarr.open_array(store=path, path="influences", mode="r+")
     for j in range(0, n_train, chunks[1]):

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dvl_ooc.demo.datasets import load_digits_split
+from dvl_ooc.runtime import local_cluster
 from dvl_ooc.valuation import (
     MaxChecks,
     MaxUpdates,
@@ -105,13 +106,13 @@ def main() -> None:
           f"torch {torch.__version__}, 1 thread per process")
 
     # --- 1. TMC-Shapley on a LocalCluster (1 and 2 workers: same seed, same values) ---------
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
     trunc = RelativeTruncation(rtol=0.02, burn_in_fraction=0.3)
     runs = {}
     for workers in (1, 2):
-        with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                          dashboard_address=":0") as cl, Client(cl) as client:
+        with local_cluster(workers, threads_per_worker=1, what="bench_valuation") as cl, \
+                Client(cl) as client:
             client.run(lambda: __import__("dvl_ooc.valuation"))  # warm-up: imports torch
             perms = n_perm if workers == 2 else max(8, n_perm // 3)
             val = TMCShapleyValuation(util, trunc, is_done=MaxUpdates(perms), seed=args.seed,
@@ -150,11 +151,11 @@ def main() -> None:
     print("\n## 3. Utility evaluations per second (TMC fit, cluster start-up excluded)")
     print(f"{'utility':<34}{'workers':>8}{'perms':>7}{'evals':>8}{'time s':>9}{'evals/s':>10}")
     for w, v in runs.items():
-        r, t = v.result, v.timings["sampling_s"]
+        r, t = v.result, v.info["sampling_s"]
         print(f"{'torch vectorised (32/pass)':<34}{w:>8}{r.n_samples:>7}{r.evaluations:>8}"
               f"{t:>9.1f}{r.evaluations / t:>10.1f}")
-    e1 = runs[1].result.evaluations / runs[1].timings["sampling_s"]
-    e2 = runs[2].result.evaluations / runs[2].timings["sampling_s"]
+    e1 = runs[1].result.evaluations / runs[1].info["sampling_s"]
+    e2 = runs[2].result.evaluations / runs[2].info["sampling_s"]
     print(f"2-worker / 1-worker throughput: {e2 / e1:.2f}x")
     from sklearn.linear_model import LogisticRegression
 
@@ -163,7 +164,7 @@ def main() -> None:
     sv = TMCShapleyValuation(sk, trunc, is_done=MaxChecks(1), seed=args.seed, batch_size=1,
                              samples_per_round=1)
     sv.fit(x.reshape(len(x), -1), y)
-    r, t = sv.result, sv.timings["sampling_s"]
+    r, t = sv.result, sv.info["sampling_s"]
     print(f"{'sklearn LogisticRegression (1/fit)':<34}{1:>8}{r.n_samples:>7}{r.evaluations:>8}"
           f"{t:>9.1f}{r.evaluations / t:>10.1f}")
 

@@ -30,7 +30,7 @@ def _methods(reg: float) -> dict:
     return {
         "direct": lambda m: dvl_ooc.DirectInfluence(m, F.cross_entropy, **gn),
         "cg": lambda m: dvl_ooc.CgInfluence(m, F.cross_entropy, rtol=1e-10, **gn),
-        "lissa": lambda m: dvl_ooc.LissaInfluence(m, F.cross_entropy, depth=200, **gn),
+        "lissa": lambda m: dvl_ooc.LissaInfluence(m, F.cross_entropy, max_iter=200, **gn),
         "arnoldi": lambda m: dvl_ooc.ArnoldiInfluence(m, F.cross_entropy, rank=64, **gn),
         "nystroem": lambda m: dvl_ooc.NystroemSketchInfluence(m, F.cross_entropy, rank=64,
                                                               seed=0, **gn),

@@ -73,12 +73,12 @@ def main() -> None:
         big = calc.to_zarr(tmp / "big", xt, yt, x, y, test_chunk=a.test_chunk,
                            train_chunk=a.train_chunk, progress=False)
         wall = time.perf_counter() - t0
-        stats = calc.last_stats
+        stats = calc.info["columns"]
         p = inf.grads.num_params
         flops = 2.0 * a.n_test * a.n_train * p
-        t_mm = sum(s.t_matmul for s in stats)
-        t_feat = sum(s.t_features for s in stats)
-        t_wr = sum(s.t_write for s in stats)
+        t_mm = sum(s["t_matmul"] for s in stats)
+        t_feat = sum(s["t_features"] for s in stats)
+        t_wr = sum(s["t_write"] for s in stats)
         gb = a.n_test * a.n_train * 4 / 1e9
         print(f"{a.n_test} x {a.n_train} float32 ({gb:.1f} GB), feature dim {p}: wall {wall:.1f} s"
               f", {gb / wall:.2f} GB/s; worker time: features {t_feat:.1f} s, tile products "

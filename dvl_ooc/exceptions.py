@@ -84,3 +84,7 @@ class UtilityError(DvlOocError, RuntimeError):
 class MainGuardError(DvlOocError, RuntimeError):
     """Worker processes would be started from a script without an
     ``if __name__ == "__main__":`` guard (each spawned worker would re-run the script)."""
+
+
+class UsageError(InputError):
+    """Invalid command-line usage of ``dvl-ooc`` (the command exits with status 2)."""

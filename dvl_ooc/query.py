@@ -25,6 +25,12 @@ current scheduler: threads by default, or a ``distributed`` client when one is a
 Results are labelled xarray objects (coordinates ``train`` / ``test`` indices and labels) and can
 be saved into the store as ``<store>/queries/<name>`` (a Zarr group; reopen with
 :func:`load_query` or ``xarray.open_zarr(store, group="queries/<name>")``).
+
+Adding a query touches this module only: write the function (store first, keywords after, and
+``allow_incomplete=`` / ``save=`` like the others) and declare it once with
+:func:`register_query`, giving its command-line options, how they map to the function's keywords
+and how its result prints as a table. ``dvl-ooc query STORE <name>`` is generated from
+:data:`QUERIES`. Per-class reductions (``same_label=True``) go through :func:`_per_label`.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from __future__ import annotations
 import re
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,16 +46,28 @@ import dask
 import numpy as np
 import xarray as xr
 
-from .exceptions import IncompleteStoreError, InputError, StoreError, StoreNotFoundError
+from .exceptions import (
+    IncompleteStoreError,
+    InputError,
+    StoreError,
+    StoreNotFoundError,
+    UsageError,
+)
 from .store import InfluenceStore
 
 __all__ = [
+    "QUERIES",
+    "Option",
+    "QuerySpec",
+    "format_cell",
     "load_query",
     "open_store",
+    "option",
     "query_mean",
     "query_quantiles",
     "query_self_influence",
     "query_topk",
+    "register_query",
     "saved_queries",
 ]
 
@@ -140,6 +159,20 @@ def _test_coords(src: InfluenceStore) -> dict[str, Any]:
     return c
 
 
+def _per_label(strip: np.ndarray, s: int, e: int, tl: np.ndarray, rl: np.ndarray,
+               reduce: Callable[[np.ndarray], np.ndarray], out: np.ndarray) -> np.ndarray:
+    """Same-label reduction of one strip: for each class ``c`` of the band's training points
+    (columns ``s:e``), ``out[..., cols_c] = reduce(strip[test rows of class c][:, cols_c])``
+    (reduced over axis 0). Columns of a class without test points keep ``out``'s values."""
+    band_labels = rl[s:e]
+    for c in np.unique(band_labels):
+        cols = np.flatnonzero(band_labels == c)
+        rows = np.flatnonzero(tl == c)
+        if rows.size:
+            out[..., cols] = reduce(strip[np.ix_(rows, cols)])
+    return out
+
+
 def _check_q(q: float | Sequence[float]) -> tuple[np.ndarray, bool]:
     qa = np.asarray(q, dtype=np.float64)
     scalar = qa.ndim == 0
@@ -151,7 +184,115 @@ def _check_q(q: float | Sequence[float]) -> tuple[np.ndarray, bool]:
     return qa, scalar
 
 
+# ---------------------------------------------------------------------------------- registry
+@dataclass(frozen=True)
+class Option:
+    """One command-line option: the arguments of ``argparse.ArgumentParser.add_argument``."""
+
+    flags: tuple[str, ...]
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+def option(*flags: str, **kwargs: Any) -> Option:
+    """``option("--k", type=int, default=5, help=...)``: an :class:`Option`."""
+    return Option(tuple(flags), kwargs)
+
+
+Table = tuple[list[str], list[list[Any]], str]
+
+
+@dataclass(frozen=True)
+class QuerySpec:
+    """A query, declared once: the Python function and its ``dvl-ooc query STORE <name>``
+    subcommand.
+
+    Attributes:
+        name: the subcommand.
+        help: one line for ``--help``.
+        function: the query, ``function(store, **keywords, allow_incomplete=, save=)``.
+        options: its own command-line options (``--limit``, ``--json``, ``--save`` and
+            ``--allow-incomplete`` are added to every query by the CLI).
+        keywords: parsed arguments -> the function's keywords (raises :class:`UsageError` for
+            an invalid argument: exit status 2).
+        table: (result, parsed arguments) -> (header, rows, title) for the CLI's output; with
+            ``--json`` each row becomes one record keyed by the header.
+    """
+
+    name: str
+    help: str
+    function: Callable[..., Any]
+    options: tuple[Option, ...]
+    keywords: Callable[[Any], dict[str, Any]]
+    table: Callable[[Any, Any], Table]
+
+
+#: every query, by subcommand name, in registration order
+QUERIES: dict[str, QuerySpec] = {}
+
+
+def register_query(name: str, *, help: str, options: Sequence[Option] = (),
+                   keywords: Callable[[Any], dict[str, Any]] = lambda args: {},
+                   table: Callable[[Any, Any], Table]) -> Callable[[Callable], Callable]:
+    """Decorator declaring a query function and its command-line subcommand (see
+    :class:`QuerySpec`); returns the function unchanged."""
+
+    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+        if name in QUERIES:
+            raise InputError(f"a query named {name!r} is already registered")
+        QUERIES[name] = QuerySpec(name, help, fn, tuple(options), keywords, table)
+        return fn
+
+    return deco
+
+
+def format_cell(v: Any) -> str:
+    """A table cell: floats with 6 significant digits ("nan" for NaN), anything else str()."""
+    if isinstance(v, float | np.floating):
+        return "nan" if np.isnan(v) else f"{float(v):.6g}"
+    return str(v)
+
+
+def _rank_order(values: np.ndarray, desc: bool) -> np.ndarray:
+    """Positions sorted by value (largest first with ``desc``), NaN last, ties stable."""
+    key = np.where(np.isnan(values), np.inf, -values if desc else values)
+    return np.argsort(key, kind="stable")
+
+
+def _label(res: Any, name: str) -> Any:
+    return res.coords.get(name)
+
+
+_SAME_LABEL = option("--same-label", action="store_true",
+                     help="only over test points with the training point's label")
+_DESC = option("--desc", action="store_true", help="largest first (default: smallest)")
+
+
 # ---------------------------------------------------------------------------------- queries
+def _quantile_table(res: xr.DataArray, args: Any) -> Table:
+    qs = args.q or [0.25]
+    vals = res.values  # (n_q, n_train)
+    order = _rank_order(vals[0], args.desc)
+    lab = _label(res, "train_label")
+    header = ["rank", "train", *(["label"] if lab is not None else []), *[f"q{q:g}" for q in qs]]
+    rows = [[k, res["train"].values[r], *([lab.values[r]] if lab is not None else []),
+             *vals[:, r]] for k, r in enumerate(order)]
+    what = "same-label test points" if args.same_label else "all test points"
+    return header, rows, (f"quantiles of influence over {what}, "
+                          f"{'largest' if args.desc else 'smallest'} first:")
+
+
+@register_query(
+    "quantile", help="per training point, quantiles over test points",
+    options=[
+        option("--q", type=float, action="append", metavar="Q",
+               help="quantile in [0, 1] (repeatable; default 0.25)"),
+        _SAME_LABEL,
+        option("--method", default="linear", help="numpy.quantile method (default: linear)"),
+        _DESC,
+    ],
+    keywords=lambda a: {"q": a.q or [0.25], "same_label": a.same_label, "method": a.method},
+    table=_quantile_table,
+)
 def query_quantiles(
     store: StoreLike,
     q: float | Sequence[float],
@@ -193,13 +334,8 @@ def query_quantiles(
             return np.quantile(strip, qa, axis=0, method=method)
         out = np.full((len(qa), e - s), np.nan, dtype=np.result_type(strip.dtype, np.float64)
                       if strip.dtype.kind != "f" else strip.dtype)
-        band_labels = rl[s:e]  # type: ignore[index]
-        for c in np.unique(band_labels):
-            cols = np.flatnonzero(band_labels == c)
-            rows = np.flatnonzero(tl == c)
-            if rows.size:
-                out[:, cols] = np.quantile(strip[np.ix_(rows, cols)], qa, axis=0, method=method)
-        return out
+        return _per_label(strip, s, e, tl, rl,  # type: ignore[arg-type]
+                          lambda b: np.quantile(b, qa, axis=0, method=method), out)
 
     n = src.shape[1]
     res = None
@@ -219,56 +355,6 @@ def query_quantiles(
     return da
 
 
-def query_mean(
-    store: StoreLike,
-    *,
-    reduce: str = "mean",
-    same_label: bool = False,
-    band: int | None = None,
-    max_in_flight: int = 2,
-    scheduler: str | None = None,
-    allow_incomplete: bool = False,
-    save: str | None = None,
-) -> xr.DataArray:
-    """Per training point, the mean (``reduce="mean"``) or sum (``"sum"``) of its influences
-    over all (or same-label) test points, accumulated in float64. Missing tiles of an incomplete
-    store (``allow_incomplete=True``) are skipped (NaN-ignoring reduction)."""
-    if reduce not in ("mean", "sum"):
-        raise InputError(f"reduce must be 'mean' or 'sum', got {reduce!r}")
-    src = open_store(store, allow_incomplete=allow_incomplete)
-    tl, rl = _labels(src, same_label)
-    red = (np.nanmean if reduce == "mean" else np.nansum) if allow_incomplete else (
-        np.mean if reduce == "mean" else np.sum)
-
-    def fn(strip: np.ndarray, s: int, e: int) -> np.ndarray:
-        strip = strip.astype(np.float64)
-        if not same_label:
-            return red(strip, axis=0)
-        out = np.full(e - s, np.nan)
-        band_labels = rl[s:e]  # type: ignore[index]
-        for c in np.unique(band_labels):
-            cols = np.flatnonzero(band_labels == c)
-            rows = np.flatnonzero(tl == c)
-            if rows.size:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", RuntimeWarning)
-                    out[cols] = red(strip[np.ix_(rows, cols)], axis=0)
-        return out
-
-    res = np.empty(src.shape[1])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns of incomplete stores
-        for s, e, part in _map_bands(src, fn, band, max_in_flight, scheduler):
-            res[s:e] = part
-    da = xr.DataArray(
-        res, dims=("train",), coords=_train_coords(src), name=f"{reduce}_influence",
-        attrs={"same_label": int(same_label), "reduce": reduce, "query": "mean"},
-    )
-    if save:
-        _save(src, save, da.to_dataset())
-    return da
-
-
 def _merge_top(
     best_v: np.ndarray | None, best_i: np.ndarray | None, v: np.ndarray, i: np.ndarray, k: int
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -281,6 +367,49 @@ def _merge_top(
     return np.take_along_axis(v, order, 1), np.take_along_axis(i, order, 1)
 
 
+def _topk_keywords(args: Any) -> dict[str, Any]:
+    if args.k < 1:
+        raise UsageError("--k must be >= 1")
+    return {"k": args.k}
+
+
+def _topk_table(ds: xr.Dataset, args: Any) -> Table:
+    n_test = ds.sizes["test"]
+    sel = args.test if args.test else list(range(n_test))
+    bad = [t for t in sel if not 0 <= t < n_test]
+    if bad:
+        raise UsageError(f"--test positions {bad} out of range [0, {n_test})")
+    lab = _label(ds, "test_label")
+    header = ["test", *(["label"] if lab is not None else []), "helpful train",
+              "helpful influence", "harmful train", "harmful influence"]
+    rows = []
+    for t in sel:
+        h = ds.isel(test=t)
+        first = [ds["test"].values[t], *([lab.values[t]] if lab is not None else [])]
+        if args.json:
+            rows.append([*first, h["helpful_train"].values, h["helpful_influence"].values,
+                         h["harmful_train"].values, h["harmful_influence"].values])
+        else:
+            rows.append([
+                *first,
+                " ".join(map(str, h["helpful_train"].values)),
+                " ".join(format_cell(v) for v in h["helpful_influence"].values[:2]) + " ...",
+                " ".join(map(str, h["harmful_train"].values)),
+                " ".join(format_cell(v) for v in h["harmful_influence"].values[:2]) + " ...",
+            ])
+    return header, rows, f"top {ds.sizes['k']} helpful / harmful training points per test point:"
+
+
+@register_query(
+    "topk", help="per test point, most helpful and most harmful training points",
+    options=[
+        option("--k", type=int, default=5, help="training points per test point (default 5)"),
+        option("--test", type=int, action="append", metavar="I",
+               help="only these test positions (repeatable)"),
+    ],
+    keywords=_topk_keywords,
+    table=_topk_table,
+)
 def query_topk(
     store: StoreLike,
     k: int = 10,
@@ -341,6 +470,84 @@ def query_topk(
     return ds
 
 
+def _mean_table(res: xr.DataArray, args: Any) -> Table:
+    vals = res.values
+    order = _rank_order(vals, args.desc)
+    lab = _label(res, "train_label")
+    name = "sum" if args.sum else "mean"
+    header = ["rank", "train", *(["label"] if lab is not None else []), name]
+    rows = [[k, res["train"].values[r], *([lab.values[r]] if lab is not None else []),
+             vals[r]] for k, r in enumerate(order)]
+    return header, rows, (f"{name} influence per training point, "
+                          f"{'largest' if args.desc else 'smallest'} first:")
+
+
+@register_query(
+    "mean", help="per training point, mean (or sum) over test points",
+    options=[option("--sum", action="store_true", help="sum instead of mean"), _SAME_LABEL,
+             _DESC],
+    keywords=lambda a: {"reduce": "sum" if a.sum else "mean", "same_label": a.same_label},
+    table=_mean_table,
+)
+def query_mean(
+    store: StoreLike,
+    *,
+    reduce: str = "mean",
+    same_label: bool = False,
+    band: int | None = None,
+    max_in_flight: int = 2,
+    scheduler: str | None = None,
+    allow_incomplete: bool = False,
+    save: str | None = None,
+) -> xr.DataArray:
+    """Per training point, the mean (``reduce="mean"``) or sum (``"sum"``) of its influences
+    over all (or same-label) test points, accumulated in float64. Missing tiles of an incomplete
+    store (``allow_incomplete=True``) are skipped (NaN-ignoring reduction)."""
+    if reduce not in ("mean", "sum"):
+        raise InputError(f"reduce must be 'mean' or 'sum', got {reduce!r}")
+    src = open_store(store, allow_incomplete=allow_incomplete)
+    tl, rl = _labels(src, same_label)
+    red = (np.nanmean if reduce == "mean" else np.nansum) if allow_incomplete else (
+        np.mean if reduce == "mean" else np.sum)
+
+    def fn(strip: np.ndarray, s: int, e: int) -> np.ndarray:
+        strip = strip.astype(np.float64)
+        if not same_label:
+            return red(strip, axis=0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return _per_label(strip, s, e, tl, rl,  # type: ignore[arg-type]
+                              lambda b: red(b, axis=0), np.full(e - s, np.nan))
+
+    res = np.empty(src.shape[1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns of incomplete stores
+        for s, e, part in _map_bands(src, fn, band, max_in_flight, scheduler):
+            res[s:e] = part
+    da = xr.DataArray(
+        res, dims=("train",), coords=_train_coords(src), name=f"{reduce}_influence",
+        attrs={"same_label": int(same_label), "reduce": reduce, "query": "mean"},
+    )
+    if save:
+        _save(src, save, da.to_dataset())
+    return da
+
+
+def _self_table(ds: xr.Dataset, args: Any) -> Table:
+    lab = _label(ds, "train_label")
+    header = ["rank", "train", *(["label"] if lab is not None else []), "self_influence"]
+    rows = [[k, ds["train"].values[k], *([lab.values[k]] if lab is not None else []),
+             ds["self_influence"].values[k]] for k in range(ds.sizes["train"])]
+    return header, rows, f"self-influence, {'smallest' if args.ascending else 'largest'} first:"
+
+
+@register_query(
+    "self", help="training points ranked by self-influence",
+    options=[option("--ascending", action="store_true",
+                    help="smallest first (default: largest)")],
+    keywords=lambda a: {"ascending": a.ascending},
+    table=_self_table,
+)
 def query_self_influence(
     store: StoreLike,
     *,

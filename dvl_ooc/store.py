@@ -13,6 +13,12 @@ Layout (a Zarr v3 group directory, readable by ``xarray.open_zarr(path)``):
 * group attribute ``dvl_ooc``: format, kind, version, method, config, fingerprint, n_test,
   n_train, chunks, dtype, created, data_fingerprint.
 
+Write modes (``mode=`` of :meth:`InfluenceStore.create` and of the calculators' ``to_zarr``, as
+in ``xarray``/``dask`` ``to_zarr``): ``"a"`` (default) creates the store when absent and resumes
+it when its parameters match (``StoreMismatchError`` when they differ); ``"w-"`` creates only
+(``StoreExistsError`` when a Zarr store is already there); ``"w"`` replaces an existing Zarr
+store. A directory that is not a Zarr store is never touched, whatever the mode.
+
 Finding the done tiles lists the key directory once into a set (``O(#tiles)``), never
 ``Array.nchunks_initialized`` (quadratic in the chunk count).
 """
@@ -31,9 +37,15 @@ from typing import Any
 import numpy as np
 import zarr
 
-from .exceptions import StoreError, StoreMismatchError, StoreNotFoundError
+from .exceptions import (
+    InputError,
+    StoreError,
+    StoreExistsError,
+    StoreMismatchError,
+    StoreNotFoundError,
+)
 
-__all__ = ["FORMAT", "MATCH_FIELDS", "InfluenceStore", "make_codecs"]
+__all__ = ["FORMAT", "MATCH_FIELDS", "WRITE_MODES", "InfluenceStore", "make_codecs"]
 
 FORMAT = 1
 ATTR = "dvl_ooc"
@@ -45,6 +57,29 @@ MATCH_FIELDS = (
     "data_fingerprint",
 )
 _RUNTIME = {"write_empty_chunks": True}
+#: write modes of influence stores: create or resume, create only, replace
+WRITE_MODES = ("a", "w-", "w")
+
+
+def _write_mode(owner: str, mode: str, deprecated: dict[str, Any]) -> str:
+    """Check ``mode``; map the deprecated ``overwrite=`` (True: ``"w"``, False: the default
+    ``"a"``) with a ``DeprecationWarning``; refuse any other keyword (``TypeError``)."""
+    overwrite = deprecated.pop("overwrite", None)
+    if deprecated:
+        raise TypeError(f"{owner}() got unexpected keyword argument(s): "
+                        f"{', '.join(sorted(deprecated))}")
+    if overwrite is not None:
+        warnings.warn(f"{owner}: overwrite= is deprecated, use mode='w' (replace) or mode='a' "
+                      "(create or resume)", DeprecationWarning, stacklevel=3)
+        if overwrite:
+            if mode not in ("a", "w"):
+                raise InputError(f"{owner}: overwrite=True contradicts mode={mode!r}; pass "
+                                 "mode= only")
+            mode = "w"
+    if mode not in WRITE_MODES:
+        raise InputError(f"{owner}: mode must be 'a' (create or resume), 'w-' (create only) or "
+                         f"'w' (replace), got {mode!r}")
+    return mode
 
 
 def make_codecs(compressor: Any) -> Any:
@@ -157,17 +192,22 @@ class InfluenceStore:
         train_labels: Any = None,
         self_influence: bool = False,
         compressor: Any = None,
-        overwrite: bool = False,
+        mode: str = "a",
         version: str | None = None,
+        **deprecated: Any,
     ) -> InfluenceStore:
-        """Create a store, or reopen an existing one with the same parameters for resuming.
+        """Create a store, or reopen an existing one for resuming, according to ``mode``.
 
-        Raises ``StoreMismatchError`` (naming the differing fields, data untouched) when a store
-        with other parameters exists at ``path`` and ``overwrite`` is False, and ``StoreError``
-        for a non-writable path or a non-empty directory that is not a Zarr store.
+        ``mode="a"`` (default): create when absent, reopen when the stored parameters match,
+        else ``StoreMismatchError`` (naming the differing fields, data untouched). ``"w-"``:
+        ``StoreExistsError`` when a Zarr store exists at ``path``. ``"w"``: replace it.
+        ``StoreError`` for a non-writable path or a non-empty directory that is not a Zarr store
+        (never touched, in any mode). ``overwrite=True`` is the deprecated spelling of
+        ``mode="w"``.
         """
         from . import __version__
 
+        mode = _write_mode("InfluenceStore.create", mode, deprecated)
         p = Path(path)
         n_test, n_train = int(n_test), int(n_train)
         test_chunk, train_chunk = int(test_chunk), int(train_chunk)
@@ -205,13 +245,18 @@ class InfluenceStore:
                     f"{str(p)!r} exists and is not a Zarr store; refusing to touch it "
                     "(remove it yourself or choose another path)"
                 )
-            if (p / "zarr.json").exists() and not overwrite:
+            if (p / "zarr.json").exists() and mode == "w-":
+                raise StoreExistsError(
+                    f"a Zarr store exists at {str(p)!r} and mode='w-' creates only; pass "
+                    "mode='a' to resume it, mode='w' to replace it, or choose another path"
+                )
+            if (p / "zarr.json").exists() and mode == "a":
                 try:
                     old = cls.open(p, mode="r+")
                 except StoreNotFoundError as e:
                     raise StoreMismatchError(
                         f"{str(p)!r} holds a Zarr store that is not a dvl_ooc influence store; "
-                        "pass overwrite=True to replace it"
+                        "pass mode='w' to replace it"
                     ) from e
                 diff = [k for k in MATCH_FIELDS if old.attrs.get(k) != meta[k]]
                 if not np.array_equal(old.test_index, test_index):
@@ -226,14 +271,14 @@ class InfluenceStore:
                     raise StoreMismatchError(
                         f"the store at {str(p)!r} was created with different parameters "
                         f"({', '.join(diff)}){': ' + detail if detail else ''}. Pass "
-                        "overwrite=True to replace it, or choose another path"
+                        "mode='w' to replace it, or choose another path"
                     )
                 if self_influence and old.self_influence is None:
                     old._create_self_influence(compressor)
                     _consolidate(p)
                     old = cls.open(p, mode="r+")
                 return old
-            if overwrite:
+            if mode == "w" and (p / "zarr.json").exists():
                 shutil.rmtree(p)
         # build the store in a sibling temp dir and rename it into place: a run killed during
         # creation never leaves a half-made store at ``path``

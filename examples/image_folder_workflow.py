@@ -118,7 +118,7 @@ def main() -> None:
     with DaskInfluenceCalculator(inf, n_workers=args.workers) as calc:
         store = calc.to_zarr(out / "influences.zarr", x_te, y_te, x_tr, y_tr,
                              test_chunk=1024, train_chunk=256, self_influence=True,
-                             train_index=train_idx, test_index=test_idx, overwrite=True)
+                             train_index=train_idx, test_index=test_idx, mode="w")
     print(store)
 
     q25 = query_quantiles(store, 0.25, same_label=True, save="q25_same_label")

@@ -57,7 +57,7 @@ def main() -> None:
     store = args.out / "inrun_values.zarr"
     try:
         tracker = InRunShapley(model, F.cross_entropy, x_val, y_val, n_train=len(train),
-                               store=store, store_mode="w" if args.overwrite else "w-")
+                               store=store, mode="w" if args.overwrite else "w-")
     except StoreExistsError:
         raise SystemExit(f"{store} holds an earlier run's values; pass --overwrite to replace "
                          "them or choose another --out") from None

@@ -186,7 +186,7 @@ def run_demo(
                                          dashboard_address=None) as calc:
                 store = calc.to_zarr(store_path, d.x_test, d.y_test, d.x_train, d.y_train,
                                      test_chunk=n_test, train_chunk=max(64, -(-n // 8)),
-                                     overwrite=True, self_influence=True, progress=False)
+                                     mode="w", self_influence=True, progress=False)
         finally:
             nanny.setLevel(level)
         times["influences"] = time.perf_counter() - t

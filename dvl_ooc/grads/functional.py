@@ -6,7 +6,9 @@ Conventions used throughout the package:
   mean loss over the fit data, every sample weighted equally whatever the batch sizes.
 * Parameters are grouped into *blocks* (the whole model, one per layer, or a user mapping).
   A flat gradient vector is the concatenation of the blocks in order, and inside a block the
-  parameters in the order given. Frozen parameters (``requires_grad=False``) never appear.
+  parameters in the order given. Frozen parameters (``requires_grad=False``) never appear, nor
+  do trainable parameters left out by ``layers=`` (a parameter *selection*: those are
+  constants, exactly like frozen ones; ``blocks=`` only *groups* the selected parameters).
 * Curvature is the Hessian of the mean loss (``"exact"``) or its Gauss-Newton matrix
   (``"gauss-newton"``: ``J^T (d^2 loss / d out^2) J``, positive semi-definite for convex losses).
 
@@ -45,6 +47,7 @@ __all__ = [
     "ModelGradients",
     "ParamBlock",
     "resolve_blocks",
+    "select_parameters",
 ]
 
 
@@ -95,15 +98,16 @@ def _trainable(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-def resolve_blocks(
-    model: nn.Module, blocks: str | Mapping[str, Sequence[str]] = "model"
-) -> list[ParamBlock]:
-    """Group the trainable parameters of ``model`` into blocks.
+def select_parameters(
+    model: nn.Module, layers: Sequence[str] | None = None
+) -> dict[str, torch.Tensor]:
+    """The trainable parameters of ``model`` that are attributed, in the model's order.
 
     Args:
         model: the network.
-        blocks: ``"model"`` (one block), ``"layer"`` (one block per module owning parameters)
-            or a mapping ``block name -> parameter names or module names``.
+        layers: module names or parameter names whose trainable parameters are selected
+            (``None``: all trainable parameters). The others are treated as constants, like
+            frozen parameters.
     """
     params = _trainable(model)
     if not params:
@@ -111,6 +115,50 @@ def resolve_blocks(
             f"{type(model).__name__} has no trainable parameters; unfreeze at least one "
             "(requires_grad=True)"
         )
+    if layers is None:
+        return params
+    if isinstance(layers, str):
+        layers = [layers]
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    modules = {n for n, _ in model.named_modules()}
+    chosen: set[str] = set()
+    for m in layers:
+        if m in params:
+            hits = [m]
+        else:
+            hits = [n for n in params if n.startswith(m + ".")] if m else list(params)
+        if not hits:
+            if m in frozen:
+                why = "is a frozen parameter"
+            elif m in modules:
+                why = "is a module without trainable parameters"
+            else:
+                why = "is not a parameter or module name"
+            raise InputError(
+                f"layers: {m!r} {why}; valid names: {sorted(params)} or their modules"
+            )
+        chosen.update(hits)
+    if not chosen:
+        raise InputError("layers= is empty: name at least one module or parameter")
+    return {n: p for n, p in params.items() if n in chosen}
+
+
+def resolve_blocks(
+    model: nn.Module,
+    blocks: str | Mapping[str, Sequence[str]] = "model",
+    layers: Sequence[str] | None = None,
+) -> list[ParamBlock]:
+    """Group the attributed parameters of ``model`` into curvature blocks.
+
+    Args:
+        model: the network.
+        blocks: ``"model"`` (one block), ``"layer"`` (one block per module owning parameters)
+            or a mapping ``block name -> parameter names or module names``. Blocks only group
+            the parameters; which parameters take part is decided by ``layers``.
+        layers: restrict the attributed parameters to these module or parameter names (see
+            :func:`select_parameters`); ``None``: every trainable parameter.
+    """
+    params = select_parameters(model, layers)
 
     def block(name: str, names: Sequence[str]) -> ParamBlock:
         return ParamBlock(name, tuple(names), tuple(tuple(params[n].shape) for n in names))
@@ -123,7 +171,7 @@ def resolve_blocks(
             groups.setdefault(n.rpartition(".")[0] or n, []).append(n)
         return [block(k, v) for k, v in groups.items()]
     if isinstance(blocks, Mapping):
-        frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+        trainable = _trainable(model)
         used: set[str] = set()
         out = []
         for bname, members in blocks.items():
@@ -136,7 +184,12 @@ def resolve_blocks(
                 else:
                     hits = [n for n in params if n.startswith(m + ".")]
                 if not hits:
-                    why = "is frozen" if m in frozen else "is not a parameter or module name"
+                    if m in trainable or any(n.startswith(m + ".") for n in trainable):
+                        why = "is not selected by layers="
+                    elif any(n == m for n, _ in model.named_parameters()):
+                        why = "is frozen"
+                    else:
+                        why = "is not a parameter or module name"
                     raise InputError(
                         f"block {bname!r}: {m!r} {why}; valid names: {sorted(params)}"
                     )
@@ -158,7 +211,9 @@ class ModelGradients:
     Args:
         model: the network (used as is; put it in ``eval()`` mode for deterministic outputs).
         loss: mean-reduced loss ``loss(outputs, targets)``.
-        blocks: block specification, see :func:`resolve_blocks`.
+        blocks: block specification (grouping), see :func:`resolve_blocks`.
+        layers: module or parameter names whose trainable parameters are attributed; the
+            other parameters are constants (like frozen ones). ``None``: all trainable.
         micro_batch_size: samples per vectorised micro-batch (bounds memory).
         vector_chunk: how many vectors a Hessian-vector product processes at once.
     """
@@ -169,6 +224,7 @@ class ModelGradients:
         loss: LossFn,
         blocks: str | Mapping[str, Sequence[str]] = "model",
         *,
+        layers: Sequence[str] | None = None,
         micro_batch_size: int = 64,
         vector_chunk: int = 64,
     ) -> None:
@@ -180,7 +236,10 @@ class ModelGradients:
             raise InputError("micro_batch_size and vector_chunk must be >= 1")
         self.model = model
         self.loss = loss
-        self.blocks = resolve_blocks(model, blocks)
+        self.layers: list[str] | None = (
+            None if layers is None else [layers] if isinstance(layers, str) else list(layers)
+        )
+        self.blocks = resolve_blocks(model, blocks, self.layers)
         self.micro_batch_size = int(micro_batch_size)
         self.vector_chunk = int(vector_chunk)
         offsets = [0]

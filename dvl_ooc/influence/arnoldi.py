@@ -6,9 +6,9 @@ fit:          H_b V_b = V_b diag(w_b),  V_b (p_b x k) orthonormal, the k eigenpa
               * ``solver="block"`` (default): block Lanczos with full reorthogonalisation,
                 Rayleigh-Ritz and thick restarts; each data pass multiplies a whole block of
                 ``block_size`` vectors (one ``hvp`` call), and stops when every wanted residual
-                ``||H u - w u|| <= tol * max|w|``;
+                ``||H u - w u|| <= max(rtol * max|w|, atol)``;
               * ``solver="arpack"``: implicitly restarted Lanczos (``scipy.sparse.linalg.eigsh``),
-                one data pass per single product.
+                one data pass per single product (its criterion is relative: ``tol=rtol``).
               If ``k >= p_b`` (or the Krylov space would span the block anyway) the explicit
               ``H_b`` is eigendecomposed instead (``eigh``, float64): full rank equals Direct.
 precondition: (H_b + lambda I)^{-1} g  ~=  V diag(1 / (w + lambda)) V^T g
@@ -34,7 +34,7 @@ image (``2 p_b krylov_dimension`` float64 entries); ARPACK needs ``krylov_dimens
 (krylov_dimension - k)`` passes of ONE vector each. Measured on the 650-parameter linear digits
 model: 15 block passes (300 products) vs 34 ARPACK passes for k = 10, 18 (1080 products) vs 128
 for k = 50; where per-pass overheads dominate (small models, data read from disk) the block
-solver wins. ``fit_info`` records passes and products per block. State: ``p_b * k``
+solver wins. ``info["fit"]`` records passes and products per block. State: ``p_b * k``
 eigenvector entries per block. Precondition: two ``(n, p_b) x (p_b, k)`` products.
 
 Negative eigenvalues: with ``hessian="exact"`` (indefinite for non-convex models) an eigenvalue
@@ -57,11 +57,11 @@ from torch import nn
 from ..data import DataLike
 from ..exceptions import ConvergenceError, InputError, RegularizationError
 from ..grads import HessianMode, LossFn, ParamBlock
-from .base import InfluenceModel
+from ..seeding import numpy_rng
+from .base import InfluenceModel, renamed_arguments
 from .sketch import (
     _NoConvergence,
     block_krylov_eigs,
-    block_rng,
     check_dtype,
     check_shifted,
     resolve_ranks,
@@ -74,22 +74,27 @@ class ArnoldiInfluence(InfluenceModel):
     """Low-rank influence from the top eigenpairs of the (block) curvature.
 
     Args:
-        model, loss, regularization, blocks, hessian, micro_batch_size: see
-            :class:`~dvl_ooc.influence.base.InfluenceModel`.
+        model, loss, regularization, blocks, layers, hessian, micro_batch_size: see
+            :class:`~dvl_ooc.influence.base.InfluenceModel` (``hessian="gauss-newton"`` by
+            default).
         rank: eigenpairs kept per block (an int, or ``block name -> int``); ``rank >= p_b``
             means the exact dense eigendecomposition of that block.
         solver: ``"block"`` (block Lanczos, default) or ``"arpack"`` (``eigsh``).
         block_size: vectors per data pass of the block solver; default ``rank + 10``.
         krylov_dimension: largest basis before a restart; default ``2 block_size + rank``
             (block) or ``max(2 rank + 1, 20)`` (ARPACK ``ncv``).
-        tol: relative residual tolerance; default 1e-10 for float64 models, 1e-6 for float32
-            ones (curvature products are only as accurate as the model's dtype).
+        rtol: relative residual tolerance (``||H u - w u|| <= rtol * max|w|``); default 1e-10
+            for float64 models, 1e-6 for float32 ones (curvature products are only as accurate
+            as the model's dtype). Deprecated name: ``tol``.
+        atol: absolute residual tolerance, used together with ``rtol``: a Ritz pair has
+            converged when ``||H u - w u|| <= max(rtol * max|w|, atol)`` (block solver; ARPACK's
+            criterion is relative only and ignores it). Default 0.
         which: ``"LM"`` largest magnitude (default) or ``"LA"`` largest algebraic value.
         max_iter: data-pass limit of the block solver (default 200) or ARPACK restart limit
             (default ``10 * p_b``).
         complement: add ``(1/lambda) (I - V V^T)`` (see the module docstring); needs
             ``lambda > 0`` and disables the k-dimensional features.
-        seed: seed of the Lanczos start vector (per block).
+        seed: seed of the Lanczos start vectors (stream ``(seed, block index)``).
         state_dtype: dtype of the stored eigenvectors (``torch.float64`` default; float32
             halves the state for large blocks). Eigenvalues are always float64.
     """
@@ -104,20 +109,25 @@ class ArnoldiInfluence(InfluenceModel):
         rank: int | Mapping[str, int] = 10,
         regularization: float | Mapping[str, float] = 1e-3,
         blocks: str | Mapping[str, Sequence[str]] = "model",
-        hessian: HessianMode = "exact",
+        hessian: HessianMode = "gauss-newton",
+        layers: Sequence[str] | None = None,
         solver: str = "block",
         block_size: int | None = None,
         krylov_dimension: int | None = None,
-        tol: float | None = None,
+        rtol: float | None = None,
+        atol: float = 0.0,
         which: str = "LM",
         max_iter: int | None = None,
         complement: bool = False,
         seed: int = 0,
         state_dtype: torch.dtype = torch.float64,
         micro_batch_size: int = 64,
+        **deprecated: Any,
     ) -> None:
+        rtol = renamed_arguments(ArnoldiInfluence.__init__, deprecated, {"tol": "rtol"},
+                                 {"rtol": rtol}).get("rtol", rtol)
         super().__init__(model, loss, regularization=regularization, blocks=blocks,
-                         hessian=hessian, micro_batch_size=micro_batch_size)
+                         hessian=hessian, layers=layers, micro_batch_size=micro_batch_size)
         self.ranks = resolve_ranks(rank, self.blocks)
         if solver not in ("block", "arpack"):
             raise InputError(f"solver must be 'block' or 'arpack', got {solver!r}")
@@ -132,8 +142,10 @@ class ArnoldiInfluence(InfluenceModel):
             or krylov_dimension < 2
         ):
             raise InputError(f"krylov_dimension must be an int >= 2, got {krylov_dimension!r}")
-        if tol is not None and not (tol >= 0):
-            raise InputError(f"tol must be >= 0, got {tol!r}")
+        if rtol is not None and not (rtol >= 0):
+            raise InputError(f"rtol must be >= 0, got {rtol!r}")
+        if not (atol >= 0):
+            raise InputError(f"atol must be >= 0, got {atol!r}")
         if max_iter is not None and (not isinstance(max_iter, int) or max_iter < 1):
             raise InputError(f"max_iter must be an int >= 1, got {max_iter!r}")
         if complement:
@@ -148,27 +160,25 @@ class ArnoldiInfluence(InfluenceModel):
         self.solver = solver
         self.block_size = block_size
         self.krylov_dimension = krylov_dimension
-        self.tol = tol
+        self.rtol = rtol
+        self.atol = float(atol)
         self.max_iter = max_iter
         self.complement = bool(complement)
         self.seed = int(seed)
         self.state_dtype = check_dtype(state_dtype)
-        #: per block: method ("lanczos" or "dense"), rank, data passes, curvature products
-        self.fit_info: list[dict[str, Any]] = []
 
     def _extra_config(self) -> dict[str, Any]:
         return {"rank": dict(self.ranks), "which": self.which, "complement": self.complement,
                 "solver": self.solver, "block_size": self.block_size,
-                "krylov_dimension": self.krylov_dimension, "tol": self.tol,
-                "max_iter": self.max_iter, "seed": self.seed}
+                "krylov_dimension": self.krylov_dimension, "rtol": self.rtol,
+                "atol": self.atol, "max_iter": self.max_iter, "seed": self.seed}
 
     # ------------------------------------------------------------------ fit
-    def fit(self, data: DataLike) -> ArnoldiInfluence:
-        self.fit_info = []
-        super().fit(data)
-        return self
-
-    def _fit_block(self, block: ParamBlock, data: DataLike, reg: float) -> dict[str, torch.Tensor]:
+    def _fit_block(
+        self, index: int, block: ParamBlock, data: DataLike, reg: float
+    ) -> dict[str, torch.Tensor]:
+        """Eigenpairs of block ``index``; per block ``info["fit"]`` gets method ("dense",
+        "block-lanczos" or "arpack"), rank, data passes and curvature products."""
         p = block.numel
         k = min(self.ranks[block.name], p)
         if self.solver == "block":
@@ -181,27 +191,27 @@ class ArnoldiInfluence(InfluenceModel):
             w, V = torch.linalg.eigh(H)
             order = torch.argsort(w.abs() if self.which == "LM" else w, descending=True)[:k]
             w, V = w[order], V[:, order]
-            self.fit_info.append({"block": block.name, "method": "dense", "rank": k,
-                                  "data_passes": None, "products": None})
+            self.info["fit"].append({"block": block.name, "method": "dense", "rank": k,
+                                     "data_passes": None, "products": None})
         elif self.solver == "block":
-            w, V, info = self._block_lanczos(block, data, k, bs, ncv)
-            self.fit_info.append({"block": block.name, "method": "block-lanczos", "rank": k,
-                                  **info})
+            w, V, info = self._block_lanczos(index, block, data, k, bs, ncv)
+            self.info["fit"].append({"block": block.name, "method": "block-lanczos",
+                                     "rank": k, **info})
         else:
-            w, V, passes = self._lanczos(block, data, k, ncv)
-            self.fit_info.append({"block": block.name, "method": "arpack", "rank": k,
-                                  "data_passes": passes, "products": passes})
+            w, V, passes = self._lanczos(index, block, data, k, ncv)
+            self.info["fit"].append({"block": block.name, "method": "arpack", "rank": k,
+                                     "data_passes": passes, "products": passes})
         check_shifted(w, reg, block.name, type(self).__name__)
         return {"eigenvalues": w.to(torch.float64),
                 "eigenvectors": V.to(self.state_dtype).contiguous()}
 
     def _default_tol(self) -> float:
-        if self.tol is not None:
-            return self.tol
+        if self.rtol is not None:
+            return self.rtol
         return 1e-10 if self.grads.dtype == torch.float64 else 1e-6
 
     def _block_lanczos(
-        self, block: ParamBlock, data: DataLike, k: int, bs: int, max_dim: int
+        self, index: int, block: ParamBlock, data: DataLike, k: int, bs: int, max_dim: int
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
         dtype, device = self.grads.dtype, self.grads.device
         products = 0
@@ -218,23 +228,22 @@ class ArnoldiInfluence(InfluenceModel):
                 )
             return out
 
-        idx = [b.name for b in self.blocks].index(block.name)
         try:
             w, V, passes, res = block_krylov_eigs(
                 matmat, block.numel, k, which=self.which, block_size=bs, max_dim=max_dim,
-                tol=self._default_tol(), max_passes=self.max_iter or 200,
-                rng=block_rng(self.seed, idx), device=device,
+                tol=self._default_tol(), atol=self.atol, max_passes=self.max_iter or 200,
+                rng=numpy_rng(self.seed, index), device=device,
             )
         except _NoConvergence as e:
             raise ConvergenceError(
                 f"block Lanczos found {e.converged} of {k} eigenpairs of block {block.name!r} "
                 f"in {e.passes} data passes (largest relative residual {e.residual:.2e}); "
-                "increase max_iter, block_size or krylov_dimension, or loosen tol"
+                "increase max_iter, block_size or krylov_dimension, or loosen rtol/atol"
             ) from e
         return w, V, {"data_passes": passes, "products": products, "residual": res}
 
     def _lanczos(
-        self, block: ParamBlock, data: DataLike, k: int, ncv: int
+        self, index: int, block: ParamBlock, data: DataLike, k: int, ncv: int
     ) -> tuple[torch.Tensor, torch.Tensor, int]:
         p = block.numel
         dtype, device = self.grads.dtype, self.grads.device
@@ -258,8 +267,7 @@ class ArnoldiInfluence(InfluenceModel):
             matvec=lambda x: matmat(np.asarray(x).reshape(p, 1))[:, 0],
             matmat=matmat,
         )
-        idx = [b.name for b in self.blocks].index(block.name)
-        v0 = block_rng(self.seed, idx).standard_normal(p)
+        v0 = numpy_rng(self.seed, index).standard_normal(p)
         tol = self._default_tol()
         try:
             w, V = eigsh(op, k=k, which=self.which, v0=v0, ncv=ncv, tol=tol,
@@ -268,7 +276,7 @@ class ArnoldiInfluence(InfluenceModel):
             raise ConvergenceError(
                 f"Lanczos did not find {k} eigenpairs of block {block.name!r} "
                 f"({len(e.eigenvalues)} converged) within max_iter; increase "
-                "krylov_dimension or max_iter, or loosen tol"
+                "krylov_dimension or max_iter, or loosen rtol"
             ) from e
         except ArpackError as e:  # pragma: no cover - ARPACK internal failure
             raise ConvergenceError(f"ARPACK failed on block {block.name!r}: {e}") from e

@@ -9,15 +9,33 @@ Positive values mean that up-weighting training point ``r`` lowers the loss of t
 (``r`` is helpful). With a block structure (``blocks="layer"`` or a mapping) ``H`` is replaced
 by its block diagonal and the inner product is the sum over blocks.
 
-Subclasses implement, per block, ``_fit_block`` (estimate and store curvature state) and
-``_precondition_block`` (apply the regularised inverse to a ``(n, p_block)`` matrix), and list
-the names of their fitted tensors in ``_state_keys`` so that the state can be saved and shipped.
+Arguments shared by every method (keyword-only): ``regularization``, ``blocks`` (how the
+attributed parameters are *grouped* into curvature blocks), ``layers`` (which module or parameter
+names are *attributed*; the other parameters are constants, like frozen ones), ``hessian``
+(``"gauss-newton"``, the default of every method, or ``"exact"``) and ``micro_batch_size``.
+Iterative methods also take ``max_iter``, ``rtol`` and ``atol``, and ``solver`` for the
+algorithm variant; seeded ones ``seed`` (streams derived through :mod:`dvl_ooc.seeding`).
+
+A new method is a subclass with no ``fit`` override. :meth:`InfluenceModel.fit` validates the
+data (one pass over it when the class sets ``validates_fit_data``), resets ``info["fit"]`` and
+calls ``_fit_blocks(data)``, which by default loops over the blocks calling
+``_fit_block(index, block, data, reg)`` (estimate and return the block's curvature state; a
+method whose blocks share data passes, like EK-FAC, overrides ``_fit_blocks`` instead).
+``_precondition_block(index, block, g, reg)`` applies the regularised inverse to a
+``(n, p_block)`` matrix; ``_state_keys`` names the fitted tensors so that the state can be saved
+and shipped.
+
+Diagnostics: ``info["fit"]`` (one plain-data dict per block, reset by every ``fit``) and
+``info["solve"]`` (one dict per block from the last ``precondition``, for iterative solvers).
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import io
+import math
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -25,10 +43,47 @@ import torch
 from torch import nn
 
 from ..data import DataLike, num_samples
-from ..exceptions import InputError, NotFittedError, RegularizationError
+from ..exceptions import InputError, NonFiniteError, NotFittedError, RegularizationError
 from ..grads import HessianMode, LossFn, ModelGradients, ParamBlock
 
-__all__ = ["InfluenceModel"]
+__all__ = ["InfluenceModel", "validate_fit_data"]
+
+
+def validate_fit_data(grads: ModelGradients, data: DataLike) -> None:
+    """One pass over ``data``: shapes, finiteness of inputs and of the mean loss."""
+    loss = grads.mean_loss(data)
+    if not math.isfinite(loss):
+        raise NonFiniteError(
+            f"the mean training loss is {loss}; check the labels and the loss (e.g. log of 0)"
+        )
+
+
+def renamed_arguments(
+    init: Any, deprecated: Mapping[str, Any], renames: Mapping[str, str], given: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Resolve deprecated keyword names of a constructor (``**deprecated`` catches them).
+
+    ``init`` is the constructor defining the new names, ``given`` the values it received for
+    them. Returns ``new name -> value`` for the arguments passed under their old name (with a
+    ``DeprecationWarning``); an unknown keyword raises ``TypeError`` and passing both the old
+    and the (non-default) new name raises :class:`~dvl_ooc.exceptions.InputError`.
+    """
+    from .._compat import renamed_kwargs
+
+    owner = init.__qualname__.rpartition(".")[0] or init.__qualname__
+    unknown = sorted(set(deprecated) - set(renames))
+    if unknown:
+        raise TypeError(f"{owner}() got an unexpected keyword argument {unknown[0]!r}")
+    if not deprecated:
+        return {}
+    params = inspect.signature(init).parameters
+    kw: dict[str, Any] = {
+        new: given[new] for old, new in renames.items()
+        if old in deprecated and given[new] != params[new].default
+    }
+    kw.update(deprecated)
+    renamed_kwargs(owner, kw, renames)
+    return {new: kw[new] for old, new in renames.items() if old in deprecated}
 
 
 class InfluenceModel:
@@ -39,9 +94,18 @@ class InfluenceModel:
         loss: mean-reduced loss ``loss(outputs, targets)``.
         regularization: ``lambda`` added to the curvature; a float, or a mapping
             ``block name -> float`` when using several blocks.
-        blocks: ``"model"``, ``"layer"`` or a mapping ``block name -> parameter/module names``.
-        hessian: ``"exact"`` or ``"gauss-newton"`` (where the method supports both).
+        blocks: how the attributed parameters are grouped into curvature blocks:
+            ``"model"``, ``"layer"`` or a mapping ``block name -> parameter/module names``.
+        hessian: ``"gauss-newton"`` (default for every method; positive semi-definite for
+            convex losses) or ``"exact"`` (where the method supports it).
+        layers: module or parameter names whose trainable parameters are attributed; the
+            others are treated as constants (like frozen ones). ``None``: all of them.
         micro_batch_size: samples per vectorised gradient micro-batch (bounds memory).
+
+    Attributes:
+        info: diagnostics as plain data: ``info["fit"]`` (list of per-block dicts, reset by
+            :meth:`fit`) and ``info["solve"]`` (per-block dicts of the last
+            :meth:`precondition`; empty for direct methods).
     """
 
     #: methods that cannot work with lambda == 0 set this to True
@@ -53,6 +117,9 @@ class InfluenceModel:
     #: methods that need the fit data again when preconditioning (CG, LiSSA) set this to True;
     #: the data is never pickled or saved: re-attach it with :meth:`attach_data`
     needs_data_to_precondition: ClassVar[bool] = False
+    #: methods that never look at the whole fit data during ``fit`` (e.g. CG, LiSSA) set this
+    #: to True so that ``fit`` checks it (shapes, finite inputs and mean loss) in one pass
+    validates_fit_data: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -61,7 +128,8 @@ class InfluenceModel:
         *,
         regularization: float | Mapping[str, float] = 1e-3,
         blocks: str | Mapping[str, Sequence[str]] = "model",
-        hessian: HessianMode = "exact",
+        hessian: HessianMode = "gauss-newton",
+        layers: Sequence[str] | None = None,
         micro_batch_size: int = 64,
     ) -> None:
         if hessian not in self.supported_hessians:
@@ -70,8 +138,11 @@ class InfluenceModel:
                 f"not {hessian!r}"
             )
         model.eval()
-        self.grads = ModelGradients(model, loss, blocks, micro_batch_size=micro_batch_size)
+        self.grads = ModelGradients(model, loss, blocks, layers=layers,
+                                    micro_batch_size=micro_batch_size)
+        self.layers: list[str] | None = self.grads.layers
         self.hessian_mode: HessianMode = hessian
+        self.info: dict[str, list[dict[str, Any]]] = {"fit": [], "solve": []}
         self.regularization = self._resolve_regularization(regularization)
         self._state: list[dict[str, torch.Tensor]] | None = None
         self._fit_data: DataLike | None = None
@@ -93,6 +164,20 @@ class InfluenceModel:
     @property
     def is_fitted(self) -> bool:
         return self._state is not None
+
+    @property
+    def fit_info(self) -> list[dict[str, Any]]:
+        """Deprecated: use ``info["fit"]``."""
+        warnings.warn(f"{type(self).__name__}.fit_info is deprecated, use .info['fit']",
+                      DeprecationWarning, stacklevel=2)
+        return self.info["fit"]
+
+    @property
+    def last_info(self) -> list[dict[str, Any]]:
+        """Deprecated: use ``info["solve"]``."""
+        warnings.warn(f"{type(self).__name__}.last_info is deprecated, use .info['solve']",
+                      DeprecationWarning, stacklevel=2)
+        return self.info["solve"]
 
     def _resolve_regularization(self, reg: float | Mapping[str, float]) -> dict[str, float]:
         names = [b.name for b in self.blocks]
@@ -128,6 +213,7 @@ class InfluenceModel:
             "hessian": self.hessian_mode,
             "regularization": dict(self.regularization),
             "blocks": {b.name: list(b.names) for b in self.blocks},
+            "layers": None if self.layers is None else list(self.layers),
             **self._extra_config(),
         }
 
@@ -136,16 +222,24 @@ class InfluenceModel:
 
     # ------------------------------------------------------------------ fitting
     def fit(self, data: DataLike) -> InfluenceModel:
-        """Estimate the curvature on ``data`` ((x, y), Dataset or DataLoader); returns self."""
+        """Estimate the curvature on ``data`` ((x, y), Dataset or DataLoader); returns self.
+
+        Subclasses do not override this: they implement ``_fit_block`` (or ``_fit_blocks``).
+        """
         n = num_samples(data)
-        state = []
-        for block in self.blocks:
-            state.append(self._fit_block(block, data, self.regularization[block.name]))
+        if self.validates_fit_data:
+            validate_fit_data(self.grads, data)
+        self.info["fit"] = []
+        state = self._fit_blocks(data)
         self.n_fit = n
         self._state = state
-        if self.needs_data_to_precondition:
-            self._fit_data = data
+        self._fit_data = data if self.needs_data_to_precondition else None
         return self
+
+    def _fit_blocks(self, data: DataLike) -> list[dict[str, torch.Tensor]]:
+        """The fitted state of every block (default: ``_fit_block`` block by block)."""
+        return [self._fit_block(i, block, data, self.regularization[block.name])
+                for i, block in enumerate(self.blocks)]
 
     def attach_data(self, data: DataLike) -> InfluenceModel:
         """Re-attach the fit data to a loaded or unpickled model that needs it to precondition."""
@@ -161,7 +255,11 @@ class InfluenceModel:
         d["_fit_data"] = None
         return d
 
-    def _fit_block(self, block: ParamBlock, data: DataLike, reg: float) -> dict[str, torch.Tensor]:
+    def _fit_block(
+        self, index: int, block: ParamBlock, data: DataLike, reg: float
+    ) -> dict[str, torch.Tensor]:
+        """Estimate the curvature state of block ``index``; record diagnostics in
+        ``self.info["fit"]``."""
         raise NotImplementedError
 
     def _precondition_block(
@@ -193,6 +291,7 @@ class InfluenceModel:
                 f"expected gradients of shape (n, {self.grads.num_params}), got {tuple(g.shape)}"
             )
         out = torch.empty_like(g)
+        self.info["solve"] = []
         for i, (block, sl) in enumerate(zip(self.blocks, self.grads.block_slices)):
             out[:, sl] = self._precondition_block(
                 i, block, g[:, sl], self.regularization[block.name]
@@ -268,13 +367,16 @@ class InfluenceModel:
         return self.load_state(blob["state"])
 
     def fingerprint(self) -> str:
-        """Hash of the method configuration, model weights and fitted state."""
+        """Hash of the method configuration, model weights and fitted state (with the number
+        of fit samples: methods whose state does not hold the curvature, like CG without a
+        preconditioner, still change their fingerprint when refitted on other data sizes)."""
         h = hashlib.sha256()
         h.update(repr(sorted(self.config().items())).encode())
         for n, t in sorted(self.model.state_dict().items()):
             h.update(n.encode())
             h.update(t.detach().cpu().contiguous().numpy().tobytes())
         if self._state is not None:
+            h.update(f"n_fit={self.n_fit}".encode())
             buf = io.BytesIO()
             torch.save(self._state, buf)
             h.update(buf.getvalue())

@@ -6,8 +6,9 @@ fit:          nothing about H is stored, only an optional preconditioner M ~ H_b
                 Hutchinson estimate mean_k z_k * (H_b z_k) with Rademacher z_k (exact Hessian);
               * ``"nystroem"``: rank-r Nystroem sketch H_b ~ U diag(s) U^T from r curvature-vector
                 products against an orthonormal Gaussian test matrix Omega,
-                Y = H Omega,  H_nys = Y (Omega^T Y)^+ Y^T  (stabilised by a shift),
-                applied through the regularised Woodbury inverse
+                Y = H Omega,  H_nys = Y (Omega^T Y)^+ Y^T  (stabilised by a shift; the one
+                :func:`~dvl_ooc.influence.sketch.nystroem_sketch`, negative curvature silently
+                clipped), applied through the regularised Woodbury inverse
                 M^-1 v = U diag((s_r + lambda) / (s + lambda)) U^T v + (v - U U^T v).
 precondition: batched preconditioned CG, one column per gradient row. Every iteration is ONE
               vectorised curvature-vector product of the mean loss over the fit data for all
@@ -15,9 +16,12 @@ precondition: batched preconditioned CG, one column per gradient row. Every iter
                   alpha = r^T z / p^T A p,   x += alpha p,   r -= alpha A p,
                   z = M^-1 r,  beta = r_new^T z_new / r^T z,  p = z + beta p.
               A column stops (and leaves the product) when ||r|| <= max(rtol ||g||, atol).
-              ``method="block"`` runs O'Leary's block CG instead: one shared Krylov space for all
+              ``solver="block"`` runs O'Leary's block CG instead: one shared Krylov space for all
               columns (fewer iterations when gradients are correlated), with the search block
               re-orthonormalised by QR and rank-deficient directions deflated.
+
+Budget and diagnostics: at most ``max_iter`` iterations per solve; ``info["solve"]`` holds, per
+block, the iterations, the largest relative residual and how many columns converged.
 
 Cost: ``iterations`` data passes, each costing k curvature-vector products for k active columns
 (about 2-4 forward/backward passes per vector); CG needs about sqrt(cond(A)) log(1/rtol)
@@ -31,7 +35,8 @@ parameters.
 
 CG needs A = H_b + lambda I positive definite. The exact Hessian of a non-convex model is
 indefinite: a direction with p^T A p <= 0 raises :class:`NegativeCurvatureError`; use
-``hessian="gauss-newton"`` or a larger ``regularization``.
+``hessian="gauss-newton"`` (the default) or a larger ``regularization``. Random probes and
+sketches of block ``i`` use ``dvl_ooc.seeding`` streams keyed ``(seed, i)``.
 """
 
 from __future__ import annotations
@@ -52,20 +57,15 @@ from ..exceptions import (
     NonFiniteError,
 )
 from ..grads import HessianMode, LossFn, ModelGradients, ParamBlock
-from .base import InfluenceModel
+from ..seeding import numpy_rng, torch_generator
+from .base import InfluenceModel, renamed_arguments
+from .base import validate_fit_data as validate_fit_data  # re-export (moved to base)
+from .sketch import nystroem_sketch  # re-export: the one Nystroem sketch lives in sketch.py
 
 __all__ = ["CgInfluence", "gauss_newton_diagonal", "hutchinson_diagonal", "nystroem_sketch"]
 
 
 # ---------------------------------------------------------------------- helpers
-def validate_fit_data(grads: ModelGradients, data: DataLike) -> None:
-    """One pass over ``data``: shapes, finiteness of inputs and of the mean loss."""
-    loss = grads.mean_loss(data)
-    if not math.isfinite(loss):
-        raise NonFiniteError(
-            f"the mean training loss is {loss}; check the labels and the loss (e.g. log of 0)"
-        )
-
 
 def gauss_newton_diagonal(
     grads: ModelGradients, data: DataLike, block: ParamBlock
@@ -94,42 +94,6 @@ def hutchinson_diagonal(
     return (z * hz).mean(0)
 
 
-def nystroem_sketch(
-    grads: ModelGradients,
-    data: DataLike,
-    block: ParamBlock,
-    mode: HessianMode,
-    rank: int,
-    generator: torch.Generator,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rank-``rank`` Nystroem approximation ``U diag(s) U^T`` of the block curvature.
-
-    One batched curvature product ``Y = H Omega`` (``Omega`` orthonormal Gaussian). The core
-    ``Omega^T Y`` is shifted by ``sigma`` (at least a round-off level ``nu``, more when the
-    exact Hessian is indefinite) so that its Cholesky factor exists; the shift is removed from
-    the eigenvalues afterwards and negative values are clipped (the sketch is a preconditioner,
-    a PSD approximation is what it needs). Returns ``U (p, r)`` and ``s (r,)`` in float64.
-    """
-    p = block.numel
-    r = min(rank, p)
-    omega = torch.randn(p, r, generator=generator, dtype=torch.float64)
-    omega = torch.linalg.qr(omega).Q.to(grads.device)
-    Y = grads.hvp(omega.T.to(grads.dtype), data, block, mode).to(torch.float64).T  # (p, r)
-    eps = torch.finfo(grads.dtype).eps
-    nu = math.sqrt(p) * eps * float(torch.linalg.norm(Y))
-    core = omega.T @ Y
-    core = 0.5 * (core + core.T)
-    e_min = float(torch.linalg.eigvalsh(core)[0])
-    sigma = nu + max(0.0, -e_min) * 1.01 + (nu if e_min < 0 else 0.0)
-    Ys = Y + sigma * omega
-    L = torch.linalg.cholesky(core + sigma * torch.eye(r, dtype=torch.float64,
-                                                       device=core.device))
-    B = torch.linalg.solve_triangular(L, Ys.T, upper=False).T  # Ys L^{-T}
-    U, S, _ = torch.linalg.svd(B, full_matrices=False)
-    s = (S**2 - sigma).clamp_min(0.0)
-    return U, s
-
-
 def _finite_or_raise(t: torch.Tensor, what: str) -> None:
     if not bool(torch.isfinite(t).all()):
         raise NonFiniteError(f"{what} has non-finite entries; check the inputs and the loss")
@@ -140,13 +104,16 @@ class CgInfluence(InfluenceModel):
     """Influence by (preconditioned) conjugate gradients on curvature-vector products.
 
     Args:
-        model, loss, regularization, blocks, hessian, micro_batch_size: see
-            :class:`~dvl_ooc.influence.base.InfluenceModel`. ``regularization >= 0``;
-            0 is fine when the curvature is positive definite.
+        model, loss, regularization, blocks, layers, hessian, micro_batch_size: see
+            :class:`~dvl_ooc.influence.base.InfluenceModel` (``hessian="gauss-newton"`` by
+            default). ``regularization >= 0``; 0 is fine when the curvature is positive
+            definite.
         rtol, atol: a column stops when ``||residual|| <= max(rtol * ||g||, atol)``.
-        maxiter: iteration budget per solve (per block and right-hand-side chunk).
-        method: ``"batched"`` (independent CG per column, robust default) or ``"block"``
-            (O'Leary block CG with QR re-orthonormalisation and deflation).
+        max_iter: iteration budget per solve (per block and right-hand-side chunk).
+            Deprecated name: ``maxiter``.
+        solver: ``"batched"`` (independent CG per column, robust default) or ``"block"``
+            (O'Leary block CG with QR re-orthonormalisation and deflation). Deprecated name:
+            ``method``.
         preconditioner: ``None``, ``"jacobi"`` or ``"nystroem"``.
         rank: rank of the Nystroem sketch.
         diagonal: how the Jacobi diagonal is obtained: ``"auto"`` (exact for Gauss-Newton,
@@ -155,15 +122,16 @@ class CgInfluence(InfluenceModel):
         hutchinson_samples: probe vectors of the Hutchinson estimate.
         rhs_chunk: solve at most this many right-hand sides together (bounds the ``k x p``
             work matrices; every chunk costs its own data passes). ``None``: all at once.
-        seed: seed of the random sketches.
+        seed: seed of the random sketches and probes (streams ``(seed, block index)``).
         raise_on_nonconvergence: raise :class:`ConvergenceError` instead of warning with
-            :class:`ConvergenceWarning` when ``maxiter`` is reached.
+            :class:`ConvergenceWarning` when ``max_iter`` is reached.
 
-    After each :meth:`precondition`, ``last_info`` holds per block the number of iterations,
-    the largest relative residual and how many columns converged.
+    After each :meth:`precondition`, ``info["solve"]`` holds per block the number of
+    iterations, the largest relative residual and how many columns converged.
     """
 
     needs_data_to_precondition = True
+    validates_fit_data = True
 
     def __init__(
         self,
@@ -172,12 +140,13 @@ class CgInfluence(InfluenceModel):
         *,
         regularization: float | Mapping[str, float] = 1e-3,
         blocks: str | Mapping[str, Sequence[str]] = "model",
-        hessian: HessianMode = "exact",
+        hessian: HessianMode = "gauss-newton",
+        layers: Sequence[str] | None = None,
         micro_batch_size: int = 64,
         rtol: float = 1e-6,
         atol: float = 0.0,
-        maxiter: int = 1000,
-        method: Literal["batched", "block"] = "batched",
+        max_iter: int = 1000,
+        solver: Literal["batched", "block"] = "batched",
         preconditioner: Literal["jacobi", "nystroem"] | None = None,
         rank: int = 32,
         diagonal: Literal["auto", "gauss-newton", "hutchinson"] = "auto",
@@ -185,15 +154,20 @@ class CgInfluence(InfluenceModel):
         rhs_chunk: int | None = None,
         seed: int = 0,
         raise_on_nonconvergence: bool = False,
+        **deprecated: Any,
     ) -> None:
+        old = renamed_arguments(CgInfluence.__init__, deprecated,
+                                {"maxiter": "max_iter", "method": "solver"},
+                                {"max_iter": max_iter, "solver": solver})
+        max_iter, solver = old.get("max_iter", max_iter), old.get("solver", solver)
         super().__init__(model, loss, regularization=regularization, blocks=blocks,
-                         hessian=hessian, micro_batch_size=micro_batch_size)
+                         hessian=hessian, layers=layers, micro_batch_size=micro_batch_size)
         if not (rtol >= 0 and atol >= 0) or (rtol == 0 and atol == 0):
             raise InputError("need rtol >= 0 and atol >= 0, not both 0")
-        if maxiter < 1:
-            raise InputError(f"maxiter must be >= 1, got {maxiter}")
-        if method not in ("batched", "block"):
-            raise InputError(f"method must be 'batched' or 'block', got {method!r}")
+        if max_iter < 1:
+            raise InputError(f"max_iter must be >= 1, got {max_iter}")
+        if solver not in ("batched", "block"):
+            raise InputError(f"solver must be 'batched' or 'block', got {solver!r}")
         if preconditioner not in (None, "jacobi", "nystroem"):
             raise InputError(
                 f"preconditioner must be None, 'jacobi' or 'nystroem', got {preconditioner!r}"
@@ -206,8 +180,8 @@ class CgInfluence(InfluenceModel):
             raise InputError("rank and hutchinson_samples must be >= 1")
         if rhs_chunk is not None and rhs_chunk < 1:
             raise InputError(f"rhs_chunk must be >= 1 or None, got {rhs_chunk}")
-        self.rtol, self.atol, self.maxiter = float(rtol), float(atol), int(maxiter)
-        self.method = method
+        self.rtol, self.atol, self.max_iter = float(rtol), float(atol), int(max_iter)
+        self.solver = solver
         self.preconditioner = preconditioner
         self.rank = int(rank)
         self.diagonal = diagonal
@@ -215,11 +189,10 @@ class CgInfluence(InfluenceModel):
         self.rhs_chunk = rhs_chunk
         self.seed = int(seed)
         self.raise_on_nonconvergence = bool(raise_on_nonconvergence)
-        self.last_info: list[dict[str, Any]] = []
 
     def _extra_config(self) -> dict[str, Any]:
         return {
-            "method_cg": self.method,
+            "solver": self.solver,
             "preconditioner": self.preconditioner,
             "rank": self.rank if self.preconditioner == "nystroem" else None,
             "diagonal": self.diagonal if self.preconditioner == "jacobi" else None,
@@ -227,13 +200,11 @@ class CgInfluence(InfluenceModel):
         }
 
     # ------------------------------------------------------------------ fit
-    def fit(self, data: DataLike) -> CgInfluence:
-        validate_fit_data(self.grads, data)
-        return super().fit(data)  # type: ignore[return-value]
-
-    def _fit_block(self, block: ParamBlock, data: DataLike, reg: float) -> dict[str, torch.Tensor]:
-        index = [b.name for b in self.blocks].index(block.name)
-        gen = torch.Generator().manual_seed(self.seed + 7919 * index)
+    def _fit_block(
+        self, index: int, block: ParamBlock, data: DataLike, reg: float
+    ) -> dict[str, torch.Tensor]:
+        """The preconditioner of block ``index`` (nothing without one)."""
+        self.info["fit"].append({"block": block.name, "preconditioner": self.preconditioner})
         if self.preconditioner == "jacobi":
             kind = self.diagonal
             if kind == "auto":
@@ -242,11 +213,13 @@ class CgInfluence(InfluenceModel):
                 d = gauss_newton_diagonal(self.grads, data, block)
             else:
                 d = hutchinson_diagonal(self.grads, data, block, self.hessian_mode,
-                                        self.hutchinson_samples, gen)
+                                        self.hutchinson_samples,
+                                        torch_generator(self.seed, index))
             _finite_or_raise(d, "the curvature diagonal")
             return {"diagonal": d}
         if self.preconditioner == "nystroem":
-            U, s = nystroem_sketch(self.grads, data, block, self.hessian_mode, self.rank, gen)
+            U, s = nystroem_sketch(self.grads, data, block, self.hessian_mode, self.rank,
+                                   numpy_rng(self.seed, index))
             _finite_or_raise(s, "the Nystroem sketch")
             return {"nystroem_basis": U, "nystroem_eigenvalues": s}
         return {}
@@ -287,12 +260,12 @@ class CgInfluence(InfluenceModel):
             return self.grads.hvp(V, data, block, self.hessian_mode) + reg * V
 
         minv = self._preconditioner_fn(i, reg)
-        solve = _batched_cg if self.method == "batched" else _block_cg
+        solve = _batched_cg if self.solver == "batched" else _block_cg
         chunk = self.rhs_chunk or max(len(G), 1)
         out = torch.empty_like(G)
         infos = []
         for s in range(0, len(G), chunk):
-            X, info = solve(op, G[s : s + chunk], minv, self.rtol, self.atol, self.maxiter)
+            X, info = solve(op, G[s : s + chunk], minv, self.rtol, self.atol, self.max_iter)
             out[s : s + chunk] = X
             infos.append(info)
         info = {
@@ -303,15 +276,13 @@ class CgInfluence(InfluenceModel):
             "converged": sum(d["converged"] for d in infos),
             "columns": len(G),
         }
-        if i == 0:
-            self.last_info = []
-        self.last_info.append(info)
+        self.info["solve"].append(info)
         if info["converged"] < len(G):
             msg = (
                 f"CG did not converge for {len(G) - info['converged']} of {len(G)} gradients in "
-                f"block {block.name!r} within maxiter={self.maxiter} (largest relative residual "
-                f"{info['max_relative_residual']:.2e} > rtol={self.rtol:g}); raise maxiter, use "
-                "a preconditioner or a larger regularization"
+                f"block {block.name!r} within max_iter={self.max_iter} (largest relative "
+                f"residual {info['max_relative_residual']:.2e} > rtol={self.rtol:g}); raise "
+                "max_iter, use a preconditioner or a larger regularization"
             )
             if self.raise_on_nonconvergence:
                 raise ConvergenceError(msg)
@@ -327,7 +298,7 @@ def _negative_curvature(pap: torch.Tensor) -> NegativeCurvatureError:
     )
 
 
-def _batched_cg(op, B: torch.Tensor, minv, rtol: float, atol: float, maxiter: int):
+def _batched_cg(op, B: torch.Tensor, minv, rtol: float, atol: float, max_iter: int):
     """Independent (preconditioned) CG per row of ``B``; one ``op`` call per iteration."""
     k = len(B)
     X = torch.zeros_like(B)
@@ -340,7 +311,7 @@ def _batched_cg(op, B: torch.Tensor, minv, rtol: float, atol: float, maxiter: in
     rnorm = bnorm.clone()
     active = rnorm > tol
     it = 0
-    while bool(active.any()) and it < maxiter:
+    while bool(active.any()) and it < max_iter:
         idx = active.nonzero().flatten()
         Pa = P[idx]
         AP = op(Pa)
@@ -370,7 +341,7 @@ def _batched_cg(op, B: torch.Tensor, minv, rtol: float, atol: float, maxiter: in
     return X, info
 
 
-def _block_cg(op, B: torch.Tensor, minv, rtol: float, atol: float, maxiter: int):
+def _block_cg(op, B: torch.Tensor, minv, rtol: float, atol: float, max_iter: int):
     """O'Leary block CG on the rows of ``B`` (all columns share one Krylov space).
 
     The search block is kept orthonormal in the A-inner product's Cholesky sense via a QR of
@@ -390,7 +361,7 @@ def _block_cg(op, B: torch.Tensor, minv, rtol: float, atol: float, maxiter: int)
     AP_prev: torch.Tensor | None = None
     it = 0
     eps = torch.finfo(dtype).eps
-    while bool(active.any()) and it < maxiter:
+    while bool(active.any()) and it < max_iter:
         Ra = R[active]
         Z = minv(Ra) if minv is not None else Ra
         # new directions: Z A-orthogonalised against the previous block (conjugacy)

@@ -1,12 +1,14 @@
 """Direct influence: the explicit curvature matrix, eigendecomposed once.
 
-fit:          H_b = (1/n) sum_i d^2 l_i / d theta_b^2        (or its Gauss-Newton matrix)
+fit:          H_b = (1/n) sum_i J_i^T (d^2 l_i / d out^2) J_i   (Gauss-Newton, the default)
+              or H_b = (1/n) sum_i d^2 l_i / d theta_b^2       (``hessian="exact"``)
               H_b = V diag(w) V^T                              (float64 ``eigh``)
 precondition: (H_b + lambda I)^{-1} g = V diag(1 / (w + lambda)) V^T g
 
 Cost: building H needs ``p_b`` Hessian-vector products per sample (exact) or one output
 Jacobian per sample (Gauss-Newton); the state is ``p_b^2`` floats per block. Every later
-``precondition`` is two matrix products, never a new solve.
+``precondition`` is two matrix products, never a new solve. ``info["fit"]`` records the
+extreme eigenvalues of every block.
 """
 
 from __future__ import annotations
@@ -22,14 +24,20 @@ __all__ = ["DirectInfluence"]
 
 
 class DirectInfluence(InfluenceModel):
-    """Exact influence from the explicit (block) Hessian; for models up to ~10^4 parameters
-    per block. See :class:`~dvl_ooc.influence.base.InfluenceModel` for the arguments."""
+    """Exact influence from the explicit (block) curvature matrix; for models up to ~10^4
+    parameters per block. Arguments: ``regularization``, ``blocks``, ``layers``, ``hessian``
+    (``"gauss-newton"`` default, or ``"exact"``), ``micro_batch_size``; see
+    :class:`~dvl_ooc.influence.base.InfluenceModel`."""
 
     _state_keys = ("eigenvalues", "eigenvectors")
 
-    def _fit_block(self, block: ParamBlock, data: DataLike, reg: float) -> dict[str, torch.Tensor]:
+    def _fit_block(
+        self, index: int, block: ParamBlock, data: DataLike, reg: float
+    ) -> dict[str, torch.Tensor]:
         H = self.grads.hessian(data, block, self.hessian_mode)
         w, V = torch.linalg.eigh(H)
+        self.info["fit"].append({"block": block.name, "size": block.numel,
+                                 "min_eigenvalue": float(w[0]), "max_eigenvalue": float(w[-1])})
         shifted = w + reg
         if bool((shifted.abs() <= 1e-12 * max(1.0, float(w.abs().max()))).any()):
             raise InputError(

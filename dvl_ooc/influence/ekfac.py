@@ -8,6 +8,8 @@ the gradient of the per-sample loss w.r.t. the layer output at that position,
     G_i = sum_l g_il a_il^T                          (d_out x d_in[+1], "combined" gradient)
 
 One block per layer (parameters of other layers are ignored: block-diagonal curvature).
+``layers=`` restricts which ``Linear`` / ``Conv2d`` layers are factored (and attributed); the
+other parameters, trainable or not, are then constants.
 
 K-FAC approximates the layer's curvature block ``E_i[vec G_i vec G_i^T]`` by ``A (x) S`` with
 
@@ -36,8 +38,9 @@ Fisher/Gauss-Newton factorisation chosen by ``fisher``:
   per micro-batch for ``C`` outputs, plus an ``O(C^3)`` eigendecomposition per sample.
 * ``"empirical"``: the gradient of the loss at the true labels (one backward pass).
 * ``"sampled"``: labels drawn from the model's predictive distribution ``softmax(outputs)``
-  (classification with integer labels and a cross-entropy-type loss only; seeded; both passes
-  draw the same labels when the data source yields the same order).
+  (classification with integer labels and a cross-entropy-type loss only; seeded through
+  ``dvl_ooc.seeding.torch_generator(seed)``; both passes draw the same labels when the data
+  source yields the same order).
 
 The loss is mean-reduced, so the backward pass runs on ``m * loss`` over a micro-batch of ``m``:
 captured output gradients are then per-sample. Everything runs in micro-batches of
@@ -59,15 +62,21 @@ Accuracy: on one layer with ``fisher="ggn"`` the only approximation is the eigen
 the exact layer-block GGN the influence correlations grow with the damping (digits MLP/CNN:
 Pearson ~0.87 / Spearman ~0.55-0.65 at ``lambda = 1e-3 * top eigenvalue``, >= 0.95 at 0.1).
 
+Fit: :meth:`~dvl_ooc.influence.base.InfluenceModel.fit` calls ``_fit_blocks``, overridden here
+because the blocks share two joint passes over the data (factors, then the eigenvalue
+correction). ``info["fit"]`` records per block the layer, ``d_a``, ``d_out`` and the range of
+the corrected eigenvalues.
+
 Limitations: only ``Linear`` and ``Conv2d`` (``groups=1``, zero padding) parameters may be
-trainable; any other trainable parameter (norm affine, bare ``nn.Parameter``) raises
-:class:`~dvl_ooc.exceptions.UnsupportedModelError`: freeze it with ``requires_grad_(False)``.
-A layer called more than once per forward pass (weight sharing) is rejected.
+attributed; with ``layers=None`` any other trainable parameter (norm affine, bare
+``nn.Parameter``) raises :class:`~dvl_ooc.exceptions.UnsupportedModelError`: freeze it with
+``requires_grad_(False)`` or name the supported layers in ``layers=`` (the rest is then
+ignored). A layer called more than once per forward pass (weight sharing) is rejected.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -84,7 +93,9 @@ from ..exceptions import (
     UnsupportedModelError,
 )
 from ..grads import LossFn, ParamBlock
-from ..layers import SUPPORTED_LAYERS, layer_input_matrix, layer_output_grad_matrix
+from ..grads.functional import select_parameters
+from ..layers import LayerCapture, kind_of
+from ..seeding import torch_generator
 from .base import InfluenceModel
 
 __all__ = ["EkfacInfluence"]
@@ -127,33 +138,41 @@ class _Layer:
         return torch.cat(parts, dim=-1)
 
 
-def _layers_of(model: nn.Module) -> tuple[list[_Layer], dict[str, list[str]]]:
-    """The EK-FAC blocks of ``model`` and the matching block mapping for ``ModelGradients``."""
+def _layers_of(
+    model: nn.Module, layers: Sequence[str] | None = None
+) -> tuple[list[_Layer], dict[str, list[str]]]:
+    """The EK-FAC blocks of ``model`` (restricted to ``layers``) and the matching block mapping
+    for ``ModelGradients``."""
     modules = dict(model.named_modules())
-    owned: dict[str, list[str]] = {}
-    for pname, p in model.named_parameters():
-        if p.requires_grad:
-            owned.setdefault(pname.rpartition(".")[0], []).append(pname.rpartition(".")[2])
-    if not owned:
+    if not any(p.requires_grad for p in model.parameters()):
         raise NoTrainableParametersError(
             f"{type(model).__name__} has no trainable parameters; unfreeze at least one "
             "nn.Linear or nn.Conv2d layer (requires_grad=True)"
         )
+    owned: dict[str, list[str]] = {}
+    for pname in select_parameters(model, layers):
+        owned.setdefault(pname.rpartition(".")[0], []).append(pname.rpartition(".")[2])
     bad = []
     for mname, local in owned.items():
         mod = modules[mname]
         label = repr(mname) if mname else "the root module"
-        if not isinstance(mod, SUPPORTED_LAYERS) or not set(local) <= {"weight", "bias"}:
+        try:
+            kind = kind_of(mod)
+        except UnsupportedModelError:
+            kind = None
+        if kind is None or not kind.kronecker or not set(local) <= {"weight", "bias"}:
             bad.append(f"{label} ({type(mod).__name__}: trainable {sorted(local)})")
-        elif isinstance(mod, nn.Conv2d) and mod.groups != 1:
-            bad.append(f"{label} (Conv2d with groups={mod.groups}; only groups=1 is supported)")
-        elif isinstance(mod, nn.Conv2d) and mod.padding_mode != "zeros":
-            bad.append(f"{label} (Conv2d with padding_mode={mod.padding_mode!r}; use 'zeros')")
+            continue
+        try:
+            kind.check(mod)
+        except UnsupportedModelError as e:
+            bad.append(f"{label} ({e})")
     if bad:
         raise UnsupportedModelError(
             "EkfacInfluence supports trainable parameters only in nn.Linear and nn.Conv2d "
             "layers; unsupported: " + "; ".join(bad) + ". Freeze these parameters with "
-            "requires_grad_(False), or use another influence model (e.g. CgInfluence)."
+            "requires_grad_(False), select the supported layers with layers=[...], or use "
+            "another influence model (e.g. CgInfluence)."
         )
     layers, mapping = [], {}
     for mname, local in owned.items():
@@ -167,37 +186,6 @@ def _layers_of(model: nn.Module) -> tuple[list[_Layer], dict[str, list[str]]]:
     return layers, mapping
 
 
-class _Recorder:
-    """Forward hooks on the EK-FAC layers: detached inputs, graph-attached outputs, call counts.
-
-    (``LayerCapture`` saves output gradients with tensor hooks; here the output gradients of all
-    pseudo-gradients come from one vectorised ``autograd.grad`` w.r.t. the recorded outputs.)
-    """
-
-    def __init__(self, modules: dict[str, nn.Module]) -> None:
-        self.modules = modules
-        self.inputs: dict[str, torch.Tensor] = {}
-        self.outputs: dict[str, torch.Tensor] = {}
-        self.calls = dict.fromkeys(modules, 0)
-        self._handles: list[Any] = []
-
-    def __enter__(self) -> _Recorder:
-        for name, mod in self.modules.items():
-
-            def hook(module: nn.Module, inputs: Any, output: Any, name: str = name) -> None:
-                self.calls[name] += 1
-                self.inputs[name] = inputs[0].detach()
-                self.outputs[name] = output
-
-            self._handles.append(mod.register_forward_hook(hook))
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-
-
 class EkfacInfluence(InfluenceModel):
     """EK-FAC influence for networks whose trainable layers are ``nn.Linear`` / ``nn.Conv2d``.
 
@@ -207,7 +195,11 @@ class EkfacInfluence(InfluenceModel):
         regularization: ``lambda`` (float or mapping block name -> float; block names are the
             layer module names). Must keep ``Lambda + lambda > 0``.
         blocks: only ``"layer"`` (one block per layer) is meaningful for EK-FAC.
-        hessian: only ``"gauss-newton"``: EK-FAC approximates the Gauss-Newton/Fisher matrix.
+        hessian: only ``"gauss-newton"`` (the default of every method): EK-FAC approximates
+            the Gauss-Newton/Fisher matrix.
+        layers: module (or parameter) names of the ``Linear`` / ``Conv2d`` layers to factor
+            and attribute; the other parameters are ignored (constants). ``None``: every
+            trainable parameter, which must then all belong to supported layers.
         fisher: ``"ggn"`` (exact GGN factorisation), ``"empirical"`` or ``"sampled"``.
         seed: seed of the label sampling of ``fisher="sampled"``.
         micro_batch_size: samples per micro-batch (bounds memory).
@@ -225,6 +217,7 @@ class EkfacInfluence(InfluenceModel):
         regularization: float | dict[str, float] = 1e-3,
         blocks: str = "layer",
         hessian: str = "gauss-newton",
+        layers: Sequence[str] | None = None,
         fisher: FisherMode = "ggn",
         seed: int = 0,
         micro_batch_size: int = 64,
@@ -238,11 +231,12 @@ class EkfacInfluence(InfluenceModel):
             raise InputError(f"fisher must be 'ggn', 'empirical' or 'sampled', got {fisher!r}")
         if not isinstance(model, nn.Module):
             raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        self._layers, mapping = _layers_of(model)
+        self._layers, mapping = _layers_of(model, layers)
         self.fisher: FisherMode = fisher
         self.seed = int(seed)
         super().__init__(model, loss, regularization=regularization, blocks=mapping,
-                         hessian=hessian, micro_batch_size=micro_batch_size)  # type: ignore[arg-type]
+                         hessian=hessian, layers=layers,  # type: ignore[arg-type]
+                         micro_batch_size=micro_batch_size)
 
     def _extra_config(self) -> dict[str, Any]:
         return {"fisher": self.fisher, "seed": self.seed}
@@ -303,10 +297,12 @@ class EkfacInfluence(InfluenceModel):
         names = [ly.module for ly in self._layers]
         named = dict(self.model.named_modules())
         mods = {n: named[n] for n in names}
+        kinds = {n: kind_of(m, n) for n, m in mods.items()}
         chunk = self.grads.vector_chunk
-        gen = torch.Generator().manual_seed(self.seed) if self.fisher == "sampled" else None
+        gen = torch_generator(self.seed) if self.fisher == "sampled" else None
         for xb, yb in self.grads.batches(data):
-            with _Recorder(mods) as rec, torch.enable_grad():
+            with LayerCapture(self.model, names, keep_outputs=True,
+                              output_grads=False) as rec, torch.enable_grad():
                 out = self.model(xb)
             for n in names:
                 if rec.calls[n] != 1:
@@ -317,8 +313,9 @@ class EkfacInfluence(InfluenceModel):
                         f"layer {n or type(mods[n]).__name__!r} {why}; EkfacInfluence cannot "
                         "factor it: freeze it with requires_grad_(False)"
                     )
-            A = {ly.module: self._input_matrix(ly, mods[ly.module], rec.inputs[ly.module])
-                 for ly in self._layers}
+            A = {ly.module: kinds[ly.module].factor_input_rows(
+                     mods[ly.module], rec.inputs[ly.module], weight=ly.has_weight,
+                     bias=ly.has_bias) for ly in self._layers}
             vs = self._output_vectors(out.detach(), yb, gen)
             layer_out = [rec.outputs[n] for n in names]
 
@@ -336,24 +333,15 @@ class EkfacInfluence(InfluenceModel):
                             "with requires_grad_(False)"
                         )
                     for j in range(len(V)):
-                        yield {n: layer_output_grad_matrix(mods[n], g[j])
+                        yield {n: kinds[n].factor_output_rows(mods[n], g[j])
                                for n, g in zip(names, gs)}
 
             yield len(xb), A, pseudo_grads()
 
-    @staticmethod
-    def _input_matrix(ly: _Layer, mod: nn.Module, a: torch.Tensor) -> torch.Tensor:
-        A = layer_input_matrix(mod, a)
-        if getattr(mod, "bias", None) is not None and not ly.has_bias:
-            A = A[..., :-1]  # frozen bias: no ones column
-        if not ly.has_weight:
-            A = A[..., -1:]  # bias only
-        return A
-
     # ------------------------------------------------------------------ fitting
-    def fit(self, data: DataLike) -> EkfacInfluence:
-        """Two passes over ``data``: Kronecker factors and their eigenbases, then the
-        eigenvalue correction ``Lambda``. Returns self."""
+    def _fit_blocks(self, data: DataLike) -> list[dict[str, torch.Tensor]]:
+        """Two joint passes over ``data`` for all blocks: Kronecker factors and their
+        eigenbases, then the eigenvalue correction ``Lambda``."""
         n = num_samples(data)
         dev = self.grads.device
         A = {ly.module: torch.zeros(ly.d_a, ly.d_a, dtype=_F64, device=dev)
@@ -413,9 +401,10 @@ class EkfacInfluence(InfluenceModel):
             (wa, QA), (ws, QS) = eig[ly.module]
             state.append({"A_eigenvectors": QA, "S_eigenvectors": QS, "eigenvalues": L,
                           "A_eigenvalues": wa, "S_eigenvalues": ws})
-        self._state = state
-        self.n_fit = n
-        return self
+            self.info["fit"].append({"block": block.name, "layer": ly.module, "d_a": ly.d_a,
+                                     "d_out": ly.d_out, "min_eigenvalue": float(L.min()),
+                                     "max_eigenvalue": float(L.max()), "data_passes": 2})
+        return state
 
     # ------------------------------------------------------------------ preconditioning
     def _apply_block(self, i: int, g: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ I - A/s lie in [0, 1) and
 
 precondition: the truncated series by the recursion (all gradients at once, one curvature product
               per iteration for all still-active columns)
-                  x_0 = g,   x_{j+1} = g + (I - (H_B + lambda I)/s) x_j,   result x_depth / s,
+                  x_0 = g,   x_{j+1} = g + (I - (H_B + lambda I)/s) x_j,   result x_J / s,
               where H_B is the curvature of the mean loss on a minibatch B of ``batch_size``
               fit samples drawn afresh (seeded) at every step, or of the full fit data when
               ``batch_size`` is None or >= n (the deterministic series). Each step with
@@ -15,12 +15,17 @@ precondition: the truncated series by the recursion (all gradients at once, one 
               the deterministic one; the spread around it shrinks with the batch size.
               The error after j steps is about (1 - lambda_min(A)/s)^j: it needs about
               (s / lambda_min(A)) log(1/eps) steps, i.e. ~ condition number times log(1/eps).
-              A column stops when its relative change ||x_{j+1} - x_j|| / ||x_{j+1}|| <= rtol
-              (the remaining error is then about rtol * s / lambda_min(A)).
+              with J <= ``max_iter``. A column stops when the change of its result
+              ||x_{j+1} - x_j|| / s <= max(rtol ||x_{j+1}|| / s, atol) (with atol = 0 the
+              remaining relative error is then about rtol * s / lambda_min(A)).
+              ``info["solve"]`` records per block the steps, the largest relative change of
+              the last step and how many columns converged.
 fit:          only the scale: when ``scale`` is None the top eigenvalue of H is estimated by
               block power iteration on curvature products over the fit data and
               s = scale_factor * (|top| + lambda). Because the series still converges for
-              s > (top + lambda) / 2, a power-iteration underestimate is harmless.
+              s > (top + lambda) / 2, a power-iteration underestimate is harmless. Random
+              streams of block ``i`` (power iteration: key ``(seed, i)``, minibatches:
+              ``(seed, i, 1)``) come from :mod:`dvl_ooc.seeding`.
 
 Divergence: ||x_j|| <= (j + 1) ||g|| holds whenever ||I - A_B/s|| <= 1 for every step, so a
 violation (or a non-finite iterate) proves that s is too small for some minibatch curvature, or
@@ -30,8 +35,9 @@ Regularisation: lambda > 0 is required. The mean loss of an over-parametrised mo
 space (e.g. softmax logits are shift-invariant), along which the undamped series grows linearly
 and never converges; negative exact-Hessian eigenvalues need lambda > -lambda_min(H).
 
-Cost: ``depth`` curvature products per solve, each over the minibatch (or the full data); state:
-two scalars per block. The fit data is needed again at precondition time and never pickled.
+Cost: up to ``max_iter`` curvature products per solve, each over the minibatch (or the full
+data); state: two scalars per block. The fit data is needed again at precondition time and
+never pickled.
 """
 
 from __future__ import annotations
@@ -47,8 +53,8 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, default_colla
 from ..data import DataLike, as_tensor, iter_batches, num_samples
 from ..exceptions import ConvergenceError, ConvergenceWarning, DivergenceError, InputError
 from ..grads import HessianMode, LossFn, ModelGradients, ParamBlock
-from .base import InfluenceModel
-from .cg import validate_fit_data
+from ..seeding import torch_generator
+from .base import InfluenceModel, renamed_arguments
 
 __all__ = ["LissaInfluence", "top_eigenvalue"]
 
@@ -124,9 +130,11 @@ class LissaInfluence(InfluenceModel):
     """Influence by the LiSSA (stochastic Neumann series) approximation of (H + lambda I)^{-1}.
 
     Args:
-        model, loss, regularization, blocks, hessian, micro_batch_size: see
-            :class:`~dvl_ooc.influence.base.InfluenceModel`; ``regularization`` must be > 0.
-        depth: number of recursion steps (the iteration budget).
+        model, loss, regularization, blocks, layers, hessian, micro_batch_size: see
+            :class:`~dvl_ooc.influence.base.InfluenceModel` (``hessian="gauss-newton"`` by
+            default); ``regularization`` must be > 0.
+        max_iter: number of recursion steps (the iteration budget). Deprecated name:
+            ``depth``.
         scale: s, larger than the top eigenvalue of H + lambda I (the series converges for
             s > (top + lambda)/2). None: estimated in ``fit`` as
             ``scale_factor * (|top eigenvalue| + lambda)``.
@@ -134,17 +142,19 @@ class LissaInfluence(InfluenceModel):
         batch_size: samples per stochastic curvature minibatch; None (or >= n): the full fit data
             at every step (deterministic).
         seed: seed of the minibatch sampling (the same seed gives the same result).
-        rtol: a column stops when its relative change per step is <= rtol; None: always run
-            ``depth`` steps, without a convergence warning.
+        rtol, atol: a column stops when the change of its result in one step is
+            ``<= max(rtol * ||result||, atol)``; ``rtol=None`` and ``atol=0``: always run
+            ``max_iter`` steps, without a convergence warning.
         raise_on_nonconvergence: raise :class:`ConvergenceError` instead of warning with
-            :class:`ConvergenceWarning` when ``depth`` steps do not meet ``rtol``.
+            :class:`ConvergenceWarning` when ``max_iter`` steps do not meet the tolerance.
 
-    After each :meth:`precondition`, ``last_info`` holds per block the number of steps, the
-    largest relative change of the last step and how many columns converged.
+    After each :meth:`precondition`, ``info["solve"]`` holds per block the number of steps,
+    the largest relative change of the last step and how many columns converged.
     """
 
     needs_data_to_precondition = True
     requires_positive_regularization = True
+    validates_fit_data = True
 
     def __init__(
         self,
@@ -153,20 +163,25 @@ class LissaInfluence(InfluenceModel):
         *,
         regularization: float | Mapping[str, float] = 1e-3,
         blocks: str | Mapping[str, Sequence[str]] = "model",
-        hessian: HessianMode = "exact",
+        hessian: HessianMode = "gauss-newton",
+        layers: Sequence[str] | None = None,
         micro_batch_size: int = 64,
-        depth: int = 1000,
+        max_iter: int = 1000,
         scale: float | None = None,
         scale_factor: float = 1.1,
         batch_size: int | None = None,
         seed: int = 0,
         rtol: float | None = 1e-6,
+        atol: float = 0.0,
         raise_on_nonconvergence: bool = False,
+        **deprecated: Any,
     ) -> None:
+        max_iter = renamed_arguments(LissaInfluence.__init__, deprecated, {"depth": "max_iter"},
+                                     {"max_iter": max_iter}).get("max_iter", max_iter)
         super().__init__(model, loss, regularization=regularization, blocks=blocks,
-                         hessian=hessian, micro_batch_size=micro_batch_size)
-        if depth < 1:
-            raise InputError(f"depth must be >= 1, got {depth}")
+                         hessian=hessian, layers=layers, micro_batch_size=micro_batch_size)
+        if max_iter < 1:
+            raise InputError(f"max_iter must be >= 1, got {max_iter}")
         if scale is not None and not (math.isfinite(scale) and scale > 0):
             raise InputError(f"scale must be a positive number or None, got {scale}")
         if not scale_factor >= 1.0:
@@ -175,18 +190,20 @@ class LissaInfluence(InfluenceModel):
             raise InputError(f"batch_size must be >= 1 or None, got {batch_size}")
         if rtol is not None and not rtol > 0:
             raise InputError(f"rtol must be > 0 or None, got {rtol}")
-        self.depth = int(depth)
+        if not atol >= 0:
+            raise InputError(f"atol must be >= 0, got {atol}")
+        self.max_iter = int(max_iter)
         self.scale = None if scale is None else float(scale)
         self.scale_factor = float(scale_factor)
         self.batch_size = batch_size
         self.seed = int(seed)
         self.rtol = rtol
+        self.atol = float(atol)
         self.raise_on_nonconvergence = bool(raise_on_nonconvergence)
-        self.last_info: list[dict[str, Any]] = []
 
     def _extra_config(self) -> dict[str, Any]:
         return {
-            "depth": self.depth,
+            "max_iter": self.max_iter,
             "scale": self.scale,
             "scale_factor": self.scale_factor,
             "batch_size": self.batch_size,
@@ -194,17 +211,18 @@ class LissaInfluence(InfluenceModel):
         }
 
     # ------------------------------------------------------------------ fit
-    def fit(self, data: DataLike) -> LissaInfluence:
-        validate_fit_data(self.grads, data)
-        return super().fit(data)  # type: ignore[return-value]
-
-    def _fit_block(self, block: ParamBlock, data: DataLike, reg: float) -> dict[str, torch.Tensor]:
+    def _fit_block(
+        self, index: int, block: ParamBlock, data: DataLike, reg: float
+    ) -> dict[str, torch.Tensor]:
+        """The scale of block ``index`` (given, or from the estimated top eigenvalue)."""
         if self.scale is not None:
+            self.info["fit"].append({"block": block.name, "scale": self.scale,
+                                     "top_eigenvalue": None})
             return {"scale": torch.tensor(self.scale, dtype=torch.float64)}
-        index = [b.name for b in self.blocks].index(block.name)
-        gen = torch.Generator().manual_seed(self.seed + 7919 * index)
-        top = top_eigenvalue(self.grads, data, block, self.hessian_mode, generator=gen)
+        top = top_eigenvalue(self.grads, data, block, self.hessian_mode,
+                             generator=torch_generator(self.seed, index))
         s = self.scale_factor * (top + reg)
+        self.info["fit"].append({"block": block.name, "scale": s, "top_eigenvalue": top})
         return {"scale": torch.tensor(s, dtype=torch.float64),
                 "top_eigenvalue": torch.tensor(top, dtype=torch.float64)}
 
@@ -218,7 +236,7 @@ class LissaInfluence(InfluenceModel):
         G = g.to(self.grads.dtype)
         stochastic = self.batch_size is not None and self.batch_size < n
         if stochastic:
-            gen = torch.Generator().manual_seed(self.seed + 7919 * i)
+            gen = torch_generator(self.seed, i, 1)
             stream = _minibatches(data, self.batch_size, gen)  # type: ignore[arg-type]
 
         X = G.clone()
@@ -226,7 +244,9 @@ class LissaInfluence(InfluenceModel):
         active = gnorm > 0
         change = torch.zeros(len(G), dtype=G.dtype, device=G.device)
         steps = 0
-        for j in range(1, self.depth + 1):
+        stops = self.rtol is not None or self.atol > 0
+        rtol = 0.0 if self.rtol is None else self.rtol
+        for j in range(1, self.max_iter + 1):
             if not bool(active.any()):
                 break
             idx = active.nonzero().flatten()
@@ -244,11 +264,12 @@ class LissaInfluence(InfluenceModel):
                     "H + lambda I is indefinite. Pass a larger scale (or scale_factor), a larger "
                     "batch_size, hessian='gauss-newton' or a larger regularization"
                 )
-            change[idx] = torch.linalg.norm(new - Xa, dim=1) / nrm.clamp_min(1e-300)
+            step = torch.linalg.norm(new - Xa, dim=1)
+            change[idx] = step / nrm.clamp_min(1e-300)
             X[idx] = new
             steps = j
-            if self.rtol is not None:
-                active[idx] = change[idx] > self.rtol
+            if stops:  # ||step|| / s <= max(rtol ||new|| / s, atol): the result's own units
+                active[idx] = step > torch.clamp(rtol * nrm, min=self.atol * s)
         info = {
             "block": block.name,
             "iterations": steps,
@@ -257,15 +278,14 @@ class LissaInfluence(InfluenceModel):
             "columns": len(G),
             "scale": s,
         }
-        if i == 0:
-            self.last_info = []
-        self.last_info.append(info)
-        if self.rtol is not None and info["converged"] < len(G):
+        self.info["solve"].append(info)
+        if stops and info["converged"] < len(G):
             msg = (
-                f"LiSSA reached depth={self.depth} in block {block.name!r} with relative change "
-                f"{info['max_relative_change']:.2e} > rtol={self.rtol:g} for "
-                f"{len(G) - info['converged']} of {len(G)} gradients; raise depth or the "
-                "regularization (steps needed ~ scale / (lambda_min(H) + lambda))"
+                f"LiSSA reached max_iter={self.max_iter} in block {block.name!r} with relative "
+                f"change {info['max_relative_change']:.2e} > rtol={rtol:g} (atol="
+                f"{self.atol:g}) for {len(G) - info['converged']} of {len(G)} gradients; raise "
+                "max_iter or the regularization (steps needed ~ scale / (lambda_min(H) + "
+                "lambda))"
             )
             if self.raise_on_nonconvergence:
                 raise ConvergenceError(msg)

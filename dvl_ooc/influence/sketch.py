@@ -1,22 +1,38 @@
-"""Helpers shared by the low-rank influence models (Arnoldi, Nystroem).
+"""Curvature sketches shared by the influence models: the one owner of these mechanisms.
+
+* :func:`nystroem_sketch`: the randomised Nystroem approximation ``H_b ~ U diag(s) U^T`` of a
+  block's curvature, used by :class:`~dvl_ooc.influence.NystroemSketchInfluence` (as the model)
+  and by :class:`~dvl_ooc.influence.CgInfluence` (as its ``preconditioner="nystroem"``).
+* :func:`block_krylov_eigs`: top eigenpairs by block Lanczos (ArnoldiInfluence).
+* rank / dtype validation and the shifted-spectrum check of the low-rank models.
 
 A low-rank model keeps, per block ``b``, an orthonormal basis ``V_b`` (``p_b x k_b``) and
-eigenvalues ``w_b`` of the curvature restricted to it. Everything here is data-free.
+eigenvalues ``w_b`` of the curvature restricted to it. Random test matrices come from
+:func:`dvl_ooc.seeding.numpy_rng` with the key ``(seed, block index)``.
 """
 
 from __future__ import annotations
 
+import math
 import numbers
 import warnings
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
-from ..exceptions import IndefiniteCurvatureWarning, InputError, RegularizationError
-from ..grads import ParamBlock
+from ..data import DataLike
+from ..exceptions import (
+    IndefiniteCurvatureWarning,
+    InputError,
+    NonFiniteError,
+    RegularizationError,
+)
+from ..grads import HessianMode, ModelGradients, ParamBlock
 
-__all__ = ["block_krylov_eigs", "block_rng", "check_dtype", "check_shifted", "resolve_ranks"]
+__all__ = ["block_krylov_eigs", "check_dtype", "check_shifted", "nystroem_sketch",
+           "resolve_ranks"]
 
 
 def _as_rank(r: object, what: str) -> int:
@@ -48,9 +64,87 @@ def check_dtype(dtype: object) -> torch.dtype:
     return dtype  # type: ignore[return-value]
 
 
-def block_rng(seed: int, index: int) -> np.random.Generator:
-    """An independent, reproducible random stream per (seed, block index)."""
-    return np.random.default_rng([int(seed), int(index)])
+def _as_numpy_rng(rng: np.random.Generator | torch.Generator) -> np.random.Generator:
+    if isinstance(rng, torch.Generator):  # the pre-0.x signature took a torch generator
+        return np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=rng)))
+    return rng
+
+
+def nystroem_sketch(
+    grads: ModelGradients,
+    data: DataLike,
+    block: ParamBlock,
+    mode: HessianMode,
+    rank: int,
+    rng: np.random.Generator | torch.Generator,
+    *,
+    warn_indefinite: bool = False,
+    owner: str = "nystroem_sketch",
+    return_info: bool = False,
+) -> Any:
+    """Rank-``rank`` Nystroem approximation ``U diag(s) U^T`` of a block's curvature.
+
+    The stable algorithm of Tropp, Yurtsever, Udell & Cevher (2017, Alg. 3)::
+
+        Omega = qr(Gaussian (p x k)),   Y = H Omega            (ONE data pass for all k vectors)
+        nu    = sqrt(p) eps ||Y||_2,    Y_nu = Y + nu Omega     (round-off shift, eps of the model)
+        C     = chol(Omega^T Y_nu),     B = Y_nu C^{-T},   B = U S V^T (thin SVD)
+        s     = max(0, S^2 - nu)
+
+    ``Omega`` is rounded to the model dtype before the product, so the float64 ``Omega`` used
+    afterwards is exactly the one multiplied. If ``Omega^T Y_nu`` is not positive definite (the
+    exact Hessian of a non-convex model is indefinite) the shift is raised past the smallest
+    eigenvalue of the core (by 1 % and another ``nu``) and negative curvature is clipped to 0.
+    With ``warn_indefinite`` that emits an :class:`IndefiniteCurvatureWarning` (the sketch *is*
+    the model: NystroemSketchInfluence); without, the clipping is silent (the sketch is only a
+    preconditioner, a PSD approximation is all it needs: CgInfluence).
+
+    Returns ``U (p, k)`` and ``s (k,)`` in float64 on the model's device (``k = min(rank, p)``),
+    and with ``return_info`` also a dict (rank, shift, clipped_negative_curvature, data_passes).
+    """
+    p = block.numel
+    k = min(int(rank), p)
+    dtype, device = grads.dtype, grads.device
+    f64 = torch.float64
+    G = torch.from_numpy(_as_numpy_rng(rng).standard_normal((p, k)))
+    Omega = torch.linalg.qr(G)[0].to(device=device, dtype=dtype)
+    Y = grads.hvp(Omega.T.contiguous(), data, block, mode).T.to(f64)
+    Omega = Omega.to(f64)
+    if not bool(torch.isfinite(Y).all()):
+        raise NonFiniteError(
+            f"non-finite curvature-vector products in block {block.name!r}; check the loss"
+        )
+    eps = torch.finfo(dtype).eps
+    nu = math.sqrt(p) * eps * float(torch.linalg.matrix_norm(Y, ord=2))
+    nu = max(nu, torch.finfo(f64).tiny)
+    M = Omega.T @ Y
+    M = 0.5 * (M + M.T)
+    OtO = Omega.T @ Omega
+    clipped = False
+    L, fail = torch.linalg.cholesky_ex(M + nu * OtO)
+    if int(fail) != 0:
+        min_eig = float(torch.linalg.eigvalsh(M)[0])
+        clipped = True
+        nu = nu + max(0.0, -min_eig) * 1.01 + nu
+        L, fail = torch.linalg.cholesky_ex(M + nu * OtO)
+        if int(fail) != 0:  # pragma: no cover - defensive
+            raise NonFiniteError(f"Nystroem sketch of block {block.name!r} is degenerate")
+        if warn_indefinite:
+            warnings.warn(
+                f"{owner}: the curvature of block {block.name!r} is indefinite (min eigenvalue "
+                f"of the sketch {min_eig:.3g}); the Nystroem approximation clips negative "
+                "curvature to 0. Use hessian='gauss-newton' (PSD) for a faithful approximation",
+                IndefiniteCurvatureWarning,
+                stacklevel=4,
+            )
+    Y_nu = Y + nu * Omega
+    B = torch.linalg.solve_triangular(L, Y_nu.T, upper=False).T  # Y_nu L^{-T}
+    U, S, _ = torch.linalg.svd(B, full_matrices=False)
+    s = torch.clamp(S * S - nu, min=0.0)
+    if not return_info:
+        return U, s
+    info = {"rank": k, "shift": nu, "clipped_negative_curvature": clipped, "data_passes": 1}
+    return U, s, info
 
 
 def check_shifted(w: torch.Tensor, reg: float, block: str, method: str) -> None:
@@ -124,6 +218,7 @@ def block_krylov_eigs(
     max_passes: int,
     rng: np.random.Generator,
     device: torch.device | str,
+    atol: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, int, float]:
     """Top-``k`` eigenpairs of a symmetric operator by block Krylov (Lanczos) with full
     reorthogonalisation, Rayleigh-Ritz and thick restarts; everything in float64.
@@ -131,7 +226,7 @@ def block_krylov_eigs(
     ``matmat(Q)`` returns ``H Q`` for an orthonormal ``(p, b)`` block: one data pass per call,
     ``b`` products at once. The basis ``Q`` and its image ``H Q`` are kept (``2 p max_dim``
     floats), so Ritz pairs and their residuals ``||H u - theta u||`` are exact; the method stops
-    when every wanted residual is ``<= tol * max |theta|``.
+    when every wanted residual is ``<= max(tol * max |theta|, atol)``.
 
     Returns eigenvalues (sorted by ``which``), eigenvectors ``(p, k)``, the number of data
     passes, and the largest relative residual.
@@ -153,10 +248,11 @@ def block_krylov_eigs(
         U, HU = Q @ S[:, :kk], HQ @ S[:, :kk]
         res = torch.linalg.vector_norm(HU - U * theta[:kk], dim=0) / scale
         worst = float(res.max())
-        if worst <= tol or Q.shape[1] >= p:
+        bound = max(tol, atol / scale)  # ||r|| <= max(tol * scale, atol), relative to scale
+        if worst <= bound or Q.shape[1] >= p:
             return theta[:kk], U, passes, worst
         if passes >= max_passes:
-            raise _NoConvergence(passes, worst, int((res <= tol).sum()))
+            raise _NoConvergence(passes, worst, int((res <= bound).sum()))
         m = Q.shape[1]
         nb = min(b, p - m)
         if m + nb > max_dim:  # thick restart: keep the best Ritz pairs and their residuals

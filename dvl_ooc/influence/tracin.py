@@ -20,8 +20,9 @@ It fits the :class:`~dvl_ooc.influence.base.InfluenceModel` interface genericall
 ``[sqrt(eta_1) P_1^T g(w_1), ..., sqrt(eta_K) P_K^T g(w_K)]`` of shape ``(n, K p)`` or
 ``(n, K d)``, ``precondition`` is the identity and ``fit`` needs no data, so
 ``influences = gradients(test) @ gradients(train).T`` everywhere (calculators included).
-Projection matrices are generated from ``(seed, k, row block)`` on the CPU, so every worker
-and every call gets the same ones; they are cached when ``p d`` is small.
+Projection matrices are generated on the CPU from the streams ``(seed, k, 0, first row)`` (one
+per block of rows) and ``(seed, k, 1, 0)`` (orthogonal) of :mod:`dvl_ooc.seeding`, so every
+worker, call and run gets the same ones; they are cached when ``p d`` is small.
 Cost: ``K`` per-sample gradient passes plus ``K n p d`` for projections.
 """
 
@@ -39,18 +40,14 @@ from torch import nn
 
 from ..data import DataLike
 from ..exceptions import InputError
-from ..grads import LossFn
+from ..grads import MODEL_LOCK, LossFn
+from ..seeding import torch_generator
 from .base import InfluenceModel
 
 __all__ = ["TracInCP"]
 
 Projection = Literal["gaussian", "rademacher", "orthogonal"]
 Checkpoint = Mapping[str, torch.Tensor] | str | os.PathLike
-
-
-def _seed(*parts: Any) -> int:
-    """A process-independent seed (Python's ``hash`` of strings is salted per process)."""
-    return int(hashlib.sha256(repr(parts).encode()).hexdigest()[:15], 16)
 
 
 class TracInCP(InfluenceModel):
@@ -63,11 +60,11 @@ class TracInCP(InfluenceModel):
         checkpoints: state dicts, or paths of files holding a state dict (``torch.save``;
             a dict with a ``"state_dict"`` or ``"model_state_dict"`` entry also works).
         learning_rates: ``eta_k``, one number for all checkpoints or one per checkpoint.
-        layers: restrict gradients to these parameter or module names (default: all
-            trainable parameters).
+        layers: attribute through these modules only: a list of module names (parameter names
+            also work), default every trainable parameter.
         projection_dim: project each checkpoint's gradient to this many dimensions.
         projection: ``"gaussian"``, ``"rademacher"`` or ``"orthogonal"``.
-        seed: seed of the projection matrices.
+        seed: seed of the projection matrices (a non-negative integer).
         micro_batch_size: samples per vectorised per-sample-gradient micro-batch.
         projection_cache_elements: cache projection matrices up to this many entries per
             checkpoint (otherwise regenerate them block by block on every call).
@@ -107,6 +104,8 @@ class TracInCP(InfluenceModel):
             raise InputError(
                 f"projection must be 'gaussian', 'rademacher' or 'orthogonal', got {projection!r}"
             )
+        if int(seed) != seed or seed < 0:
+            raise InputError(f"seed must be a non-negative integer, got {seed!r}")
         if projection_dim is not None and int(projection_dim) < 1:
             raise InputError(f"projection_dim must be >= 1, got {projection_dim}")
         if isinstance(layers, str):
@@ -183,7 +182,7 @@ class TracInCP(InfluenceModel):
 
     # ------------------------------------------------------------------ projection
     def _projection_block(self, k: int, start: int, rows: int, d: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(_seed(self.seed, k, start))
+        g = torch_generator(self.seed, k, 0, start)
         if self.projection == "gaussian":
             return torch.randn(rows, d, generator=g, dtype=torch.float64) / math.sqrt(d)
         sign = torch.randint(0, 2, (rows, d), generator=g, dtype=torch.int8) * 2 - 1
@@ -191,7 +190,7 @@ class TracInCP(InfluenceModel):
 
     def _orthogonal(self, k: int) -> torch.Tensor:
         p, d = self.grads.num_params, self._dim_per_checkpoint
-        g = torch.Generator().manual_seed(_seed(self.seed, k, "orthogonal"))
+        g = torch_generator(self.seed, k, 1, 0)
         Q, R = torch.linalg.qr(torch.randn(p, d, generator=g, dtype=torch.float64))
         Q = Q * torch.sign(torch.diagonal(R))  # Haar-distributed columns
         return Q * math.sqrt(p / d)
@@ -230,8 +229,11 @@ class TracInCP(InfluenceModel):
         """``[sqrt(eta_k) P_k^T grad l(w_k, z)]_k`` concatenated over checkpoints, ``(n, K d)``."""
         parts = []
         for k, eta in enumerate(self.learning_rates):
-            self._load(k)
-            g = self.grads.per_sample_grads(x, y)
+            # the checkpoint is loaded into the shared model: hold the model lock from the load
+            # to the end of the gradient pass, or concurrent tiles (threads) mix checkpoints
+            with MODEL_LOCK:
+                self._load(k)
+                g = self.grads.per_sample_grads(x, y)
             parts.append(math.sqrt(eta) * self._project(k, g))
         return torch.cat(parts, dim=1)
 

@@ -1,6 +1,7 @@
-"""In-Run Data Shapley: the tracker, its score store and the layer products it uses."""
+"""In-Run Data Shapley: the tracker and its score store. The layer products it uses belong to
+the per-layer registry (:mod:`dvl_ooc.layers`) and are re-exported here."""
 
-from .kernels import (
+from ..layers import (
     dot_with_param_vector,
     layer_dot_products,
     pairwise_layer_products,

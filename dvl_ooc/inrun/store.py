@@ -72,8 +72,8 @@ class ScoreStore:
             )
         if exists and mode == "w-":
             raise StoreExistsError(
-                f"a score store already exists at {self.path!r}; pass store_mode='a' to keep "
-                "accumulating into it, store_mode='w' to replace it, or choose another path"
+                f"a score store already exists at {self.path!r}; pass mode='a' to keep "
+                "accumulating into it, mode='w' to replace it, or choose another path"
             )
         if mode == "a" and exists:
             arr = zarr.open_array(self.path, mode="r+")

@@ -41,8 +41,10 @@ Cost model per layer (``n`` train rows, ``m`` validation rows, ``L`` positions):
   validation rows when the validation loss is summed) plus ``n m d_in d_out`` for the products
   (per validation point only); embeddings use the ``U`` distinct rows looked up in the step.
 
-``method="auto"`` takes the cheaper one per layer (ghost for short sequences and small maps,
-materialise for long sequences / large spatial maps).
+``solver="auto"`` takes the cheaper one per layer (ghost for short sequences and small maps,
+materialise for long sequences / large spatial maps). These products, their cost models and the
+directional derivatives below are implemented once per layer type, by the layer's kind in the
+per-layer registry (:mod:`dvl_ooc.layers`).
 
 Summed validation loss. Then only ``<g_i, V>`` with ``V = grad L_val`` is needed: ``V`` is the
 parameter gradient of one validation backward, and ``<g_i, V> = sum_l g_il . (V a_il)`` is a
@@ -102,6 +104,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._compat import deprecated_alias, renamed_kwargs
 from ..data import as_tensor, check_xy
 from ..exceptions import (
     InputError,
@@ -109,33 +112,29 @@ from ..exceptions import (
     NonFiniteError,
     UnsupportedModelError,
 )
-from ..layers import (
-    LayerCapture,
-)
-from .kernels import (
-    _accumulate_grad,
-    _param_grads,
-    dot_with_param_vector,
-    pairwise_layer_products,
-    supported_modules,
-)
-from .store import (
-    ScoreStore,
-)
+from ..grads import LossFn
+from ..layers import LayerCapture, LayerKind, kind_of, supported_modules
+from ..layers.base import Method, check_method
+from .store import ScoreStore
 
 __all__ = ["InRunShapley"]
 
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-Method = Literal["auto", "ghost", "materialize"]
+
+def _accumulate_grad(p: torch.Tensor, g: torch.Tensor) -> None:
+    """Add ``g`` into ``p.grad`` as ``backward()`` does (set it when there is none)."""
+    if p.grad is None:
+        p.grad = g
+    else:
+        p.grad += g
 
 
 class InRunShapley:
     """Accumulate first- (and optionally second-) order In-Run Data Shapley values.
 
     The user keeps their own loop, loader and optimizer; :meth:`step` replaces the
-    ``loss = loss_fn(model(x), y); loss.backward()`` pair::
+    ``loss(model(x), y).backward()`` pair::
 
-        tracker = InRunShapley(model, loss_fn, x_val, y_val, n_train=len(ds))
+        tracker = InRunShapley(model, loss, x_val, y_val, n_train=len(ds))
         for idx, xb, yb in loader:
             optimizer.zero_grad()
             loss = tracker.step(xb, yb, idx, lr=scheduler.get_last_lr()[0])
@@ -145,7 +144,7 @@ class InRunShapley:
     Args:
         model: the network being trained; the attributed layers must be
             ``Linear``/``Conv2d``/``Embedding`` layers, each called once per forward.
-        loss_fn: the training loss, **mean**-reduced over the batch.
+        loss: the training loss ``loss(outputs, targets)``, **mean**-reduced over the batch.
         x_val, y_val: validation set (kept on the model's device).
         n_train: number of training samples; sample indices passed to :meth:`step` are in
             ``[0, n_train)``.
@@ -160,7 +159,7 @@ class InRunShapley:
             first order only; the validation rows run in the model's current mode, all at once;
             ``.grad`` allclose instead of bit-identical).
         store: ``None`` (in memory) or a directory for a Zarr v3 array.
-        store_mode: ``"w-"`` (new store; an existing one raises :class:`StoreExistsError`),
+        mode: ``"w-"`` (new store; an existing one raises :class:`StoreExistsError`),
             ``"w"`` (replace an existing score store) or ``"a"`` (resume accumulating).
         flush_every: steps between flushes of the on-disk store.
         sync_every: steps between copies of the scores from the device to the host store,
@@ -168,17 +167,23 @@ class InRunShapley:
             that window's scores are not stored). Default 1 on CPU (no cost there) and
             ``flush_every`` on accelerators, which then never wait for the host mid-run.
         val_batch_size: validation rows per forward/backward (bounds memory).
-        method: ``"auto"``, ``"ghost"`` or ``"materialize"`` (see the module docstring).
+        solver: ``"auto"``, ``"ghost"`` or ``"materialize"`` (see the module docstring; was
+            ``method=``).
         max_buffer_bytes, chunk_bytes: on-disk store buffering and chunk size, see
             :class:`ScoreStore`.
+
+    Deprecated keyword names: ``loss_fn=`` (use ``loss=``; the attribute ``loss_fn`` likewise)
+    and ``store_mode=`` (use ``mode=``).
     """
+
+    loss_fn = deprecated_alias("loss", owner="InRunShapley")
 
     def __init__(
         self,
         model: nn.Module,
-        loss_fn: LossFn,
-        x_val: Any,
-        y_val: Any,
+        loss: LossFn | None = None,
+        x_val: Any = None,
+        y_val: Any = None,
         *,
         n_train: int,
         layers: Sequence[str] | None = None,
@@ -186,18 +191,35 @@ class InRunShapley:
         second_order: bool = False,
         combined: bool = False,
         store: str | os.PathLike | None = None,
-        store_mode: Literal["w-", "w", "a"] = "w-",
+        mode: Literal["w-", "w", "a"] = "w-",
         flush_every: int = 50,
         sync_every: int | None = None,
         val_batch_size: int = 256,
-        method: Method = "auto",
+        solver: Method = "auto",
         max_buffer_bytes: int = 256 * 2**20,
         chunk_bytes: int = 8 * 2**20,
+        **deprecated: Any,
     ) -> None:
+        if deprecated:
+            kw = dict(deprecated)
+            if loss is not None:
+                kw["loss"] = loss
+            if mode != "w-":
+                kw["mode"] = mode
+            if solver != "auto":
+                kw["solver"] = solver
+            renamed_kwargs("InRunShapley", kw, {"loss_fn": "loss", "store_mode": "mode",
+                                                "method": "solver"})
+            loss, mode = kw.pop("loss", None), kw.pop("mode", "w-")
+            solver = kw.pop("solver", "auto")
+            if kw:
+                raise TypeError(f"InRunShapley() got unexpected keyword arguments {sorted(kw)}")
+        if x_val is None or y_val is None:
+            raise TypeError("InRunShapley() needs the validation set: x_val and y_val")
         if not isinstance(model, nn.Module):
             raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if not callable(loss_fn):
-            raise InputError("loss_fn must be a callable loss_fn(outputs, targets)")
+        if not callable(loss):
+            raise InputError("loss must be a callable loss(outputs, targets)")
         if combined and second_order:
             raise InputError("combined=True supports first-order values only")
         if second_order and per_validation_point:
@@ -205,14 +227,14 @@ class InRunShapley:
                 "second_order=True is implemented for the summed validation loss only; "
                 "use per_validation_point=False"
             )
-        if method not in ("auto", "ghost", "materialize"):
-            raise InputError(f"method must be 'auto', 'ghost' or 'materialize', got {method!r}")
+        check_method(solver)
         if int(n_train) < 1 or flush_every < 1 or val_batch_size < 1 or (
                 sync_every is not None and sync_every < 1):
             raise InputError("n_train, flush_every, sync_every and val_batch_size must be >= 1")
         self.model = model
-        self.loss_fn = loss_fn
+        self.loss = loss
         self.modules = supported_modules(model, layers)
+        self.kinds: dict[str, LayerKind] = {n: kind_of(m) for n, m in self.modules.items()}
         self.layers = None if layers is None else list(self.modules)
         # every trainable parameter (the training step) and the attributed ones (the scores)
         self.train_params = [p for p in model.parameters() if p.requires_grad]
@@ -235,7 +257,7 @@ class InRunShapley:
         self.per_validation_point = bool(per_validation_point)
         self.second_order = bool(second_order)
         self.combined = bool(combined)
-        self.method: Method = method
+        self.solver: Method = solver
         self.val_batch_size = int(val_batch_size)
         self.flush_every = int(flush_every)
         self.max_buffer_bytes = int(max_buffer_bytes)
@@ -244,7 +266,7 @@ class InRunShapley:
         self.steps = 0
         self.store = ScoreStore(
             self.n_train, self.n_val if self.per_validation_point else None, store,
-            mode=store_mode, max_buffer_bytes=max_buffer_bytes, chunk_bytes=chunk_bytes,
+            mode=mode, max_buffer_bytes=max_buffer_bytes, chunk_bytes=chunk_bytes,
             attributes={"method": "InRunShapley", "n_train": self.n_train,
                         "n_val": self.n_val, "per_validation_point": self.per_validation_point,
                         "second_order": self.second_order, "layers": self.layers},
@@ -254,8 +276,10 @@ class InRunShapley:
 
     # ------------------------------------------------------------------ internals
     def _capture(self, keep_outputs: bool = False) -> LayerCapture:
+        """Hooks on the attributed layers: inputs always; output gradients by tensor hooks
+        (training backward), or the outputs themselves (to differentiate w.r.t. them)."""
         return LayerCapture(self.model, list(self.modules), include_embeddings=True,
-                            keep_outputs=keep_outputs)
+                            keep_outputs=keep_outputs, output_grads=not keep_outputs)
 
     @staticmethod
     def _check_calls(cap: LayerCapture) -> None:
@@ -272,11 +296,11 @@ class InRunShapley:
         return {n: (cap.inputs[n], cap.output_grads[n]) for n in self.modules
                 if n in cap.output_grads}
 
-    def _layer_rows(self, x: torch.Tensor, loss: Callable[[torch.Tensor], torch.Tensor]):
-        """Raw ``{name: (input, output grad)}`` rows of ``loss(model(x))``: one forward and a
-        backward to the captured layer outputs only (no parameter gradients)."""
+    def _layer_rows(self, x: torch.Tensor, objective: Callable[[torch.Tensor], torch.Tensor]):
+        """Raw ``{name: (input, output grad)}`` rows of ``objective(model(x))``: one forward and
+        a backward to the captured layer outputs only (no parameter gradients)."""
         with self._capture(keep_outputs=True) as cap:
-            lv = loss(self.model(x))
+            lv = objective(self.model(x))
             outs = cap.outputs
             names = [n for n in self.modules if n in outs and outs[n].requires_grad]
             gs = torch.autograd.grad(lv, [outs[n] for n in names], allow_unused=True)
@@ -320,7 +344,7 @@ class InRunShapley:
     # ------------------------------------------------------------------ public
     def step(self, x: Any, y: Any, idx: Any, lr: float) -> torch.Tensor:
         """Forward and backward of the training batch (``.grad`` set exactly as
-        ``loss_fn(model(x), y).backward()`` would), plus the batch's In-Run Shapley values.
+        ``loss(model(x), y).backward()`` would), plus the batch's In-Run Shapley values.
 
         Returns the (detached) mean training loss of the batch.
         """
@@ -332,7 +356,7 @@ class InRunShapley:
         if self.combined:
             return self._combined_step(x, y, ia, lr)
         with self._capture() as cap:
-            loss = self.loss_fn(self.model(x), y)
+            loss = self.loss(self.model(x), y)
             self._check_calls(cap)
             if self.second_order:
                 g = torch.autograd.grad(loss, self.train_params, allow_unused=True)
@@ -356,8 +380,8 @@ class InRunShapley:
         losses: list[torch.Tensor] = []
 
         def total(out: torch.Tensor) -> torch.Tensor:
-            losses.append(self.loss_fn(out[:b], y))
-            return losses[0] + self.loss_fn(out[b:], self.y_val) * self.n_val
+            losses.append(self.loss(out[:b], y))
+            return losses[0] + self.loss(out[b:], self.y_val) * self.n_val
 
         cap, rows = self._layer_rows(torch.cat([x, self.x_val]), total)
         self._check_calls(cap)
@@ -365,16 +389,16 @@ class InRunShapley:
         pv = self.per_validation_point
         scores = torch.zeros((b, self.n_val) if pv else b, dtype=loss.dtype, device=loss.device)
         for name, (a, g) in rows.items():
-            mod = self.modules[name]
-            train_grad = _param_grads(mod, a[:b], g[:b])
+            mod, kind = self.modules[name], self.kinds[name]
+            train_grad = kind.param_grads(mod, a[:b], g[:b])
             for pn, p in mod.named_parameters(recurse=False):
                 _accumulate_grad(p, train_grad[pn])
             if pv:  # ghost / materialised products of the rows of the same backward
-                scores += pairwise_layer_products(mod, a[:b], g[:b], a[b:], g[b:],
-                                                  method=self.method)
+                scores += kind.pairwise_products(mod, a[:b], g[:b], a[b:], g[b:],
+                                                 method=self.solver)
             else:
-                V = _param_grads(mod, a[b:], g[b:])
-                scores += dot_with_param_vector(mod, a[:b], g[:b], V)
+                V = kind.param_grads(mod, a[b:], g[b:])
+                scores += kind.dot_with_param_vector(mod, a[:b], g[:b], V)
         return self._record(ia, scores * lr, loss)
 
     def _scores(self, train: dict, b: int, lr: float, gbar) -> torch.Tensor:
@@ -399,7 +423,7 @@ class InRunShapley:
         as the directional derivative ``sum_l g_il . (V a_il)`` (one forward's cost)."""
         V: list[torch.Tensor] | None = None
         for _, xv, yv in self._val_chunks():
-            lv = self.loss_fn(self.model(xv), yv) * len(xv)
+            lv = self.loss(self.model(xv), yv) * len(xv)
             gv = torch.autograd.grad(lv, self.params, allow_unused=True, materialize_grads=True,
                                      create_graph=gbar is not None)
             if gbar is not None:
@@ -416,7 +440,7 @@ class InRunShapley:
         for name, (a, g) in train.items():
             mod = self.modules[name]
             tensors = {pn: V[pidx[id(p)]] for pn, p in mod.named_parameters(recurse=False)}
-            out += dot_with_param_vector(mod, a, g, tensors)
+            out += self.kinds[name].dot_with_param_vector(mod, a, g, tensors)
         return out
 
     def _pairwise_scores(self, train: dict, b: int) -> torch.Tensor:
@@ -424,11 +448,11 @@ class InRunShapley:
         p0 = self.params[0]
         out = torch.zeros(b, self.n_val, dtype=p0.dtype, device=p0.device)
         for s, xv, yv in self._val_chunks():
-            _, val = self._layer_rows(xv, lambda o, yv=yv: self.loss_fn(o, yv) * len(yv))
+            _, val = self._layer_rows(xv, lambda o, yv=yv: self.loss(o, yv) * len(yv))
             for name, (a_t, g_t) in train.items():
                 if name in val:
-                    out[:, s : s + len(xv)] += pairwise_layer_products(
-                        self.modules[name], a_t, g_t, *val[name], method=self.method)
+                    out[:, s : s + len(xv)] += self.kinds[name].pairwise_products(
+                        self.modules[name], a_t, g_t, *val[name], method=self.solver)
         return out
 
     def _record(self, ia: np.ndarray, scores: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:

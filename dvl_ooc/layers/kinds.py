@@ -1,74 +1,55 @@
-"""Per-layer-type operations: how a Linear, Conv2d or Embedding layer's per-sample weight
-gradient factorises into captured layer inputs and output gradients."""
+"""The registry's public face: the registered kinds, and module-level functions that dispatch
+to the kind of their module (:func:`~dvl_ooc.layers.base.kind_of`).
+
+Shapes: ``a`` and ``g`` are raw captured rows (layer input; per-sample output gradient),
+``A``/``G`` the row matrices ``(n, L, d_in [+1])`` / ``(n, L, d_out)`` (embedding: ``A`` is the
+``(n, L)`` index tensor and ``G`` has padding positions zeroed). See :mod:`dvl_ooc.layers.base`
+for the factorisation and the cost of each product.
+"""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..exceptions import UnsupportedModelError
+from .base import LAYER_KINDS, LayerKind, Method, kind_of, register_kind
 
-SUPPORTED_LAYERS = (nn.Linear, nn.Conv2d)
-#: layers LayerCapture can record with ``include_embeddings=True`` (the "input matrix" of an
-#: embedding is its ``(n, L)`` index tensor, not activations)
-CAPTURABLE_LAYERS = (nn.Linear, nn.Conv2d, nn.Embedding)
+# importing a kind registers it; this order is the order in messages
+# isort: off
+from .linear import LinearKind
+from .conv2d import Conv2dKind
+from .embedding import EmbeddingKind
 
+# isort: on
 
-def _check_embedding(module: nn.Embedding) -> None:
-    if module.max_norm is not None:
-        raise UnsupportedModelError(
-            "nn.Embedding with max_norm renormalises its weights inside forward; per-sample "
-            "gradients are not supported for it (use max_norm=None)"
-        )
-    if module.scale_grad_by_freq:
-        raise UnsupportedModelError(
-            "nn.Embedding with scale_grad_by_freq=True has batch-dependent gradients; "
-            "per-sample gradients are not defined for it"
-        )
+__all__ = [
+    "CAPTURABLE_LAYERS",
+    "LAYER_KINDS",
+    "SUPPORTED_LAYERS",
+    "Conv2dKind",
+    "EmbeddingKind",
+    "LayerKind",
+    "LinearKind",
+    "Method",
+    "combined_to_params",
+    "dot_with_param_vector",
+    "embedding_output_grad_matrix",
+    "embedding_per_sample_grads",
+    "kind_of",
+    "layer_dot_products",
+    "layer_input_matrix",
+    "layer_output_grad_matrix",
+    "layer_param_grads",
+    "pairwise_layer_products",
+    "per_sample_layer_grads",
+    "register_kind",
+]
 
-
-def embedding_output_grad_matrix(module: nn.Embedding, idx: torch.Tensor,
-                                 g: torch.Tensor) -> torch.Tensor:
-    """Output gradients ``(n, L, d)`` of an embedding, zeroed where ``idx == padding_idx``
-    (the padding row never receives gradient)."""
-    G = g.reshape(g.shape[0], -1, g.shape[-1])
-    if module.padding_idx is not None:
-        G = G * (idx.reshape(idx.shape[0], -1) != module.padding_idx).unsqueeze(-1).to(G.dtype)
-    return G
-
-
-def embedding_per_sample_grads(module: nn.Embedding, idx: torch.Tensor,
-                               g: torch.Tensor) -> torch.Tensor:
-    """Per-sample embedding-table gradients ``(n, num_embeddings * d)``: scatter of the output
-    gradient rows onto the looked-up table rows."""
-    _check_embedding(module)
-    n = idx.shape[0]
-    I = idx.reshape(n, -1)
-    G = embedding_output_grad_matrix(module, idx, g)
-    V, d = module.num_embeddings, G.shape[-1]
-    out = torch.zeros(n * V, d, dtype=G.dtype, device=G.device)
-    rows = (torch.arange(n, device=I.device).unsqueeze(1) * V + I).reshape(-1)
-    out.index_add_(0, rows, G.reshape(-1, d))
-    return out.reshape(n, V * d)
-
-
-def _conv_padding(module: nn.Conv2d) -> tuple[int, int]:
-    if module.padding_mode != "zeros":
-        raise UnsupportedModelError(
-            f"Conv2d with padding_mode={module.padding_mode!r} is not supported; use 'zeros'"
-        )
-    pad = module.padding
-    if isinstance(pad, str):
-        if pad == "valid":
-            return (0, 0)
-        k, d = module.kernel_size, module.dilation
-        if any((d[i] * (k[i] - 1)) % 2 for i in range(2)):
-            raise UnsupportedModelError(
-                "padding='same' with an even receptive field is not supported"
-            )
-        return (d[0] * (k[0] - 1) // 2, d[1] * (k[1] - 1) // 2)
-    return tuple(pad)  # type: ignore[return-value]
+#: layer types with dense Kronecker factors (LayerCapture's default, EK-FAC)
+SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = tuple(
+    t for t, k in LAYER_KINDS.items() if k.kronecker)
+#: every registered layer type (LayerCapture with ``include_embeddings=True``, In-Run)
+CAPTURABLE_LAYERS: tuple[type[nn.Module], ...] = tuple(LAYER_KINDS)
 
 
 def layer_input_matrix(module: nn.Module, a: torch.Tensor) -> torch.Tensor:
@@ -76,44 +57,82 @@ def layer_input_matrix(module: nn.Module, a: torch.Tensor) -> torch.Tensor:
     the per-sample weight gradient; a trailing column of ones stands for the bias.
 
     For ``nn.Embedding`` the result is the ``(n, L)`` integer index tensor."""
-    if isinstance(module, nn.Embedding):
-        _check_embedding(module)
-        return a.reshape(a.shape[0], -1)
-    if isinstance(module, nn.Linear):
-        A = a.reshape(a.shape[0], -1, a.shape[-1])
-    elif isinstance(module, nn.Conv2d):
-        if module.groups != 1:
-            raise UnsupportedModelError("Conv2d with groups > 1 is not supported")
-        cols = F.unfold(a, module.kernel_size, dilation=module.dilation,
-                        padding=_conv_padding(module), stride=module.stride)
-        A = cols.transpose(1, 2)
-    else:
-        raise UnsupportedModelError(
-            f"layer capture supports nn.Linear and nn.Conv2d, not {type(module).__name__}"
-        )
-    if getattr(module, "bias", None) is not None:
-        A = torch.cat([A, torch.ones_like(A[..., :1])], dim=-1)
-    return A
+    return kind_of(module).input_matrix(module, a)
 
 
 def layer_output_grad_matrix(module: nn.Module, g: torch.Tensor) -> torch.Tensor:
     """Output gradients as ``(n, L, d_out)`` rows matching :func:`layer_input_matrix`."""
-    if isinstance(module, (nn.Linear, nn.Embedding)):
-        return g.reshape(g.shape[0], -1, g.shape[-1])
-    if isinstance(module, nn.Conv2d):
-        return g.flatten(2).transpose(1, 2)
-    raise UnsupportedModelError(
-        f"layer capture supports nn.Linear and nn.Conv2d, not {type(module).__name__}"
-    )
+    return kind_of(module).output_grad_matrix(module, g)
 
 
 def combined_to_params(module: nn.Module, G: torch.Tensor) -> torch.Tensor:
     """Map combined ``(..., d_out, d_in [+1])`` gradients to the flat order (weight, bias)."""
-    has_bias = getattr(module, "bias", None) is not None
-    lead = G.shape[:-2]
-    if has_bias:
-        w, b = G[..., :-1], G[..., -1]
-        return torch.cat([w.reshape(*lead, -1), b.reshape(*lead, -1)], dim=-1)
-    return G.reshape(*lead, -1)
+    return kind_of(module).to_params(module, G)
 
 
+def embedding_output_grad_matrix(module: nn.Embedding, idx: torch.Tensor,
+                                 g: torch.Tensor) -> torch.Tensor:
+    """Output gradients ``(n, L, d)`` of an embedding, zeroed where ``idx == padding_idx``
+    (the padding row never receives gradient)."""
+    return EmbeddingKind().masked_output_grads(module, idx, g)
+
+
+def embedding_per_sample_grads(module: nn.Embedding, idx: torch.Tensor,
+                               g: torch.Tensor) -> torch.Tensor:
+    """Per-sample embedding-table gradients ``(n, num_embeddings * d)``."""
+    return EmbeddingKind().per_sample_grads(module, idx, g)
+
+
+def per_sample_layer_grads(module: nn.Module, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Per-sample ``(n, p_layer)`` gradients (weight, then bias) of a layer from its raw input and
+    output-gradient rows (Conv2d on CPU: a grouped-convolution kernel, no ``im2col``)."""
+    return kind_of(module).per_sample_grads(module, a, g)
+
+
+def layer_param_grads(module: nn.Module, a: torch.Tensor,
+                      g: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Summed parameter gradients ``{"weight", "bias"}`` of a layer from its raw rows."""
+    return kind_of(module).param_grads(module, a, g)
+
+
+def dot_with_param_vector(module: nn.Module, a: torch.Tensor, g: torch.Tensor,
+                          W: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``<per-sample gradient of row i, W>`` for every row, without unfolding.
+
+    ``a`` is the layer input and ``g`` the per-sample output gradient (raw shapes), ``W`` a
+    parameter-shaped vector ``{"weight": ..., "bias": ...}``. It is the directional derivative
+    ``sum_l g_il . (W a_il)``: for ``Conv2d`` a convolution of the inputs with ``W`` (no
+    ``im2col``), for ``Linear`` a matrix product, for ``Embedding`` a gather. Cost: one forward.
+    """
+    return kind_of(module).dot_with_param_vector(module, a, g, W)
+
+
+def layer_dot_products(module: nn.Module, A_t: torch.Tensor, G_t: torch.Tensor,
+                       A_v: torch.Tensor, G_v: torch.Tensor, *, reduce: bool = False,
+                       method: Method = "auto", max_elements: int = 2**24) -> torch.Tensor:
+    """Train x validation per-sample gradient dot products of one layer.
+
+    Args:
+        module: the ``Linear``/``Conv2d``/``Embedding`` layer.
+        A_t, G_t: train rows from :func:`layer_input_matrix` (embedding: the ``(n, L)``
+            indices) and the per-sample output gradients ``(n, L, d_out)`` (embedding: padding
+            positions zeroed, :func:`embedding_output_grad_matrix`).
+        A_v, G_v: the same for the validation rows.
+        reduce: return the row sums ``(n,)`` (summed validation loss) instead of ``(n, m)``.
+        method: ``"ghost"``, ``"materialize"`` or ``"auto"`` (cheaper by the kind's cost model).
+        max_elements: bound on temporary ``(chunk, L, m, L)`` tensors.
+    """
+    return kind_of(module).dot_products(module, A_t, G_t, A_v, G_v, reduce=reduce,
+                                        method=method, max_elements=max_elements)
+
+
+def pairwise_layer_products(module: nn.Module, a_t: torch.Tensor, g_t: torch.Tensor,
+                            a_v: torch.Tensor, g_v: torch.Tensor, *, method: Method = "auto",
+                            max_elements: int = 2**24) -> torch.Tensor:
+    """Train x validation per-sample gradient dot products ``(n, m)`` of one layer from its raw
+    rows (layer inputs and output gradients as captured), by the cheaper of ghost and
+    materialised products (or ``method``). Materialised products of ``Linear``/``Conv2d``
+    layers use :func:`per_sample_layer_grads`; train rows are processed in chunks so that
+    temporaries stay below ``max_elements``."""
+    return kind_of(module).pairwise_products(module, a_t, g_t, a_v, g_v, method=method,
+                                             max_elements=max_elements)

@@ -9,13 +9,21 @@ Typical use (pyDVL users will recognise it)::
                                     is_done=MinUpdates(100), seed=0, n_workers=2)
     result = valuation.fit(x_train, y_train).result
     result.sort()[:10]            # the lowest-valued points
+
+Layout: one module per method (:mod:`.tmc`, :mod:`.msr`, :mod:`.combinatorial`), each with
+its math, its batch function (what a Dask task runs) and its class; :mod:`.base` is the driver
+they share (rounds, merging, stopping, clusters) and :mod:`.tasks` what the workers run (the
+job and the batch wrapper). Samplers, truncation, utilities, stopping criteria and results
+have a module each; :mod:`.exact`, :mod:`.knn` and :mod:`.games` give references.
 """
 
+from .base import MonteCarloValuation
+from .combinatorial import CombinatorialShapleyValuation
 from .exact import exact_banzhaf, exact_shapley
 from .features import MaskingUtility, heatmap, patch_groups
 from .games import InteractionGame
 from .knn import knn_shapley
-from .methods import CombinatorialShapleyValuation, MSRBanzhafValuation, TMCShapleyValuation
+from .msr import MSRBanzhafValuation
 from .plot import plot_values
 from .result import Moments, ValuationResult, ValueItem
 from .samplers import (
@@ -39,6 +47,7 @@ from .stopping import (
     RankCorrelation,
     StoppingCriterion,
 )
+from .tmc import TMCShapleyValuation
 from .torch_utility import TorchBatchUtility
 from .utility import ModelUtility, TorchEstimator
 
@@ -58,6 +67,7 @@ __all__ = [
     "MaxUpdates",
     "MinUpdates",
     "ModelUtility",
+    "MonteCarloValuation",
     "Moments",
     "NoTruncation",
     "PermutationSampler",

@@ -1,9 +1,9 @@
 r"""Samplers (what one Monte-Carlo sample is) and truncation policies for permutations.
 
 Determinism: sample ``k`` of a run with seed ``s`` is drawn from its own generator
-``numpy.random.default_rng([s, k])`` -- never from a shared stream -- so the samples do not
-depend on how they are split into batches, tasks or workers, nor on whether a run is continued
-from a saved result (which simply starts at the next ``k``).
+``numpy_rng(s, k)`` (:mod:`dvl_ooc.seeding`) -- never from a shared stream -- so the samples do
+not depend on how they are split into batches, tasks or workers, nor on whether a run is
+continued from a saved result (which simply starts at the next ``k``).
 
 * :class:`PermutationSampler` -- uniform random permutations :math:`\sigma` of the ``n`` points.
   The Shapley value is the expectation of the marginal
@@ -24,6 +24,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..exceptions import InputError
+from ..seeding import numpy_rng
 
 __all__ = [
     "DeviationTruncation",
@@ -34,13 +35,7 @@ __all__ = [
     "RelativeTruncation",
     "TruncationPolicy",
     "UniformSampler",
-    "sample_rng",
 ]
-
-
-def sample_rng(seed: int, k: int) -> np.random.Generator:
-    """The generator of sample ``k`` of a run with ``seed`` (independent of batching)."""
-    return np.random.default_rng([int(seed), int(k)])
 
 
 class PermutationSampler:
@@ -51,9 +46,9 @@ class PermutationSampler:
 
     def permutation(self, seed: int, k: int, n: int) -> np.ndarray:
         if self.antithetic:
-            p = sample_rng(seed, k // 2).permutation(n)
+            p = numpy_rng(seed, k // 2).permutation(n)
             return p[::-1].copy() if k % 2 else p
-        return sample_rng(seed, k).permutation(n)
+        return numpy_rng(seed, k).permutation(n)
 
     def __repr__(self) -> str:
         return f"PermutationSampler(antithetic={self.antithetic})"
@@ -63,7 +58,7 @@ class MSRSampler:
     """Uniform subsets: every point is in the sample independently with probability 1/2."""
 
     def subset_mask(self, seed: int, k: int, n: int) -> np.ndarray:
-        return sample_rng(seed, k).random(n) < 0.5
+        return numpy_rng(seed, k).random(n) < 0.5
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"

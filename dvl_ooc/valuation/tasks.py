@@ -1,25 +1,15 @@
-r"""Task kernels: one batch of samples ``[start, stop)`` -> partial moments per data point.
+r"""What runs on the workers: a :class:`Job` and the :func:`run_batch` wrapper.
 
-These functions run on Dask workers (which start by spawn, so they live in an importable
-module). A :class:`Job` holds everything a batch needs -- the utility with its data, the
-sampler, the truncation policy and the two reference utilities -- and is scattered to the
-workers once per ``fit``; tasks only carry ``(job, start, stop)``.
+A :class:`Job` holds everything one ``fit`` needs on a worker -- the valuation method's batch
+function, the utility with its data, the sampler, the truncation policy and the reference
+utilities -- and is scattered to the workers once per ``fit``; tasks only carry
+``(job, start, stop)``. :func:`run_batch` limits the worker's threads and calls
+``job.batch(job, start, stop)``, which returns partial moments per data point for the samples
+``start..stop-1`` and the number of utility evaluations spent.
 
-TMC-Shapley batch: for each permutation :math:`\sigma` (sample ``k``), prefix utilities
-:math:`u_j = u(\{\sigma_1..\sigma_j\})` are evaluated in order (``batch_hint`` prefixes per call
-for vectorised utilities) until the truncation policy fires at ``t``; then
-:math:`u_j := u_t` for ``j > t``. Point :math:`\sigma_j` gets the marginal
-:math:`u_j - u_{j-1}`; every point receives one term per permutation (zero if truncated).
-
-Combinatorial MC Shapley batch ("cmc"): for each uniform subset ``S`` (sample ``k``) and every
-point ``i``, with :math:`T = S \setminus \{i\}`, the term
-:math:`\frac{2^{n-1}}{n \binom{n-1}{|T|}} [u(T \cup \{i\}) - u(T)]` is an unbiased sample of
-the Shapley value (``T`` is uniform over subsets of the others); ``n + 1`` evaluations per
-sample, in one ``evaluate_many`` call. Its variance grows fast with ``n`` (importance weights
-up to :math:`2^{n-1}/n`): a reference estimator for small ``n``, not for data sets.
-
-MSR-Banzhaf batch: for each subset mask ``S`` (sample ``k``) one utility :math:`u(S)` updates
-the ``"in"`` moments of the points in ``S`` and the ``"out"`` moments of the others.
+The batch functions themselves belong to the methods (``tmc.tmc_batch``, ``msr.msr_batch``,
+``combinatorial.cmc_batch``). Dask workers start by spawn, so a batch function must be a
+module-level function of an importable module (it is pickled by reference).
 
 Within a batch, samples are folded in index order with Welford updates; the driver merges
 batch partials in batch order (Chan), so a run's values do not depend on the number of workers.
@@ -28,32 +18,41 @@ batch partials in batch order (Chan), so a run's values do not depend on the num
 from __future__ import annotations
 
 import contextlib
-import copy
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from .result import Moments
-from .samplers import MSRSampler, PermutationSampler, TruncationPolicy
-from .utility import evaluate_masks
 
-__all__ = ["Job", "blas_threads", "run_batch"]
+__all__ = ["BatchFn", "Job", "blas_threads", "run_batch"]
+
+#: ``batch(job, start, stop) -> (partial moments by name, utility evaluations)``
+BatchFn = Callable[["Job", int, int], tuple[dict[str, Moments], int]]
 
 
 @dataclass
 class Job:
-    """What every task of one ``fit`` needs (scattered once to all workers)."""
+    """What every task of one ``fit`` needs (scattered once to all workers).
 
-    kind: str  # "tmc" or "msr"
+    Attributes:
+        batch: the method's batch function (module-level, importable on spawned workers).
+        utility, n, seed, sampler: the bound utility, its number of points, the run's seed and
+            the method's sampler.
+        truncation, total_utility, empty_utility: TMC's truncation policy, ``u(all)`` and
+            ``u(empty)`` (unused by other methods).
+        setup_evaluations: utility evaluations the driver spent building the job.
+        blas_threads: BLAS/OpenMP threads per task (``None``: leave as is).
+    """
+
+    batch: BatchFn
     utility: Any
     n: int
     seed: int
-    sampler: PermutationSampler | MSRSampler
-    truncation: TruncationPolicy | None = None
+    sampler: Any
+    truncation: Any = None
     total_utility: float = 0.0
     empty_utility: float = 0.0
+    setup_evaluations: int = 0
     blas_threads: int | None = 1
 
 
@@ -102,79 +101,7 @@ def _limit_threads_on_worker() -> None:
 def run_batch(job: Job, start: int, stop: int) -> tuple[dict[str, Moments], int]:
     """Partial moments of samples ``start..stop-1`` and the number of utility evaluations."""
     _limit_threads_on_worker()
-    if job.kind not in ("tmc", "msr", "cmc"):
-        raise ValueError(f"unknown job kind {job.kind!r}")
+    if not callable(job.batch):
+        raise TypeError(f"job.batch must be a batch function, not {type(job.batch).__name__}")
     with blas_threads(job.blas_threads):
-        if job.kind == "tmc":
-            return _tmc_batch(job, start, stop)
-        if job.kind == "cmc":
-            return _cmc_batch(job, start, stop)
-        return _msr_batch(job, start, stop)
-
-
-def _prefix_scores(job: Job, perm: np.ndarray, policy: TruncationPolicy) -> tuple[np.ndarray, int]:
-    n, u = job.n, job.utility
-    scores = np.empty(n + 1)
-    scores[0] = job.empty_utility
-    chunk = max(1, int(getattr(u, "batch_hint", 1))) if hasattr(u, "evaluate_many") else 1
-    policy.reset(job.total_utility, n)
-    evals, j, stop_at = 0, 0, n
-    while j < n and stop_at == n:
-        sizes = np.arange(j + 1, min(j + chunk, n) + 1)
-        masks = np.zeros((len(sizes), n), dtype=bool)
-        for r, s in enumerate(sizes):
-            masks[r, perm[:s]] = True
-        vals = evaluate_masks(u, masks)
-        evals += len(sizes)
-        for s, v in zip(sizes, vals):
-            scores[s] = v
-            j = s
-            if policy(int(s), float(v)):
-                stop_at = int(s)
-                break
-    scores[stop_at + 1 :] = scores[stop_at]
-    return scores, evals
-
-
-def _tmc_batch(job: Job, start: int, stop: int) -> tuple[dict[str, Moments], int]:
-    acc = Moments.zeros(job.n)
-    policy = copy.deepcopy(job.truncation) if job.truncation is not None else TruncationPolicy()
-    evals = 0
-    x = np.empty(job.n)
-    for k in range(start, stop):
-        perm = job.sampler.permutation(job.seed, k, job.n)
-        scores, e = _prefix_scores(job, perm, policy)
-        evals += e
-        x[perm] = np.diff(scores)
-        acc.update(x)
-    return {"marginal": acc}, evals
-
-
-def _msr_batch(job: Job, start: int, stop: int) -> tuple[dict[str, Moments], int]:
-    masks = np.stack([job.sampler.subset_mask(job.seed, k, job.n) for k in range(start, stop)])
-    scores = evaluate_masks(job.utility, masks)
-    acc_in, acc_out = Moments.zeros(job.n), Moments.zeros(job.n)
-    for m, s in zip(masks, scores):
-        acc_in.update(np.full(job.n, s), where=m)
-        acc_out.update(np.full(job.n, s), where=~m)
-    return {"in": acc_in, "out": acc_out}, len(masks)
-
-
-def _cmc_batch(job: Job, start: int, stop: int) -> tuple[dict[str, Moments], int]:
-    from math import comb, log
-
-    n = job.n
-    # log of the importance weight 2^(n-1) / (n * C(n-1, s)) for s = 0..n-1
-    logw = np.array([(n - 1) * log(2) - log(n) - log(comb(n - 1, s)) for s in range(n)])
-    acc, evals = Moments.zeros(n), 0
-    eye = np.eye(n, dtype=bool)
-    for k in range(start, stop):
-        s = job.sampler.subset_mask(job.seed, k, n)
-        masks = np.vstack([s[None], s[None] ^ eye])  # S, then S with point i toggled
-        u = evaluate_masks(job.utility, masks)
-        evals += n + 1
-        with_i = np.where(s, u[0], u[1:])
-        without_i = np.where(s, u[1:], u[0])
-        size_without = s.sum() - s  # |S \ {i}|
-        acc.update(np.exp(logw[size_without]) * (with_i - without_i))
-    return {"marginal": acc}, evals
+        return job.batch(job, start, stop)

@@ -26,7 +26,9 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import torch
 
+from ..data import to_numpy
 from ..exceptions import InputError, LengthMismatchError, UtilityError
 
 __all__ = ["ModelUtility", "TorchEstimator", "as_xy", "evaluate_masks"]
@@ -45,12 +47,12 @@ def as_xy(x: Any, y: Any = None, *, what: str = "data") -> tuple[np.ndarray, np.
                 raise InputError(f"{what}: the data set is empty")
             if not all(isinstance(t, (tuple, list)) and len(t) >= 2 for t in items):
                 raise InputError(f"{what}: a dataset must yield (x, y) pairs")
-            x = np.stack([_to_numpy(t[0]) for t in items])
-            y = np.stack([_to_numpy(t[1]) for t in items])
+            x = np.stack([_as_array(t[0]) for t in items])
+            y = np.stack([_as_array(t[1]) for t in items])
         else:
             raise InputError(f"{what}: pass (x, y) arrays, an (x, y) pair or a Dataset, "
                              f"not {type(x).__name__}")
-    x, y = _to_numpy(x), _to_numpy(y)
+    x, y = _as_array(x), _as_array(y)
     if x.ndim == 0 or y.ndim == 0:
         raise InputError(f"{what}: x and y need a leading sample axis")
     if len(x) != len(y):
@@ -60,10 +62,11 @@ def as_xy(x: Any, y: Any = None, *, what: str = "data") -> tuple[np.ndarray, np.
     return x, y
 
 
-def _to_numpy(a: Any) -> np.ndarray:
-    if hasattr(a, "detach"):
-        return a.detach().cpu().numpy()
-    return np.asarray(a)
+def _as_array(a: Any) -> np.ndarray:
+    """:func:`dvl_ooc.data.to_numpy` for tensors; other array-likes through ``np.asarray``, so
+    that object arrays pass: scikit-learn estimators take string or mixed-type columns (e.g.
+    labels from a pandas Series), which ``to_numpy`` refuses."""
+    return to_numpy(a) if isinstance(a, torch.Tensor) else np.asarray(a)
 
 
 def evaluate_masks(utility: Any, masks: np.ndarray) -> np.ndarray:
@@ -226,7 +229,7 @@ class TorchEstimator:
     """A torch classifier with scikit-learn style ``fit`` / ``score`` for :class:`ModelUtility`.
 
     ``fit`` copies the *initial* module and trains the copy with ``train_fn(module, x, y)``
-    (default: :func:`dvl_ooc.nets.train_classifier` with ``epochs``, ``lr``), so every subset
+    (default: :func:`dvl_ooc.demo.nets.train_classifier` with ``epochs``, ``lr``), so every subset
     starts from the same weights; ``score`` is the accuracy.
     """
 

@@ -37,6 +37,7 @@ from dvl_ooc.exceptions import (
     LengthMismatchError,
     NotFittedError,
     StoreError,
+    StoreExistsError,
     StoreMismatchError,
 )
 
@@ -57,10 +58,12 @@ class SlowDataset(TensorDataset):
 
 @pytest.fixture(scope="module")
 def client():
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                      dashboard_address=":0") as cluster, Client(cluster) as c:
+    from dvl_ooc.runtime import local_cluster
+
+    with local_cluster(2, threads_per_worker=1, what="the calculator tests") as cluster, \
+            Client(cluster) as c:
         c.run(lambda: sys.path.insert(0, str(TESTS)))  # SlowDataset is importable there
         yield c
 
@@ -69,14 +72,14 @@ def client():
 def direct(mlp_problem):
     p = mlp_problem
     lam = p.small_reg(1e-3)
-    m = DirectInfluence(p.model, p.loss, regularization=lam).fit((p.x_train, p.y_train))
-    return m, lam
+    m = DirectInfluence(p.model, p.loss, regularization=lam, hessian="exact")
+    return m.fit((p.x_train, p.y_train)), lam
 
 
 def _cg(p):
     lam = p.small_reg(1e-2)
     m = CgInfluence(p.model, p.loss, regularization=lam, hessian="gauss-newton", rtol=1e-9,
-                    maxiter=2000)
+                    max_iter=2000)
     return m.fit((p.x_train, p.y_train)), lam
 
 
@@ -143,7 +146,7 @@ def test_lissa_dask_matches_memory(client, mlp_problem, tmp_path):
 
     p = mlp_problem
     m = LissaInfluence(p.model, p.loss, regularization=p.small_reg(1e-2), hessian="gauss-newton",
-                       depth=60, rtol=None).fit((p.x_train, p.y_train))
+                       max_iter=60, rtol=None).fit((p.x_train, p.y_train))
     xt, yt, x, y = _data(p)
     s = DaskInfluenceCalculator(m, client).to_zarr(tmp_path / "lissa", xt, yt, x, y,
                                                     test_chunk=13, train_chunk=100,
@@ -166,7 +169,7 @@ def test_sequential_lazy_array_on_threads_matches_memory(mlp_problem, method):
         m = DirectInfluence(p.model, p.loss, regularization=lam, hessian="gauss-newton")
     else:
         m = LissaInfluence(p.model, p.loss, regularization=lam, hessian="gauss-newton",
-                           depth=40, rtol=None)
+                           max_iter=40, rtol=None)
     m.fit((p.x_train, p.y_train))
     mem = m.influences(p.x_test, p.y_test, p.x_train, p.y_train).numpy()
     xt, yt, x, y = _data(p)
@@ -285,7 +288,7 @@ def test_xarray_layout_and_self_influence(client, direct, mlp_problem, tmp_path)
 
 def test_tasks_ran_on_both_workers_and_model_shipped_once(client, direct, mlp_problem,
                                                           tmp_path):
-    from dvl_ooc import calculator as calc_mod
+    from dvl_ooc.calculator import tasks
 
     p = mlp_problem
     m, _ = direct
@@ -294,21 +297,23 @@ def test_tasks_ran_on_both_workers_and_model_shipped_once(client, direct, mlp_pr
     calc.to_zarr(tmp_path / "w", xt, yt, x, y, test_chunk=10, train_chunk=10, progress=False)
     workers = set(client.scheduler_info()["workers"])
     assert len(workers) == 2
-    ran_on = {st.worker for st in calc.last_stats}
+    columns = calc.info["columns"]
+    assert all(type(st) is dict for st in columns)  # plain data
+    ran_on = {st["worker"] for st in columns}
     assert ran_on == workers
-    assert len({st.pid for st in calc.last_stats}) == 2 and os.getpid() not in {
-        st.pid for st in calc.last_stats}
-    assert sorted(st.column for st in calc.last_stats) == list(range(25))
-    assert sum(len(st.tiles) for st in calc.last_stats) == 3 * 25
+    assert len({st["pid"] for st in columns}) == 2 and os.getpid() not in {
+        st["pid"] for st in columns}
+    assert sorted(st["column"] for st in columns) == list(range(25))
+    assert sum(len(st["tiles"]) for st in columns) == 3 * 25
     # the model was prepared once per worker under this calculator's token
-    tokens = client.run(lambda: list(calc_mod._CACHE))
+    tokens = client.run(lambda: list(tasks._CACHE))
     assert all(calc._token in t for t in tokens.values())
 
 
 # ---------------------------------------------------------------------- resume
 _KILLED_RUN = """
 import pickle, sys
-sys.path.insert(0, {tests!r})
+sys.path[:0] = [{tests!r}, {tests_root!r}]  # SlowDataset's module, and the conftest it imports
 from distributed import Client
 from dvl_ooc import DaskInfluenceCalculator
 model, args, kw = pickle.load(open({blob!r}, "rb"))
@@ -352,7 +357,7 @@ def test_resume_after_killed_run(client, direct, mlp_problem, tmp_path):
     blob = tmp_path / "blob.pkl"
     with open(blob, "wb") as f:
         pickle.dump((m, (str(path), slow_te, None, slow_tr, None), kw), f)
-    script = _KILLED_RUN.format(tests=str(TESTS), blob=str(blob),
+    script = _KILLED_RUN.format(tests=str(TESTS), tests_root=str(TESTS.parent), blob=str(blob),
                                 address=client.scheduler.address)
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT)
@@ -377,7 +382,7 @@ def test_resume_after_killed_run(client, direct, mlp_problem, tmp_path):
 
     calc = DaskInfluenceCalculator(m, client)
     resumed = calc.to_zarr(path, slow_te, None, slow_tr, None, **kw)
-    computed = {t for st in calc.last_stats for t in st.tiles}
+    computed = {t for st in calc.info["columns"] for t in st["tiles"]}
     # only missing tiles are computed (a straggler of the killed run may have added one more
     # tile after the listing above, which the rerun then also skips)
     assert computed and computed.isdisjoint(done)
@@ -388,7 +393,7 @@ def test_resume_after_killed_run(client, direct, mlp_problem, tmp_path):
     assert resumed.is_complete
     # a rerun of a complete store computes nothing
     calc.to_zarr(path, slow_te, None, slow_tr, None, **kw)
-    assert calc.last_stats == []
+    assert calc.info["columns"] == []
     # identical bytes to an uninterrupted run
     full = calc.to_zarr(tmp_path / "full", slow_te, None, slow_tr, None, **kw)
     assert _chunk_bytes(path) == _chunk_bytes(Path(full.path))
@@ -444,9 +449,9 @@ def test_store_with_other_parameters_is_refused_then_overwritten(client, direct,
         with pytest.raises(StoreMismatchError, match=field):
             c.to_zarr(path, *args, progress=False, **kw)
         assert _chunk_bytes(path) == before  # untouched
-    # a different method with overwrite=True replaces the store
+    # a different method with mode="w" replaces the store
     s = DaskInfluenceCalculator(other_lam, client).to_zarr(
-        path, xt, yt, x, y, test_chunk=10, train_chunk=50, overwrite=True, progress=False)
+        path, xt, yt, x, y, test_chunk=10, train_chunk=50, mode="w", progress=False)
     assert s.attrs["config"]["regularization"] == {"model": 2 * lam}
     assert _chunk_bytes(path) != before and s.is_complete
     np.testing.assert_allclose(s.influences[:], other_lam.influences(
@@ -471,5 +476,71 @@ def test_non_writable_or_foreign_path(direct, mlp_problem, tmp_path):
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
     with pytest.raises(StoreError, match="not a Zarr store"):
-        seq.to_zarr(foreign, xt, yt, x, y, overwrite=True, progress=False)
+        seq.to_zarr(foreign, xt, yt, x, y, mode="w", progress=False)
     assert (foreign / "notes.txt").read_text() == "keep me"
+
+
+# ---------------------------------------------------------------------- write modes
+def test_write_modes(direct, mlp_problem, tmp_path):
+    """mode="w-" creates only, "a" (default) creates or resumes a matching store, "w" replaces;
+    nothing else is ever overwritten."""
+    p = mlp_problem
+    m, _ = direct
+    xt, yt, x, y = _data(p)
+    seq = SequentialInfluenceCalculator(m)
+    path = tmp_path / "s"
+    s = seq.to_zarr(path, xt, yt, x, y, mode="w-", test_chunk=10, train_chunk=100,
+                    progress=False)
+    assert s.is_complete and len(seq.info["columns"]) == 3
+    before = _chunk_bytes(path)
+    with pytest.raises(StoreExistsError, match="mode='w-'"):
+        seq.to_zarr(path, xt, yt, x, y, mode="w-", test_chunk=10, train_chunk=100,
+                    progress=False)
+    assert _chunk_bytes(path) == before
+    seq.to_zarr(path, xt, yt, x, y, test_chunk=10, train_chunk=100, progress=False)
+    assert seq.info["columns"] == []  # resumed a complete store: nothing computed
+    for mode in ("a", "w-"):
+        with pytest.raises((StoreMismatchError, StoreExistsError), match="mode='w'"):
+            seq.to_zarr(path, xt, yt, x, y, mode=mode, test_chunk=7, train_chunk=100,
+                        progress=False)
+    assert _chunk_bytes(path) == before
+    s = seq.to_zarr(path, xt, yt, x, y, mode="w", test_chunk=7, train_chunk=100,
+                    progress=False)
+    assert s.chunks == (7, 100) and s.is_complete and len(seq.info["columns"]) == 3
+    mem = m.influences(p.x_test, p.y_test, p.x_train, p.y_train).numpy()
+    assert rel_err(s.influences[:], mem) <= 1e-6
+    with pytest.raises(InputError, match="mode must be"):
+        seq.to_zarr(path, xt, yt, x, y, mode="r+", progress=False)
+    with pytest.raises(TypeError, match="bogus"):
+        seq.to_zarr(path, xt, yt, x, y, bogus=1, progress=False)
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    for mode in ("a", "w-", "w"):
+        with pytest.raises(StoreError, match="not a Zarr store"):
+            seq.to_zarr(foreign, xt, yt, x, y, mode=mode, progress=False)
+    assert [f.name for f in foreign.iterdir()] == ["notes.txt"]
+
+
+def test_deprecated_overwrite_and_last_stats(direct, mlp_problem, tmp_path):
+    p = mlp_problem
+    m, _ = direct
+    xt, yt, x, y = _data(p)
+    seq = SequentialInfluenceCalculator(m)
+    path = tmp_path / "s"
+    seq.to_zarr(path, xt, yt, x, y, test_chunk=10, train_chunk=100, progress=False)
+    with pytest.warns(DeprecationWarning, match="overwrite= is deprecated"):
+        s = seq.to_zarr(path, xt, yt, x, y, test_chunk=15, train_chunk=100, overwrite=True,
+                        progress=False)
+    assert s.chunks == (15, 100) and s.is_complete  # overwrite=True is mode="w"
+    with pytest.warns(DeprecationWarning, match="last_stats"):
+        stats = seq.last_stats
+    assert [st.column for st in stats] == [d["column"] for d in seq.info["columns"]]
+    assert sorted(t for st in stats for t in st.tiles) == [(i, j) for i in range(2)
+                                                           for j in range(3)]
+    with pytest.warns(DeprecationWarning, match="overwrite"), \
+            pytest.raises(StoreMismatchError):  # overwrite=False is the default mode "a"
+        seq.to_zarr(path, xt, yt, x, y, test_chunk=10, train_chunk=100, overwrite=False,
+                    progress=False)
+    with pytest.warns(DeprecationWarning), pytest.raises(InputError, match="contradicts"):
+        seq.to_zarr(path, xt, yt, x, y, mode="w-", overwrite=True, progress=False)

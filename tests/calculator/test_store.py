@@ -9,7 +9,13 @@ import xarray as xr
 import zarr
 
 from dvl_ooc import InfluenceStore
-from dvl_ooc.exceptions import StoreError, StoreMismatchError, StoreNotFoundError
+from dvl_ooc.exceptions import (
+    InputError,
+    StoreError,
+    StoreExistsError,
+    StoreMismatchError,
+    StoreNotFoundError,
+)
 
 PARAMS = dict(n_test=5, n_train=7, test_chunk=2, train_chunk=3, method="DirectInfluence",
               config={"method": "DirectInfluence", "regularization": {"model": 0.1}},
@@ -92,15 +98,15 @@ def test_reopen_matching_parameters_keeps_data(tmp_path):
     (dict(data_fingerprint="x"), "data_fingerprint"),
     (dict(test_index=np.arange(5) + 1), "test_index"),
 ])
-def test_mismatch_refused_unless_overwrite(tmp_path, change, field):
+def test_mismatch_refused_unless_mode_w(tmp_path, change, field):
     s = _create(tmp_path / "s")
     s.influences[0:2, 0:3] = np.ones((2, 3), np.float32)
     with pytest.raises(StoreMismatchError, match=field) as e:
         _create(tmp_path / "s", **change)
-    assert "overwrite=True" in str(e.value)
+    assert "mode='w'" in str(e.value)
     kept = InfluenceStore.open(tmp_path / "s")
     assert kept.done_tiles() == {(0, 0)} and kept.attrs["method"] == "DirectInfluence"
-    new = _create(tmp_path / "s", overwrite=True, **change)
+    new = _create(tmp_path / "s", mode="w", **change)
     assert new.done_tiles() == set()
 
 
@@ -138,3 +144,47 @@ def test_compressors_roundtrip(tmp_path, compressor):
     s.influences[:] = v
     np.testing.assert_array_equal(InfluenceStore.open(tmp_path / "s").influences[:], v)
     assert len(s.done_tiles()) == 9
+
+
+def test_write_modes(tmp_path):
+    """"a" creates or resumes, "w-" creates only, "w" replaces; a directory that is not a
+    Zarr store is never touched in any mode."""
+    p = tmp_path / "s"
+    s = _create(p, mode="w-")
+    s.influences[0:2, 0:3] = np.ones((2, 3), np.float32)
+    with pytest.raises(StoreExistsError, match="mode='w-'"):
+        _create(p, mode="w-")
+    with pytest.raises(StoreExistsError):  # whatever the parameters
+        _create(p, mode="w-", n_train=8)
+    assert _create(p, mode="a").done_tiles() == {(0, 0)}  # resumed, data kept
+    assert _create(p).done_tiles() == {(0, 0)}  # "a" is the default
+    assert _create(p, mode="w").done_tiles() == set()  # replaced
+    assert _create(tmp_path / "new", mode="w").done_tiles() == set()  # "w" also creates
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert _create(empty, mode="w-").shape == (5, 7)  # an empty directory is no store
+    g = zarr.open_group(str(tmp_path / "g"), mode="w")  # a Zarr store, not ours
+    g.create_array("x", shape=(2,), dtype="f4")
+    with pytest.raises(StoreExistsError):
+        _create(tmp_path / "g", mode="w-")
+    assert _create(tmp_path / "g", mode="w").shape == (5, 7)
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    for mode in ("a", "w-", "w"):
+        with pytest.raises(StoreError, match="not a Zarr store"):
+            _create(foreign, mode=mode)
+    assert [f.name for f in foreign.iterdir()] == ["notes.txt"]
+    with pytest.raises(InputError, match="mode must be"):
+        _create(tmp_path / "x", mode="r+")
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        _create(tmp_path / "x", overwrites=True)
+
+
+def test_overwrite_is_deprecated(tmp_path):
+    s = _create(tmp_path / "s")
+    s.influences[0:2, 0:3] = np.ones((2, 3), np.float32)
+    with pytest.warns(DeprecationWarning, match="overwrite= is deprecated, use mode='w'"):
+        assert _create(tmp_path / "s", overwrite=False).done_tiles() == {(0, 0)}  # mode "a"
+    with pytest.warns(DeprecationWarning, match="overwrite= is deprecated"):
+        assert _create(tmp_path / "s", overwrite=True).done_tiles() == set()  # mode "w"

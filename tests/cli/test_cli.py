@@ -142,3 +142,47 @@ def test_demo_quick(tmp_path):
     assert info["complete_percent"] == 100.0
     assert info["shape"] == [rep["n_test"], rep["n_train"]]
     assert "q25_same_label" in info["saved_queries"]
+
+
+def test_a_new_query_and_command_are_one_registration_each(store, capsys):
+    """Extension points: ``register_query`` makes ``dvl-ooc query STORE <name>`` (with its
+    options, the common ones and its table), ``command`` makes ``dvl-ooc <name>``."""
+    from dvl_ooc import cli
+    from dvl_ooc.exceptions import InputError
+    from dvl_ooc.query import QUERIES, open_store, option, register_query
+
+    p, v = store[0], store[1]
+
+    def count_rows(res, args):
+        return ["train", "above"], [[r, int(n)] for r, n in enumerate(res)], "counts:"
+
+    @register_query("count-above", help="per training point, test points above a threshold",
+                    options=[option("--t", type=float, default=0.0, help="threshold")],
+                    keywords=lambda a: {"threshold": a.t}, table=count_rows)
+    def query_count_above(store, *, threshold=0.0, allow_incomplete=False, save=None):
+        return (open_store(store).influences[:] > threshold).sum(0)
+
+    @cli.command("hello", help="say hello",
+                 arguments=[option("name"), option("--shout", action="store_true")])
+    def hello(args):
+        print(f"hello {args.name}{'!' if args.shout else ''}")
+
+    try:
+        assert main(["query", str(p), "count-above", "--t", "0.5", "--json"]) == 0
+        rows = json.loads(capsys.readouterr().out)
+        assert [r["above"] for r in rows] == list((v > 0.5).sum(0))
+        assert main(["query", str(p), "count-above", "--limit", "2"]) == 0
+        assert "counts:" in capsys.readouterr().out
+        assert main(["query", str(p), "--help"]) == 0
+        assert "count-above" in capsys.readouterr().out
+        assert main(["hello", "you", "--shout"]) == 0
+        assert capsys.readouterr().out == "hello you!\n"
+        with pytest.raises(InputError, match="already registered"):
+            register_query("topk", help="again", table=count_rows)(query_count_above)
+        with pytest.raises(InputError, match="already registered"):
+            cli.command("info", help="again")(hello)
+    finally:
+        QUERIES.pop("count-above", None)
+        cli.COMMANDS.pop("hello", None)
+    assert main(["hello"]) == 2
+    capsys.readouterr()

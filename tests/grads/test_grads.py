@@ -15,10 +15,8 @@ from dvl_ooc.exceptions import (
     LengthMismatchError,
     NonFiniteError,
     NoTrainableParametersError,
-    UnsupportedModelError,
 )
 from dvl_ooc.grads import ModelGradients, resolve_blocks
-from dvl_ooc.layers import LayerCapture
 
 
 def test_per_sample_grads_match_loop(problem):
@@ -92,6 +90,36 @@ def test_frozen_parameters_are_excluded(digits):
         resolve_blocks(model, {"a": ["1.weight"]})
 
 
+def test_layers_select_parameters_and_blocks_group_them(mlp_problem):
+    """``layers=`` attributes only the named parameters (the others are constants, like frozen
+    ones); ``blocks=`` then groups just those."""
+    import copy
+
+    P = mlp_problem
+    x, y = P.x_train[:20], P.y_train[:20]
+    mg = ModelGradients(P.model, P.loss, "layer", layers=["fc2", "fc1.bias"])
+    assert mg.layers == ["fc2", "fc1.bias"]
+    assert [b.names for b in mg.blocks] == [("fc1.bias",), ("fc2.weight", "fc2.bias")]
+    frozen = copy.deepcopy(P.model)
+    frozen.fc1.weight.requires_grad_(False)  # the independent reference: only those free
+    assert rel_err(mg.per_sample_grads(x, y), ref_grads(frozen, P.loss, x, y)) < 1e-12
+    G = ref_gauss_newton(frozen, P.loss, x, y)
+    one = ModelGradients(P.model, P.loss, layers=["fc2", "fc1.bias"])
+    assert rel_err(one.hessian((x, y), one.blocks[0], "gauss-newton"), G) < 1e-10
+    assert resolve_blocks(P.model, {"out": ["fc2"]}, layers=["fc2"])[0].names == (
+        "fc2.weight", "fc2.bias")
+    with pytest.raises(InputError, match="not selected by layers"):
+        resolve_blocks(P.model, {"a": ["fc1"]}, layers=["fc2"])
+    with pytest.raises(InputError, match="not a parameter or module name"):
+        resolve_blocks(P.model, "model", layers=["fc3"])
+    model = nn.Sequential(nn.Linear(3, 2), nn.Tanh(), nn.Linear(2, 2)).double()
+    model[0].requires_grad_(False)
+    with pytest.raises(InputError, match="frozen parameter"):
+        resolve_blocks(model, "model", layers=["0.weight"])
+    with pytest.raises(InputError, match="module without trainable parameters"):
+        resolve_blocks(model, "model", layers=["0"])
+
+
 def test_block_errors(mlp_problem):
     m = mlp_problem.model
     with pytest.raises(InputError, match="not a parameter"):
@@ -123,46 +151,6 @@ def test_non_finite_loss_is_reported(mlp_problem):
     mg = ModelGradients(P.model, lambda o, y: (o.exp() ** 400).mean() + 0 * y.sum())
     with pytest.raises(NonFiniteError, match="non-finite loss gradient"):
         mg.per_sample_grads(P.x_train[:4] * 1e3, P.y_train[:4])
-
-
-class _ConvNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(1, 3, 3, stride=2, padding=1, dilation=1)
-        self.conv2 = nn.Conv2d(3, 2, 2, stride=1, padding="valid", bias=False)
-        self.fc = nn.Linear(2 * 3 * 3, 10)
-
-    def forward(self, x):
-        return self.fc(torch.tanh(self.conv2(torch.tanh(self.conv(x)))).flatten(1))
-
-
-def test_layer_capture_gives_per_sample_layer_gradients(digits):
-    torch.manual_seed(0)
-    model = _ConvNet().double()
-    x = torch.as_tensor(digits.x_train[:9]).double()
-    y = torch.as_tensor(digits.y_train[:9])
-    ref = ref_grads(model, F.cross_entropy, x, y)
-    with LayerCapture(model) as cap:
-        (F.cross_entropy(model(x), y) * len(x)).backward()
-    got = torch.cat([cap.per_sample_grads(n) for n in ["conv", "conv2", "fc"]], dim=1)
-    assert rel_err(got, ref) < 1e-12
-    assert cap.input_matrix("conv").shape == (9, 16, 10)  # 4x4 positions, 3*3 patch + bias
-    assert cap.output_grad_matrix("conv2").shape == (9, 9, 2)
-    # hooks are removed on exit
-    assert not cap._handles
-    assert all(not m._forward_hooks for m in model.modules())
-
-
-def test_layer_capture_rejects_unsupported_modules():
-    model = nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3))
-    with pytest.raises(UnsupportedModelError, match="LayerNorm"):
-        LayerCapture(model, ["1"])
-    with pytest.raises(InputError, match="no module named"):
-        LayerCapture(model, ["fc9"])
-    conv = nn.Sequential(nn.Conv2d(2, 2, 3, groups=2))
-    with pytest.raises(UnsupportedModelError, match="groups"), LayerCapture(conv) as cap:
-        conv(torch.randn(1, 2, 5, 5))
-        cap.input_matrix("0")
 
 
 def test_concurrent_threads_on_one_model_give_correct_gradients(mlp_problem):

@@ -52,18 +52,19 @@ def test_cg_matches_reference_and_nystroem_helps(problem):
     ref = ref_influences(problem.H, lam, g_test, problem.g_train)
     iters = {}
     for pre in (None, "jacobi", "nystroem"):
-        m = CgInfluence(problem.model, problem.loss, regularization=lam, preconditioner=pre,
+        m = CgInfluence(problem.model, problem.loss, hessian="exact", regularization=lam,
+                        preconditioner=pre,
                         rtol=1e-7, rank=48, diagonal="gauss-newton").fit(data)
         with warnings.catch_warnings():
             warnings.simplefilter("error", ConvergenceWarning)
             fac = m.precondition(g_test)
-        assert rel_err(fac @ problem.g_train.T, ref) <= 1e-5, (pre, m.last_info)
-        iters[pre] = m.last_info[0]["iterations"]
+        assert rel_err(fac @ problem.g_train.T, ref) <= 1e-5, (pre, m.info["solve"])
+        iters[pre] = m.info["solve"][0]["iterations"]
     # the rank-48 sketch captures the top of the spectrum: far fewer iterations
     assert iters["nystroem"] < 0.75 * iters[None], iters
 
 
-def test_cg_gauss_newton_block_method_and_public_api(mlp_problem):
+def test_cg_gauss_newton_block_solver_and_public_api(mlp_problem):
     P = mlp_problem
     x_gn, y_gn = P.x_train[:120], P.y_train[:120]
     H = ref_gauss_newton(P.model, P.loss, x_gn, y_gn)
@@ -71,13 +72,13 @@ def test_cg_gauss_newton_block_method_and_public_api(mlp_problem):
     x_test, y_test, g_test = P.x_test[:10], P.y_test[:10], P.g_test[:10]
     ref = ref_influences(H, lam, g_test, P.g_train)
     iters = {}
-    for method, pre in (("batched", None), ("batched", "jacobi"), ("block", None),
+    for solver, pre in (("batched", None), ("batched", "jacobi"), ("block", None),
                         ("block", "nystroem")):
         m = CgInfluence(P.model, P.loss, regularization=lam, hessian="gauss-newton",
-                        method=method, preconditioner=pre, rtol=1e-8).fit((x_gn, y_gn))
+                        solver=solver, preconditioner=pre, rtol=1e-8).fit((x_gn, y_gn))
         inf = m.influences(x_test, y_test, P.x_train, P.y_train)
-        assert rel_err(inf, ref) <= 1e-5, (method, pre, m.last_info)
-        iters[(method, pre)] = m.last_info[0]["iterations"]
+        assert rel_err(inf, ref) <= 1e-5, (solver, pre, m.info["solve"])
+        iters[(solver, pre)] = m.info["solve"][0]["iterations"]
     # block CG shares one Krylov space between the 10 right-hand sides
     assert iters[("block", None)] < iters[("batched", None)], iters
     # self-influence is the diagonal of the test-vs-test matrix
@@ -89,10 +90,11 @@ def test_cg_gauss_newton_block_method_and_public_api(mlp_problem):
 def test_cg_indefinite_hessian_is_detected(mlp_problem):
     P = mlp_problem
     assert P.min_eig < 0  # the trained MLP's exact Hessian is indefinite
-    m = CgInfluence(P.model, P.loss, regularization=0.0).fit((P.x_train, P.y_train))
+    m = CgInfluence(P.model, P.loss, hessian="exact",
+                    regularization=0.0).fit((P.x_train, P.y_train))
     with pytest.raises(NegativeCurvatureError, match="gauss-newton"):
         m.precondition(P.g_test)
-    m = CgInfluence(P.model, P.loss, regularization=0.0, method="block")
+    m = CgInfluence(P.model, P.loss, hessian="exact", regularization=0.0, solver="block")
     m.fit((P.x_train, P.y_train))
     with pytest.raises(NegativeCurvatureError):
         m.precondition(P.g_test)
@@ -101,11 +103,12 @@ def test_cg_indefinite_hessian_is_detected(mlp_problem):
 def test_cg_budget_warns_or_raises(linear_problem):
     P = linear_problem
     data = (P.x_train, P.y_train)
-    m = CgInfluence(P.model, P.loss, regularization=P.small_reg(), maxiter=3).fit(data)
-    with pytest.warns(ConvergenceWarning, match="maxiter=3"):
+    m = CgInfluence(P.model, P.loss, hessian="exact", regularization=P.small_reg(),
+                    max_iter=3).fit(data)
+    with pytest.warns(ConvergenceWarning, match="max_iter=3"):
         m.precondition(P.g_test[:4])
-    assert m.last_info[0]["iterations"] == 3 and m.last_info[0]["converged"] < 4
-    m = CgInfluence(P.model, P.loss, regularization=P.small_reg(), maxiter=3,
+    assert m.info["solve"][0]["iterations"] == 3 and m.info["solve"][0]["converged"] < 4
+    m = CgInfluence(P.model, P.loss, hessian="exact", regularization=P.small_reg(), max_iter=3,
                     raise_on_nonconvergence=True).fit(data)
     with pytest.raises(ConvergenceError):
         m.precondition(P.g_test[:4])
@@ -114,27 +117,27 @@ def test_cg_budget_warns_or_raises(linear_problem):
 def test_cg_layer_blocks_with_dict_regularization(mlp_problem):
     P = mlp_problem
     data = (P.x_train, P.y_train)
-    m = CgInfluence(P.model, P.loss, blocks="layer", regularization=1.0, rtol=1e-8)
+    m = CgInfluence(P.model, P.loss, hessian="exact", blocks="layer", regularization=1.0, rtol=1e-8)
     sizes = [b.numel for b in m.blocks]
     names = [b.name for b in m.blocks]
     lams = _block_lams(P.H, sizes, [1e-3, 1e-2])
-    m = CgInfluence(P.model, P.loss, blocks="layer", rtol=1e-8,
+    m = CgInfluence(P.model, P.loss, hessian="exact", blocks="layer", rtol=1e-8,
                     regularization=dict(zip(names, lams))).fit(data)
     ref = _block_reference(P.H, sizes, lams, P.g_test[:10], P.g_train)
     assert rel_err(m.precondition(P.g_test[:10]) @ P.g_train.T, ref) <= 1e-5
-    assert len(m.last_info) == 2
+    assert len(m.info["solve"]) == 2
 
 
-@pytest.mark.parametrize("method", ["batched", "block"])
-def test_cg_more_test_points_than_block_parameters(mlp_problem, method):
+@pytest.mark.parametrize("solver", ["batched", "block"])
+def test_cg_more_test_points_than_block_parameters(mlp_problem, solver):
     P = mlp_problem
     blocks = {"hidden": ["fc1"], "out_w": ["fc2.weight"], "out_b": ["fc2.bias"]}
-    m = CgInfluence(P.model, P.loss, blocks=blocks, regularization=1.0)
+    m = CgInfluence(P.model, P.loss, hessian="exact", blocks=blocks, regularization=1.0)
     sizes = [b.numel for b in m.blocks]
     g_test = P.g_test[:16]
     assert sizes[2] < len(g_test)  # 10 bias parameters, 16 test gradients
     lams = _block_lams(P.H, sizes, [1e-3, 1e-3, 1e-3])
-    m = CgInfluence(P.model, P.loss, blocks=blocks, rtol=1e-8, method=method,
+    m = CgInfluence(P.model, P.loss, hessian="exact", blocks=blocks, rtol=1e-8, solver=solver,
                     regularization=dict(zip(blocks, lams))).fit((P.x_train, P.y_train))
     ref = _block_reference(P.H, sizes, lams, g_test, P.g_train)
     assert rel_err(m.precondition(g_test) @ P.g_train.T, ref) <= 1e-5
@@ -146,7 +149,7 @@ def test_cg_more_test_points_than_block_parameters(mlp_problem, method):
 LISSA = dict(hessian="gauss-newton", micro_batch_size=512)
 
 
-def test_lissa_full_batch_converges_with_depth(linear_problem):
+def test_lissa_full_batch_converges_with_max_iter(linear_problem):
     P = linear_problem
     lam = P.small_reg(1e-2)
     data = (P.x_train, P.y_train)
@@ -154,7 +157,7 @@ def test_lissa_full_batch_converges_with_depth(linear_problem):
     ref = ref_influences(P.H, lam, g_test, P.g_train)
     errs = []
     for depth in (30, 150, 900):
-        m = LissaInfluence(P.model, P.loss, regularization=lam, depth=depth, rtol=None, **LISSA)
+        m = LissaInfluence(P.model, P.loss, regularization=lam, max_iter=depth, rtol=None, **LISSA)
         m.fit(data)
         errs.append(rel_err(m.precondition(g_test) @ P.g_train.T, ref))
     scale = float(m._state[0]["scale"])
@@ -168,18 +171,18 @@ def test_lissa_rtol_stops_early_and_warns(linear_problem):
     lam = P.small_reg(1e-2)
     data = (P.x_train, P.y_train)
     g_one = P.g_test[:1]
-    m = LissaInfluence(P.model, P.loss, regularization=lam, depth=5000, rtol=1e-3, **LISSA)
+    m = LissaInfluence(P.model, P.loss, regularization=lam, max_iter=5000, rtol=1e-3, **LISSA)
     early = m.fit(data).precondition(g_one)
-    steps = m.last_info[0]["iterations"]
-    assert 10 < steps < 5000 and m.last_info[0]["converged"] == 1
+    steps = m.info["solve"][0]["iterations"]
+    assert 10 < steps < 5000 and m.info["solve"][0]["converged"] == 1
     # the stopped iterate is the deterministic series at that depth
-    fixed = LissaInfluence(P.model, P.loss, regularization=lam, depth=steps, rtol=None, **LISSA)
+    fixed = LissaInfluence(P.model, P.loss, regularization=lam, max_iter=steps, rtol=None, **LISSA)
     assert torch.allclose(early, fixed.fit(data).precondition(g_one), rtol=1e-12, atol=0)
     g_test = P.g_test[:4]
-    m = LissaInfluence(P.model, P.loss, regularization=lam, depth=5, rtol=1e-7, **LISSA)
-    with pytest.warns(ConvergenceWarning, match="depth=5"):
+    m = LissaInfluence(P.model, P.loss, regularization=lam, max_iter=5, rtol=1e-7, **LISSA)
+    with pytest.warns(ConvergenceWarning, match="max_iter=5"):
         m.fit(data).precondition(g_test)
-    m = LissaInfluence(P.model, P.loss, regularization=lam, depth=5, rtol=1e-7,
+    m = LissaInfluence(P.model, P.loss, regularization=lam, max_iter=5, rtol=1e-7,
                        raise_on_nonconvergence=True, **LISSA)
     with pytest.raises(ConvergenceError):
         m.fit(data).precondition(g_test)
@@ -200,7 +203,7 @@ def test_lissa_stochastic_is_accurate_and_reproducible(linear_problem):
     ref = ref_influences(P.H, lam, g_test, P.g_train)
 
     def run(seed, depth):
-        m = LissaInfluence(P.model, P.loss, regularization=lam, depth=depth, rtol=None,
+        m = LissaInfluence(P.model, P.loss, regularization=lam, max_iter=depth, rtol=None,
                            batch_size=150, seed=seed, **LISSA)
         return m.fit(loader).precondition(g_test)
 
@@ -212,7 +215,8 @@ def test_lissa_stochastic_is_accurate_and_reproducible(linear_problem):
 
 def test_lissa_bad_scale_diverges(linear_problem):
     P = linear_problem
-    m = LissaInfluence(P.model, P.loss, regularization=P.small_reg(1e-2), depth=200,
+    m = LissaInfluence(P.model, P.loss, hessian="exact", regularization=P.small_reg(1e-2),
+                       max_iter=200,
                        scale=0.3 * P.top_eig).fit((P.x_train, P.y_train))
     with pytest.raises(DivergenceError, match="scale"):
         m.precondition(P.g_test[:3])
@@ -221,9 +225,11 @@ def test_lissa_bad_scale_diverges(linear_problem):
 # ---------------------------------------------------------------------- both
 def _models(P, lam):
     return [
-        CgInfluence(P.model, P.loss, regularization=lam, rtol=1e-6, preconditioner="nystroem",
+        CgInfluence(P.model, P.loss, hessian="exact", regularization=lam, rtol=1e-6,
+                    preconditioner="nystroem",
                     rank=16),
-        LissaInfluence(P.model, P.loss, regularization=lam, depth=40, rtol=None),
+        LissaInfluence(P.model, P.loss, hessian="exact", regularization=lam, max_iter=40,
+                       rtol=None),
     ]
 
 
@@ -260,7 +266,7 @@ def test_bad_input(linear_problem, cls):
     P = linear_problem
     with pytest.raises(RegularizationError):
         cls(P.model, P.loss, regularization=-1e-3)
-    m = cls(P.model, P.loss, regularization=1e-2)
+    m = cls(P.model, P.loss, regularization=1e-2, hessian="exact")
     with pytest.raises(NotFittedError, match="fit"):
         m.influence_factors(P.x_test, P.y_test)
     with pytest.raises(LengthMismatchError):
@@ -280,8 +286,8 @@ def test_bad_input(linear_problem, cls):
 def test_argument_validation(linear_problem):
     P = linear_problem
     with pytest.raises(RegularizationError, match="> 0"):
-        LissaInfluence(P.model, P.loss, regularization=0.0)
+        LissaInfluence(P.model, P.loss, hessian="exact", regularization=0.0)
     with pytest.raises(InputError):
-        CgInfluence(P.model, P.loss, preconditioner="ilu")
+        CgInfluence(P.model, P.loss, hessian="exact", preconditioner="ilu")
     with pytest.raises(InputError):
-        LissaInfluence(P.model, P.loss, depth=0)
+        LissaInfluence(P.model, P.loss, hessian="exact", max_iter=0)

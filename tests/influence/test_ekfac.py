@@ -343,6 +343,31 @@ def test_unsupported_layers_raise_with_module_name(lin):
         EkfacInfluence(frozen, F.cross_entropy)
 
 
+def test_layers_restricts_the_factored_layers(lin):
+    """``layers=`` factors only the named Linear/Conv2d layers: other trainable parameters
+    (here a LayerNorm and the first Linear) are constants, not refused; the result equals
+    EK-FAC on a copy where they are frozen."""
+    import copy
+
+    torch.manual_seed(0)
+    ln = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.LayerNorm(16),
+                       nn.Linear(16, 10)).double().eval()
+    x, y = lin.x[:30], lin.y[:30]
+    ek = EkfacInfluence(ln, F.cross_entropy, regularization=1e-2, layers=["3"]).fit((x, y))
+    assert [b.names for b in ek.blocks] == [("3.weight", "3.bias")]
+    assert ek.config()["layers"] == ["3"] and [d["layer"] for d in ek.info["fit"]] == ["3"]
+    frozen = copy.deepcopy(ln)
+    frozen[1].requires_grad_(False)
+    frozen[2].requires_grad_(False)
+    ref = EkfacInfluence(frozen, F.cross_entropy, regularization=1e-2).fit((x, y))
+    got = ek.influences(x[:5], y[:5], x, y)
+    assert torch.equal(got, ref.influences(x[:5], y[:5], x, y))
+    with pytest.raises(UnsupportedModelError, match="LayerNorm"):
+        EkfacInfluence(ln, F.cross_entropy, layers=["2", "3"])
+    with pytest.raises(InputError, match="'9'"):
+        EkfacInfluence(ln, F.cross_entropy, layers=["9"])
+
+
 def test_bad_arguments(lin):
     m, loss = lin.model, lin.loss
     with pytest.raises(RegularizationError):

@@ -85,9 +85,10 @@ def test_arnoldi_full_rank_matches_reference(problem):
     x, y, H, g_tr = problem.x_train, problem.y_train, problem.H, problem.g_train
     w = torch.linalg.eigvalsh(H)
     lam = problem.small_reg()
-    inf = ArnoldiInfluence(problem.model, problem.loss, rank=problem.p, regularization=lam,
+    inf = ArnoldiInfluence(problem.model, problem.loss, hessian="exact", rank=problem.p,
+                           regularization=lam,
                            micro_batch_size=MB).fit((x, y))
-    assert inf.fit_info[0]["method"] == "dense"
+    assert inf.info["fit"][0]["method"] == "dense"
     got = inf.influences(problem.x_test, problem.y_test, x, y)
     assert rel_err(got, ref_influences(H, lam, problem.g_test, g_tr)) <= 1e-5
     # all eigenvalues, ordered by magnitude, equal the reference spectrum
@@ -133,14 +134,15 @@ def test_arnoldi_converges_with_rank(tiny):
     ref = ref_influences(tiny.H, lam, tiny.g_test, tiny.g_train)
     errs = {False: [], True: []}
     for k in (5, 20, 80, tiny.p):
-        fitted = ArnoldiInfluence(tiny.model, tiny.loss, rank=k, regularization=lam,
+        fitted = ArnoldiInfluence(tiny.model, tiny.loss, hessian="exact", rank=k,
+                                  regularization=lam,
                                   micro_batch_size=MB).fit(tiny.train)
         for comp in (False, True):
             inf = _with_complement(fitted, comp)
             got = tiny.influences(inf)
             errs[comp].append(rel_err(got, ref))
             if k < tiny.p:
-                assert fitted.fit_info[0]["method"] == "block-lanczos"
+                assert fitted.info["fit"][0]["method"] == "block-lanczos"
                 # the low-rank operator is exactly the truncated eigendecomposition
                 trunc = tiny.g_test @ truncated_inverse(tiny.H, lam, k, complement=comp)
                 assert rel_err(got, trunc @ tiny.g_train.T) < 1e-6
@@ -156,7 +158,7 @@ def test_nystroem_converges_with_rank(tiny):
     for k in (5, 20, 80, 160, tiny.p):
         inf = NystroemSketchInfluence(tiny.model, tiny.loss, rank=k, regularization=lam,
                                       micro_batch_size=MB, seed=1).fit(tiny.train)
-        assert inf.fit_info[0]["data_passes"] == 1
+        assert inf.info["fit"][0]["data_passes"] == 1
         lam_hat = inf.eigenvalues[0]
         assert bool((lam_hat >= 0).all()) and lam_hat.shape == (k,)
         errs.append(rel_err(tiny.influences(inf), ref))
@@ -180,9 +182,10 @@ def test_nystroem_eigenvalues_bounded_by_curvature(tiny):
                                                ("arpack", "LM")])
 def test_arnoldi_eigenvalues_match_eigvalsh(tiny, which, solver):
     k = 8
-    inf = ArnoldiInfluence(tiny.model, tiny.loss, rank=k, regularization=tiny.lam_H(),
+    inf = ArnoldiInfluence(tiny.model, tiny.loss, hessian="exact", rank=k,
+                           regularization=tiny.lam_H(),
                            which=which, solver=solver, micro_batch_size=MB).fit(tiny.train)
-    assert inf.fit_info[0]["method"] == ("block-lanczos" if solver == "block" else "arpack")
+    assert inf.info["fit"][0]["method"] == ("block-lanczos" if solver == "block" else "arpack")
     w_ref = tiny.eig_H
     w_ref = w_ref[torch.argsort(w_ref.abs() if which == "LM" else w_ref, descending=True)][:k]
     w, V = inf.eigenvalues[0], inf.eigenvectors[0]
@@ -195,17 +198,17 @@ def test_arnoldi_eigenvalues_match_eigvalsh(tiny, which, solver):
 def test_arnoldi_eigenvalues_mlp_problem(mlp_problem):
     """Top eigenvalues of the shared MLP problem's exact Hessian (p = 910)."""
     P = mlp_problem
-    inf = ArnoldiInfluence(P.model, P.loss, rank=10, regularization=P.small_reg(),
+    inf = ArnoldiInfluence(P.model, P.loss, hessian="exact", rank=10, regularization=P.small_reg(),
                            micro_batch_size=MB).fit((P.x_train, P.y_train))
     w_ref = torch.linalg.eigvalsh(P.H)
     w_ref = w_ref[torch.argsort(w_ref.abs(), descending=True)][:10]
     assert float(((inf.eigenvalues[0] - w_ref).abs() / w_ref.abs()).max()) <= 1e-8
-    assert inf.fit_info[0]["data_passes"] < 60
+    assert inf.info["fit"][0]["data_passes"] < 60
 
 
 # ---------------------------------------------------------------------- tiling features
 def test_features_reproduce_influences(tiny):
-    fitted = ArnoldiInfluence(tiny.model, tiny.loss, rank=6, blocks="layer",
+    fitted = ArnoldiInfluence(tiny.model, tiny.loss, hessian="exact", rank=6, blocks="layer",
                               regularization=tiny.lam_H(), micro_batch_size=MB).fit(tiny.train)
     g_te = fitted.gradients(tiny.x_test, tiny.y_test)
     g_tr = fitted.gradients(tiny.x_train, tiny.y_train)
@@ -245,16 +248,17 @@ def test_arnoldi_layer_blocks_dict_regularization(tiny):
     y_te = torch.cat([tiny.y_test, tiny.y_train[:10]])
     g_te = torch.cat([tiny.g_test, tiny.g_train[:10]])
     for comp in (False, True):
-        inf = ArnoldiInfluence(tiny.model, tiny.loss, rank=ranks, blocks=blocks,
+        inf = ArnoldiInfluence(tiny.model, tiny.loss, hessian="exact", rank=ranks, blocks=blocks,
                                regularization=regs, complement=comp, micro_batch_size=MB)
         inf.fit(tiny.train)
         assert [b.numel for b in inf.blocks] == [260, 40, 10] and 10 < len(x_te)
-        assert [i["method"] for i in inf.fit_info] == ["block-lanczos", "dense", "dense"]
+        assert [i["method"] for i in inf.info["fit"]] == ["block-lanczos", "dense", "dense"]
         got = inf.influences(x_te, y_te, tiny.x_train, tiny.y_train)
         ref = _block_reference(tiny.H, inf, regs, ranks, g_te, tiny.g_train, complement=comp)
         assert rel_err(got, ref) < 1e-6
     # full rank in every block = the block-diagonal exact reference
-    full = ArnoldiInfluence(tiny.model, tiny.loss, rank=1000, blocks=blocks, regularization=regs,
+    full = ArnoldiInfluence(tiny.model, tiny.loss, hessian="exact", rank=1000, blocks=blocks,
+                            regularization=regs,
                             micro_batch_size=MB).fit(tiny.train)
     sizes = [b.numel for b in full.blocks]
     lam_vec = torch.cat([torch.full((s,), regs[b.name], dtype=torch.float64)
@@ -283,7 +287,7 @@ def test_nystroem_layer_blocks_dict_regularization(tiny):
 # ---------------------------------------------------------------------- data sources
 def test_dataloader_with_unequal_last_batch_equals_pair(tiny):
     loader = DataLoader(TensorDataset(tiny.x_train, tiny.y_train), batch_size=37)  # 37 + 37 + 26
-    for cls, kw in ((ArnoldiInfluence, {"regularization": tiny.lam_H()}),
+    for cls, kw in ((ArnoldiInfluence, {"regularization": tiny.lam_H(), "hessian": "exact"}),
                     (NystroemSketchInfluence, {"regularization": tiny.lam_G()})):
         a = cls(tiny.model, tiny.loss, rank=8, micro_batch_size=MB, **kw).fit(tiny.train)
         b = cls(tiny.model, tiny.loss, rank=8, micro_batch_size=40, **kw).fit(loader)
@@ -311,9 +315,10 @@ def test_float32_model(tiny):
     m32 = DigitsMLP(hidden=4)
     m32.load_state_dict({k: v.float() for k, v in tiny.model.state_dict().items()})
     data = (tiny.x_train.float(), tiny.y_train)
-    for cls, lam, C in ((ArnoldiInfluence, tiny.lam_H(1e-2), tiny.H),
-                        (NystroemSketchInfluence, tiny.lam_G(1e-2), tiny.G)):
-        inf = cls(m32, F.cross_entropy, rank=tiny.p, regularization=lam, micro_batch_size=MB)
+    for cls, lam, C, mode in ((ArnoldiInfluence, tiny.lam_H(1e-2), tiny.H, "exact"),
+                              (NystroemSketchInfluence, tiny.lam_G(1e-2), tiny.G, "gauss-newton")):
+        inf = cls(m32, F.cross_entropy, rank=tiny.p, regularization=lam, hessian=mode,
+                  micro_batch_size=MB)
         got = inf.fit(data).influences(tiny.x_test.float(), tiny.y_test, *data)
         assert got.dtype == torch.float32
         assert rel_err(got, ref_influences(C, lam, tiny.g_test, tiny.g_train)) < 1e-3
@@ -324,7 +329,7 @@ def test_indefinite_exact_hessian_warns(tiny):
     assert float(tiny.eig_H[0]) < -1e-4  # the tiny MLP's Hessian is indefinite
     lam = 1e-6 * float(tiny.eig_H[-1])
     with pytest.warns(IndefiniteCurvatureWarning, match="gauss-newton"):
-        ArnoldiInfluence(tiny.model, tiny.loss, rank=tiny.p, regularization=lam,
+        ArnoldiInfluence(tiny.model, tiny.loss, hessian="exact", rank=tiny.p, regularization=lam,
                          micro_batch_size=MB).fit(tiny.train)
     with pytest.warns(IndefiniteCurvatureWarning, match="gauss-newton"):
         inf = NystroemSketchInfluence(tiny.model, tiny.loss, rank=tiny.p, regularization=lam,
@@ -352,7 +357,7 @@ def test_bad_input(tiny):
         with pytest.raises(RegularizationError, match="> 0"):
             NystroemSketchInfluence(m, loss, regularization=lam)
     with pytest.raises(RegularizationError, match="complement"):
-        ArnoldiInfluence(m, loss, regularization=0.0, complement=True)
+        ArnoldiInfluence(m, loss, hessian="exact", regularization=0.0, complement=True)
     for cls in (ArnoldiInfluence, NystroemSketchInfluence):
         for bad in (0, -3, 2.5, "4", True, None):
             with pytest.raises(InputError, match="rank"):
@@ -369,9 +374,9 @@ def test_bad_input(tiny):
         with pytest.raises(NotFittedError, match="fit"):
             unfitted.train_features(tiny.g_test)
     with pytest.raises(InputError, match="which"):
-        ArnoldiInfluence(m, loss, which="SM")
+        ArnoldiInfluence(m, loss, hessian="exact", which="SM")
     with pytest.raises(InputError, match="solver"):
-        ArnoldiInfluence(m, loss, solver="lobpcg")
-    fitted = ArnoldiInfluence(m, loss, rank=3, micro_batch_size=MB).fit(tiny.train)
+        ArnoldiInfluence(m, loss, hessian="exact", solver="lobpcg")
+    fitted = ArnoldiInfluence(m, loss, hessian="exact", rank=3, micro_batch_size=MB).fit(tiny.train)
     with pytest.raises(InputError, match="shape"):
         fitted.test_features(tiny.g_test[:, :10])

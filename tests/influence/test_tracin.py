@@ -190,3 +190,28 @@ def test_tracin_through_the_calculator(run, tmp_path):
     assert rel_err(got, tr.influences(xt, yt, x, y)) < 1e-10
     si = torch.as_tensor(np.asarray(store.self_influence[...]))
     assert rel_err(si, tr.self_influence(x, y)) < 1e-10
+
+
+def test_projection_streams_come_from_the_seeding_helper(run):
+    """Each row block of a projection is the stream ``(seed, k, 0, first row)`` of
+    :mod:`dvl_ooc.seeding` (identical on every worker, process and run); orthogonal
+    projections use ``(seed, k, 1, 0)``."""
+    import math
+
+    from dvl_ooc.seeding import torch_generator
+
+    model, ckpts, lrs, x, y, xt, yt = run
+    tr = TracInCP(model, F.cross_entropy, ckpts, lrs, projection_dim=8, seed=11)
+    tr.projection_block_rows = 50
+    p = tr.grads.num_params
+    g = torch.eye(p, dtype=torch.float64)
+    want = torch.cat([torch.randn(min(50, p - s), 8, generator=torch_generator(11, 2, 0, s),
+                                  dtype=torch.float64) for s in range(0, p, 50)]) / math.sqrt(8)
+    assert torch.equal(tr._project(2, g), want)
+    orth = TracInCP(model, F.cross_entropy, ckpts, lrs, projection="orthogonal",
+                    projection_dim=8, seed=11)
+    Q, R = torch.linalg.qr(torch.randn(p, 8, generator=torch_generator(11, 0, 1, 0),
+                                       dtype=torch.float64))
+    assert torch.equal(orth._project(0, g), Q * torch.sign(torch.diagonal(R)) * math.sqrt(p / 8))
+    with pytest.raises(InputError, match="seed"):
+        TracInCP(model, F.cross_entropy, ckpts, lrs, projection_dim=8, seed=-1)

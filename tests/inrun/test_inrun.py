@@ -97,14 +97,14 @@ def test_pairwise_dot_products_equal_naive(kind, method, digits):
     ref = ref_grads(model, F.cross_entropy, x, y) @ ref_grads(model, F.cross_entropy, xv, yv).T
     b = len(x)
     tr = InRunShapley(model, F.cross_entropy, xv, yv, n_train=20, per_validation_point=True,
-                      method=method, val_batch_size=3)  # two validation chunks
+                      solver=method, val_batch_size=3)  # two validation chunks
     idx = torch.arange(3, 3 + b)
     tr.step(x, y, idx, lr=float(b))  # lr / b == 1: values are the raw dot products
     got = tr.values[3 : 3 + b]
     assert rel_err(torch.as_tensor(got), ref) < 1e-8
     assert np.all(tr.values[:3] == 0) and np.all(tr.values[3 + b :] == 0)
     # summed validation loss: row sums
-    tr2 = InRunShapley(model, F.cross_entropy, xv, yv, n_train=20, method=method)
+    tr2 = InRunShapley(model, F.cross_entropy, xv, yv, n_train=20, solver=method)
     tr2.step(x, y, idx, lr=float(b))
     assert rel_err(torch.as_tensor(tr2.values[3 : 3 + b]), ref.sum(1)) < 1e-8
 
@@ -137,15 +137,16 @@ def test_layer_dot_products_long_sequence_embedding_with_repeats():
 
 
 def test_auto_method_follows_cost_model():
-    from dvl_ooc.inrun.kernels import _costs
+    from dvl_ooc.layers import kind_of
 
     lin = nn.Linear(256, 256)
     A = torch.zeros(8, 1, 257)
     G = torch.zeros(8, 1, 256)
-    ghost, mat = _costs(lin, A, G, A, G, reduce=False)
+    ghost, mat = kind_of(lin).row_costs(lin, A, G, A, G, reduce=False)
     assert ghost < mat  # L = 1: ghost avoids d_in * d_out
     A, G = torch.zeros(8, 400, 10), torch.zeros(8, 400, 8)  # conv with a large map
-    ghost, mat = _costs(nn.Conv2d(1, 8, 3), A, G, A, G, reduce=False)
+    conv = nn.Conv2d(1, 8, 3)
+    ghost, mat = kind_of(conv).row_costs(conv, A, G, A, G, reduce=False)
     assert mat < ghost
 
 
@@ -262,23 +263,23 @@ def test_store_resume_and_mismatch(digits, tmp_path):
     tr.close()
     first = tr.values.copy()
     # resume: keep accumulating into the same store
-    tr2 = InRunShapley(model, F.cross_entropy, xv, yv, n_train=10, store=path, store_mode="a")
+    tr2 = InRunShapley(model, F.cross_entropy, xv, yv, n_train=10, store=path, mode="a")
     assert tr2.steps == 1
     tr2.step(x[:5], y[:5], np.arange(5), lr=0.1)
     tr2.close()
     assert np.allclose(tr2.values[:5], 2 * first[:5], rtol=1e-12, atol=0)
     with pytest.raises(StoreMismatchError):
-        InRunShapley(model, F.cross_entropy, xv, yv, n_train=11, store=path, store_mode="a")
+        InRunShapley(model, F.cross_entropy, xv, yv, n_train=11, store=path, mode="a")
     with pytest.raises(StoreMismatchError):
-        InRunShapley(model, F.cross_entropy, xv, yv, n_train=10, store=path, store_mode="a",
+        InRunShapley(model, F.cross_entropy, xv, yv, n_train=10, store=path, mode="a",
                      second_order=True)
     # never silently replaced: the default mode refuses an existing store and leaves it intact
-    with pytest.raises(StoreExistsError, match="store_mode='a'"):
+    with pytest.raises(StoreExistsError, match="mode='a'"):
         InRunShapley(model, F.cross_entropy, xv, yv, n_train=10, store=path)
     from dvl_ooc.inrun import ScoreStore
 
     assert np.array_equal(ScoreStore.open(path), tr2.values)
-    tr3 = InRunShapley(model, F.cross_entropy, xv, yv, n_train=10, store=path, store_mode="w")
+    tr3 = InRunShapley(model, F.cross_entropy, xv, yv, n_train=10, store=path, mode="w")
     assert tr3.steps == 0 and not tr3.values.any()  # replaced on request
     other = tmp_path / "mine"
     other.mkdir()
@@ -286,7 +287,7 @@ def test_store_resume_and_mismatch(digits, tmp_path):
     for mode in ("w-", "w", "a"):
         with pytest.raises(StoreError, match="not a Zarr store"):
             InRunShapley(model, F.cross_entropy, xv, yv, n_train=10, store=other,
-                         store_mode=mode)
+                         mode=mode)
     assert (other / "notes.txt").read_text() == "keep me"
 
 
@@ -383,20 +384,8 @@ def test_bad_input(digits):
         InRunShapley(sh, F.cross_entropy, xv, yv, n_train=10).step(x, y, np.arange(4), lr=0.1)
 
 
-def test_layer_capture_embedding_per_sample_grads():
-    """The additive Embedding support of LayerCapture (scatter of output-gradient rows)."""
-    from dvl_ooc.layers import LayerCapture
-
-    model = _make("seq")
-    x, y = _data("seq", None, 5)
-    x[0, :3] = 0  # padding positions get no gradient
-    ref = ref_grads(model, F.cross_entropy, x, y)
-    with LayerCapture(model, include_embeddings=True) as cap:
-        (F.cross_entropy(model(x), y) * len(x)).backward()
-    got = torch.cat([cap.per_sample_grads(n) for n in ["emb", "proj", "out"]], dim=1)
-    assert rel_err(got, ref) < 1e-12
-    with pytest.raises(UnsupportedModelError, match="include_embeddings"):
-        LayerCapture(model, ["emb"])
+def test_embedding_options_are_checked():
+    """(Per-sample gradients of embeddings themselves: tests/layers.)"""
     with pytest.raises(UnsupportedModelError, match="max_norm"):
         InRunShapley(nn.Sequential(nn.Embedding(5, 2, max_norm=1.0), nn.Flatten(),
                                    nn.Linear(6, 2)), F.cross_entropy,
@@ -414,14 +403,14 @@ def test_combined_batch_mode(kind, per_val, method, digits):
     for opt_name in ("sgd", "adam"):
         plain, _ = _train(kind, digits, opt_name, False)
         tracked, tr = _train(kind, digits, opt_name, True, combined=True,
-                             per_validation_point=per_val, method=method)
+                             per_validation_point=per_val, solver=method)
         for (n, p), (_, q) in zip(plain.named_parameters(), tracked.named_parameters()):
             assert torch.allclose(p, q, rtol=1e-12, atol=1e-13), n
     ref, steps, (x, y, xv, yv) = _explicit_run(kind, digits, per_val)
     model = _make(kind, seed=5)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     tr = InRunShapley(model, F.cross_entropy, xv, yv, n_train=len(x), combined=True,
-                      per_validation_point=per_val, method=method)
+                      per_validation_point=per_val, solver=method)
     _replay(tr, opt, steps, x, y)
     assert rel_err(torch.as_tensor(tr.values), ref) < 1e-8
 
@@ -621,7 +610,7 @@ def test_indexed_dataset_loader_and_example(digits, tmp_path):
     with pytest.raises(InputError, match=r"\(x, y\) items"):
         IndexedDataset([1, 2, 3])[0]
 
-    script = Path(__file__).parents[1] / "examples" / "inrun_training.py"
+    script = Path(__file__).parents[2] / "examples" / "inrun_training.py"
     cmd = [sys.executable, str(script), "--out", str(tmp_path / "run"), "--epochs", "2"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
@@ -664,3 +653,56 @@ def test_unused_layer_keeps_no_grad(kw, digits):
     for (n, p), (_, q) in zip(models[0].named_parameters(), models[1].named_parameters()):
         assert torch.allclose(p, q, rtol=1e-12, atol=1e-13) if kw.get("combined") else \
             torch.equal(p, q), n
+
+
+# ---------------------------------------------------------------------- deprecated names
+
+
+def test_loss_fn_is_deprecated(digits):
+    x, y = _data("linear", digits, 4)
+    xv, yv = _data("linear", digits, 3, offset=50)
+    new = InRunShapley(_make("linear"), F.cross_entropy, xv, yv, n_train=4)
+    new.step(x, y, np.arange(4), lr=0.1)
+    with pytest.warns(DeprecationWarning, match="loss_fn= is deprecated, use loss="):
+        old = InRunShapley(_make("linear"), loss_fn=F.cross_entropy, x_val=xv, y_val=yv,
+                           n_train=4)
+    old.step(x, y, np.arange(4), lr=0.1)
+    assert np.array_equal(old.values, new.values) and old.loss is F.cross_entropy
+    with pytest.warns(DeprecationWarning, match=r"use \.loss"):
+        assert old.loss_fn is F.cross_entropy
+    with pytest.raises(InputError, match="loss= only"):
+        InRunShapley(_make("linear"), F.cross_entropy, xv, yv, n_train=4,
+                     loss_fn=F.cross_entropy)
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        InRunShapley(_make("linear"), F.cross_entropy, xv, yv, n_train=4, lossfn=None)
+
+
+def test_store_mode_is_deprecated(digits, tmp_path):
+    x, y = _data("linear", digits, 4)
+    xv, yv = _data("linear", digits, 3, offset=50)
+    path = tmp_path / "s.zarr"
+    tr = InRunShapley(_make("linear"), F.cross_entropy, xv, yv, n_train=4, store=path)
+    tr.step(x, y, np.arange(4), lr=0.1)
+    tr.close()
+    with pytest.warns(DeprecationWarning, match="store_mode= is deprecated, use mode="):
+        again = InRunShapley(_make("linear"), F.cross_entropy, xv, yv, n_train=4, store=path,
+                             store_mode="a")
+    assert again.steps == 1  # resumed
+    with pytest.raises(InputError, match="mode= only"):
+        InRunShapley(_make("linear"), F.cross_entropy, xv, yv, n_train=4, store=path,
+                     store_mode="a", mode="w")
+
+
+def test_method_is_deprecated_for_solver(digits):
+    x, y = _data("linear", digits, 4)
+    xv, yv = _data("linear", digits, 3, offset=50)
+    new = InRunShapley(_make("linear"), F.cross_entropy, xv, yv, n_train=4,
+                       per_validation_point=True, solver="ghost")
+    new.step(x, y, np.arange(4), lr=0.1)
+    with pytest.warns(DeprecationWarning, match="method= is deprecated, use solver="):
+        old = InRunShapley(_make("linear"), F.cross_entropy, xv, yv, n_train=4,
+                           per_validation_point=True, method="ghost")
+    old.step(x, y, np.arange(4), lr=0.1)
+    assert old.solver == "ghost" and np.array_equal(old.values, new.values)
+    with pytest.raises(InputError, match="method must be"):
+        InRunShapley(_make("linear"), F.cross_entropy, xv, yv, n_train=4, solver="nope")

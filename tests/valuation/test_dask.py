@@ -1,4 +1,6 @@
-"""Valuation on a real Dask LocalCluster (2 worker processes): identical to the sequential run."""
+"""Valuation on a real Dask LocalCluster (2 worker processes): identical to the sequential run.
+
+Each method's batch function is pickled by reference and run by spawned workers."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import pytest
 from sklearn.linear_model import LogisticRegression
 
 from dvl_ooc.valuation import (
+    CombinatorialShapleyValuation,
     MaxChecks,
     ModelUtility,
     MSRBanzhafValuation,
@@ -19,10 +22,12 @@ distributed = pytest.importorskip("distributed")
 
 @pytest.fixture(scope="module")
 def client():
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                      dashboard_address=":0") as cluster, Client(cluster) as c:
+    from dvl_ooc.runtime import local_cluster
+
+    with local_cluster(2, threads_per_worker=1, what="the valuation tests") as cluster, \
+            Client(cluster) as c:
         yield c
 
 
@@ -49,6 +54,8 @@ def test_tmc_and_msr_on_two_workers_are_bit_identical_to_sequential(client, smal
     batches = [t for t in ts.data if "run_batch" in str(t.get("key", ""))]
     assert len(batches) == 8
     assert len({t["worker"] for t in batches}) == 2
+    assert set(par.info) == {"setup_s", "sampling_s", "total_s"}
+    assert par.info["sampling_s"] > 0
     assert a.n_samples == b.n_samples == 16
     assert a.evaluations == b.evaluations
     assert np.array_equal(a.values, b.values) and np.array_equal(a.variances, b.variances)
@@ -58,6 +65,12 @@ def test_tmc_and_msr_on_two_workers_are_bit_identical_to_sequential(client, smal
     m_par = MSRBanzhafValuation(u, is_done=MaxChecks(1), client=client, **kw).fit(x, y).result
     assert np.array_equal(m_seq.values, m_par.values)
     assert np.array_equal(m_seq.stderr, m_par.stderr)
+    kw = dict(seed=7, batch_size=4, samples_per_round=8)  # combinatorial MC likewise
+    c_seq = CombinatorialShapleyValuation(u, is_done=MaxChecks(1), **kw).fit(x[:6], y[:6])
+    c_par = CombinatorialShapleyValuation(u, is_done=MaxChecks(1), client=client, **kw)
+    c_par.fit(x[:6], y[:6])
+    assert np.array_equal(c_seq.result.values, c_par.result.values)
+    assert c_par.result.evaluations == 8 * 7
 
 
 def test_own_local_cluster_is_started_and_closed(small_problem):

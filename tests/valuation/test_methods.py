@@ -9,6 +9,7 @@ import pytest
 from sklearn.linear_model import LogisticRegression
 
 from dvl_ooc.exceptions import InputError, LengthMismatchError, UtilityError
+from dvl_ooc.seeding import numpy_rng
 from dvl_ooc.valuation import (
     DeviationTruncation,
     FixedTruncation,
@@ -87,7 +88,7 @@ def test_truncation_policies_cut_the_walk_and_zero_the_tail():
     # fraction of permutations in which a point was among the first five
     cut = np.zeros(10)
     for k in range(4):
-        cut[np.random.default_rng([0, k]).permutation(10)[:5]] += 1
+        cut[numpy_rng(0, k).permutation(10)[:5]] += 1
     np.testing.assert_allclose(v.result.values, cut / 4)
     # relative truncation: |k - 10| <= 0.2 * 10 fires at k = 8
     r = TMCShapleyValuation(g, RelativeTruncation(0.2), is_done=MaxChecks(1), seed=0,
@@ -278,3 +279,26 @@ def test_bad_inputs_give_clear_errors(tiny_digits):
         MSRBanzhafValuation(_game(), is_done=MaxChecks(1)).fit(result=prev)
     with pytest.raises(InputError, match="points"):
         TMCShapleyValuation(_game(n=5), is_done=MaxChecks(1)).fit(result=prev)
+
+
+def test_model_utility_keeps_object_label_arrays_and_converts_tensors(tiny_digits):
+    import torch
+
+    x_tr, y_tr, x_te, y_te = tiny_digits
+    names = np.array(["one", "seven"], dtype=object)
+    label = {1: 0, 7: 1}
+    y_obj = names[[label[int(v)] for v in y_tr]]  # e.g. string labels from a pandas Series
+    yt_obj = names[[label[int(v)] for v in y_te]]
+    u = ModelUtility(LogisticRegression(), test_data=(x_te, yt_obj)).with_data(x_tr, y_obj)
+    assert u.y.dtype == object
+    ref = ModelUtility(LogisticRegression(), test_data=(x_te, y_te)).with_data(x_tr, y_tr)
+    assert u([0, 1, 4, 5]) == ref([0, 1, 4, 5])
+    ut = ModelUtility(LogisticRegression(), test_data=(torch.as_tensor(x_te), y_te))
+    ut = ut.with_data(torch.as_tensor(x_tr), torch.as_tensor(y_tr))
+    assert isinstance(ut.x, np.ndarray) and ut([0, 1, 4, 5]) == ref([0, 1, 4, 5])
+
+
+def test_progress_bar_counts_samples(capsys):
+    TMCShapleyValuation(_game(n=4), is_done=MaxChecks(2), seed=0, samples_per_round=8,
+                        progress=True).fit()
+    assert "16" in capsys.readouterr().err

@@ -1,0 +1,210 @@
+"""The plan of :mod:`dvl_ooc.calculator.plan` as a Dask task graph on a cluster.
+
+Shipping: the fitted model (data-free: CG/LiSSA drop their fit data when pickled) is scattered
+once to every worker (``broadcast=True``) and prepared (device, attached fit data) once per
+worker (:func:`dvl_ooc.calculator.tasks._prepared`); inputs reach the workers as described in
+:mod:`dvl_ooc.calculator.inputs`. Column tasks write their tiles straight into the store, so the
+store path must be reachable by every worker. Clusters started here come from
+:func:`dvl_ooc.runtime.local_cluster` (which refuses to spawn workers from a script without an
+``if __name__ == "__main__":`` guard).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from typing import Any
+
+import numpy as np
+
+from ..influence.base import InfluenceModel
+from ..runtime import local_cluster
+from ..runtime import progress as progress_bar
+from ..store import InfluenceStore, _write_mode
+from .inputs import _Input
+from .plan import _DEFAULT_MAX_TEST_BYTES, _Base, _bounds
+from .tasks import TorchWarmup, _column_block_task, _column_task, _test_features_task
+
+__all__ = ["DaskInfluenceCalculator"]
+
+
+class DaskInfluenceCalculator(_Base):
+    """Influence matrices on a Dask cluster (see :mod:`dvl_ooc.calculator.plan` for the plan
+    and its costs).
+
+    Args:
+        influence_model: a fitted :class:`~dvl_ooc.influence.base.InfluenceModel`.
+        client: an existing ``distributed.Client`` (any cluster), used as is. Without one, a
+            ``LocalCluster`` of worker processes is started (or, with ``cluster="cuda"``, a
+            ``dask_cuda.LocalCUDACluster`` with one GPU per worker) by
+            :func:`dvl_ooc.runtime.local_cluster` and closed by :meth:`close`.
+        n_workers, threads_per_worker: size of the cluster started here.
+        device: device of the model on the workers (None: as it is; ``"cuda"``: each worker's
+            GPU, which is ``cuda:0`` inside a ``LocalCUDACluster`` worker). Results come back as
+            NumPy on the host.
+        cluster: ``"local"`` or ``"cuda"`` (only when no client is given).
+        fit_data: the fit data for methods that need it to precondition (CG, LiSSA) when the
+            model has none attached; it is scattered once to every worker.
+        max_test_feature_bytes: bound on the test features one column task holds.
+        dashboard_address: where the dashboard of a cluster started here listens.
+
+    Raises:
+        MainGuardError: a cluster would be started from a script whose code is not under
+            ``if __name__ == "__main__":`` (each spawned worker would re-run the script).
+    """
+
+    def __init__(self, influence_model: InfluenceModel, client: Any = None, *,
+                 n_workers: int | None = None, threads_per_worker: int = 1,
+                 device: str | None = None, cluster: str = "local", fit_data: Any = None,
+                 max_test_feature_bytes: int = _DEFAULT_MAX_TEST_BYTES,
+                 dashboard_address: str | None = ":0", **cluster_kwargs: Any) -> None:
+        super().__init__(influence_model, device=device, fit_data=fit_data,
+                         max_test_feature_bytes=max_test_feature_bytes)
+        from distributed import Client
+
+        self._own = client is None
+        self.cluster = None
+        if client is None:
+            self.cluster = local_cluster(n_workers, threads_per_worker=threads_per_worker,
+                                         kind=cluster, what="DaskInfluenceCalculator",
+                                         dashboard_address=dashboard_address, **cluster_kwargs)
+            if cluster == "cuda" and self.device is None:
+                self.device = "cuda:0"
+            client = Client(self.cluster)
+        self.client = client
+        if TorchWarmup is not None:
+            client.register_plugin(TorchWarmup())
+        self._model_future: Any = None
+        self._shipped_fp = ""
+        self._fit_future: Any = None
+        self._token = uuid.uuid4().hex
+
+    @property
+    def dashboard_link(self) -> str | None:
+        return getattr(self.client, "dashboard_link", None)
+
+    def close(self) -> None:
+        """Close the client and cluster if this calculator started them."""
+        if self._own:
+            self.client.close()
+            if self.cluster is not None:
+                self.cluster.close()
+        self._model_future = None
+
+    def __enter__(self) -> DaskInfluenceCalculator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -------------------------------------------------------------- shipping
+    def _ship(self, fp: str | None = None) -> tuple[Any, Any]:
+        """Scatter the fitted (data-free) model, and fit data if needed, once to every worker.
+        A new token per fingerprint makes workers re-prepare after the model changed."""
+        fp = fp or self.model.fingerprint()
+        if self._model_future is None or self._shipped_fp != fp:
+            self._token = uuid.uuid4().hex
+            self._model_future = self.client.scatter(self.model, broadcast=True, hash=False)
+            self._shipped_fp = fp
+            fit = None
+            if self.model.needs_data_to_precondition:
+                fit = self.fit_data if self.fit_data is not None else self.model._fit_data
+                fit = self.client.scatter(fit, broadcast=True, hash=False)
+            self._fit_future = fit
+        return self._model_future, self._fit_future
+
+    def _graph(self, te: _Input, tr: _Input, tc: int, rc: int, groups, todo_or_all,
+               path: str | None, dtype: str, fingerprint: str | None = None):
+        import dask
+
+        model_f, fit_f = self._ship(fingerprint)
+        tb, rb = _bounds(te.n, tc), _bounds(tr.n, rc)
+        need_t = sorted({i for _, rows, want, _ in todo_or_all for i, w in zip(rows, want) if w})
+        need_r = sorted({j for j, *_ in todo_or_all})
+        t_src = dict(zip(need_t, te.remote(self.client, [tb[i] for i in need_t])))
+        r_src = dict(zip(need_r, tr.remote(self.client, [rb[j] for j in need_r])))
+        feats = {i: dask.delayed(_test_features_task, pure=True)(
+            model_f, self._token, self.device, fit_f, t_src[i],
+            dask_key_name=f"test-features-{i}-{self._token}") for i in need_t}
+        out = []
+        for j, rows, want, si in todo_or_all:
+            fl = [feats[i] if w else None for i, w in zip(rows, want)]
+            if path is None:
+                out.append(dask.delayed(_column_block_task, pure=True)(
+                    model_f, self._token, self.device, fit_f, r_src[j], fl, dtype,
+                    dask_key_name=f"influence-column-{rows[0]}-{j}-{self._token}"))
+            else:
+                out.append(dask.delayed(_column_task, pure=True)(
+                    model_f, self._token, self.device, fit_f, r_src[j], fl, path, j, rows,
+                    want, si, dtype,
+                    dask_key_name=f"write-column-{rows[0]}-{j}-{uuid.uuid4().hex}"))
+        return out
+
+    # -------------------------------------------------------------- API
+    def influences(self, x_test: Any, y_test: Any, x: Any, y: Any, *, test_chunk: int = 1024,
+                   train_chunk: int = 4096, dtype: Any = "float32") -> Any:
+        """Lazy ``(n_test, n_train)`` dask array, chunks = tiles ``(test_chunk, train_chunk)``.
+        Computing it materialises the whole matrix: for large matrices use :meth:`to_zarr`."""
+        import dask.array as da
+
+        te, tr, tc, rc = self._prepare_inputs(x_test, y_test, x, y, test_chunk, train_chunk)
+        dt = np.dtype(dtype)
+        groups = self._groups(te.n, tc)
+        tb, rb = _bounds(te.n, tc), _bounds(tr.n, rc)
+        plan = [(j, rows, [True] * len(rows), False) for rows in groups for j in range(len(rb))]
+        cols = self._graph(te, tr, tc, rc, groups, plan, None, dt.name)
+        blocks, it = [], iter(cols)
+        for rows in groups:
+            n_rows = sum(tb[i][1] - tb[i][0] for i in rows)
+            blocks.append([da.from_delayed(next(it), shape=(n_rows, b - a), dtype=dt)
+                           for a, b in rb])
+        return da.block(blocks).rechunk((tc, rc))
+
+    def to_zarr(self, path: str | os.PathLike, x_test: Any, y_test: Any, x: Any, y: Any, *,
+                test_chunk: int = 1024, train_chunk: int = 4096, mode: str = "a",
+                self_influence: bool = False, progress: bool = True, compressor: Any = None,
+                dtype: Any = "float32", test_index: Any = None, train_index: Any = None,
+                **deprecated: Any) -> InfluenceStore:
+        """Create, resume or replace the influence store at ``path`` and compute its missing
+        tiles.
+
+        ``mode``: ``"a"`` (default) creates the store or resumes one made with the same
+        parameters (``StoreMismatchError`` when they differ, data untouched); ``"w-"`` raises
+        ``StoreExistsError`` when a store exists; ``"w"`` replaces it. A directory that is not a
+        Zarr store is never touched (``StoreError``), nor is a non-writable path. Each task writes
+        whole chunks of pre-created arrays (no locks, no ``da.to_zarr``). ``compressor``: None
+        (fastest), "lz4", "zstd" or a Zarr codec. ``self_influence=True`` also writes the
+        self-influence of the training points. Returns the :class:`InfluenceStore`; per-column
+        statistics of this run are in ``self.info["columns"]``. ``overwrite=True`` is the
+        deprecated spelling of ``mode="w"``.
+        """
+        from distributed import as_completed
+
+        mode = _write_mode("DaskInfluenceCalculator.to_zarr", mode, deprecated)
+        te, tr, tc, rc = self._prepare_inputs(x_test, y_test, x, y, test_chunk, train_chunk)
+        store = self._create_store(path, te, tr, tc, rc, mode=mode,
+                                   self_influence=self_influence, compressor=compressor,
+                                   dtype=dtype, test_index=test_index, train_index=train_index)
+        groups = self._groups(te.n, tc)
+        todo = self._todo(store, groups, self_influence)
+        self._reset_info()
+        if not todo:
+            return store
+        if progress and self._own and self.dashboard_link:
+            print(f"dvl_ooc: Dask dashboard at {self.dashboard_link}")
+        cols = self._graph(te, tr, tc, rc, groups, todo, str(store.path), store.attrs["dtype"],
+                           store.attrs["fingerprint"])
+        futures = self.client.compute(cols)
+        bar = progress_bar(progress, total=sum(sum(w) for _, _, w, _ in todo), unit="tile",
+                           desc="influence tiles")
+        try:
+            for fut in as_completed(futures):
+                st = fut.result()
+                self._record(st)
+                bar.update(len(st.tiles))
+        except BaseException:
+            self.client.cancel(futures)
+            raise
+        finally:
+            bar.close()
+        return store

@@ -1,0 +1,207 @@
+"""Input adapters: every data source the calculators accept, behind one interface.
+
+:class:`_Input` normalises ``(x, y)`` into a source with a sample axis of length ``n`` and
+answers three questions: the labels (when one scalar per sample is cheaply available), a
+fingerprint of the data (recorded in the store so that a resume with other data is refused),
+and the chunk ``[start, stop)`` of samples, read either in this process (:meth:`_Input.local`)
+or by the workers (:meth:`_Input.remote`).
+
+Sources and how they reach the workers:
+
+* NumPy arrays / torch tensors / array-likes: converted with :func:`dvl_ooc.data.to_numpy` and
+  scattered once per chunk;
+* Dask arrays: enter the task graph as their blocks (rechunked to the requested bounds);
+* Zarr arrays: read by the workers themselves (``a[start:stop]``), nothing is shipped;
+* a ``torch.utils.data.Dataset`` of ``(x, y)`` pairs (or a ``DataLoader``, whose dataset is
+  used): pickled once to every worker and indexed by ranges, collated with
+  ``default_collate``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ..data import to_numpy
+from ..exceptions import InputError, LengthMismatchError
+
+__all__: list[str] = []
+
+
+def _is_dask(a: Any) -> bool:
+    try:
+        import dask.array as da
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(a, da.Array)
+
+
+def _is_zarr(a: Any) -> bool:
+    import zarr
+
+    return isinstance(a, zarr.Array)
+
+
+def _kind(a: Any) -> str:
+    if _is_dask(a):
+        return "dask"
+    if _is_zarr(a):
+        return "zarr"
+    return "array"
+
+
+def _read_zarr(a: Any, start: int, stop: int) -> np.ndarray:
+    return np.asarray(a[start:stop])
+
+
+def _read_dataset(ds: Dataset, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from torch.utils.data import default_collate
+
+    items = [ds[i] for i in range(start, stop)]
+    if not items or not isinstance(items[0], (tuple, list)) or len(items[0]) < 2:
+        raise InputError("a Dataset must yield (x, y) pairs")
+    x, y = default_collate([(it[0], it[1]) for it in items])
+    return x, y
+
+
+def _pair(x: Any, y: Any) -> tuple[Any, Any]:
+    return x, y
+
+
+def _sample_rows(n: int, k: int = 32) -> np.ndarray:
+    return np.unique(np.linspace(0, n - 1, min(n, k)).astype(np.int64))
+
+
+@dataclass
+class _Input:
+    """Normalised (x, y) source with a sample axis of length ``n``."""
+
+    what: str
+    x: Any
+    y: Any
+    kind_x: str  # "array" | "dask" | "zarr" | "dataset"
+    kind_y: str
+    n: int
+
+    @classmethod
+    def make(cls, x: Any, y: Any, what: str) -> _Input:
+        if isinstance(x, DataLoader):
+            x = x.dataset
+        if isinstance(x, Dataset) and not isinstance(x, (np.ndarray, torch.Tensor)):
+            if y is not None:
+                raise InputError(f"{what}: pass a Dataset of (x, y) pairs with y=None")
+            n = len(x)  # type: ignore[arg-type]
+            if n == 0:
+                raise InputError(f"{what}: the Dataset is empty")
+            return cls(what, x, None, "dataset", "dataset", n)
+        if x is None or y is None:
+            raise InputError(f"{what}: pass both x and y (or a Dataset of (x, y) pairs as x)")
+        kx, ky = _kind(x), _kind(y)
+        if kx == "array":
+            x = to_numpy(x)
+        if ky == "array":
+            y = to_numpy(y)
+        for name, a in (("x", x), ("y", y)):
+            if len(a.shape) == 0:
+                raise InputError(f"{what}: {name} needs a leading sample axis")
+            if any(s is None or (isinstance(s, float) and s != s) for s in a.shape):
+                raise InputError(f"{what}: {name} has unknown dask chunk sizes; call "
+                                 "compute_chunk_sizes() first")
+        if x.shape[0] != y.shape[0]:
+            raise LengthMismatchError(
+                f"{what}: x has {x.shape[0]} samples but y has {y.shape[0]}; pass one label "
+                "per sample"
+            )
+        if x.shape[0] == 0:
+            raise InputError(f"{what}: no samples")
+        return cls(what, x, y, kx, ky, int(x.shape[0]))
+
+    # -------------------------------------------------------------- metadata
+    def labels(self) -> np.ndarray | None:
+        """Labels if they are cheaply available as one scalar per sample, else None."""
+        if self.kind_y == "dataset":
+            ds = self.x
+            for attr in ("targets", "labels"):
+                t = getattr(ds, attr, None)
+                if t is not None:
+                    return to_numpy(t)
+            tensors = getattr(ds, "tensors", None)
+            if isinstance(tensors, (tuple, list)) and len(tensors) >= 2:
+                return to_numpy(tensors[1])
+            return None
+        if len(self.y.shape) != 1:
+            return None
+        if self.kind_y == "dask":
+            return np.asarray(self.y.compute())
+        return np.asarray(self.y[:])
+
+    def fingerprint(self) -> str:
+        """Hash of the shapes, dtypes and a strided sample of rows (all of them when small)."""
+        h = hashlib.sha256()
+        h.update(f"{self.n}|{self.kind_x}".encode())
+        rows = _sample_rows(self.n)
+        if self.kind_x == "dataset":
+            for i in rows[:16]:
+                item = self.x[int(i)]
+                for part in item[:2]:
+                    h.update(np.ascontiguousarray(to_numpy(part)).tobytes())
+            return h.hexdigest()[:32]
+        for a, k in ((self.x, self.kind_x), (self.y, self.kind_y)):
+            h.update(f"{tuple(a.shape)}|{np.dtype(a.dtype).str}".encode())
+            if k == "array" and a.nbytes <= (64 << 20):
+                h.update(np.ascontiguousarray(a).tobytes())
+            elif k == "dask":
+                h.update(np.ascontiguousarray(np.asarray(a[rows].compute())).tobytes())
+            else:
+                h.update(np.ascontiguousarray(np.asarray(a[rows] if k == "array" else
+                                                         a.get_orthogonal_selection(
+                                                             (rows,)))).tobytes())
+        return h.hexdigest()[:32]
+
+    # -------------------------------------------------------------- chunks
+    def local(self, start: int, stop: int) -> tuple[Any, Any]:
+        """Read one chunk in this process."""
+        if self.kind_x == "dataset":
+            return _read_dataset(self.x, start, stop)
+        out = []
+        for a, k in ((self.x, self.kind_x), (self.y, self.kind_y)):
+            if k == "dask":
+                out.append(np.asarray(a[start:stop].compute(scheduler="synchronous")))
+            else:
+                out.append(np.asarray(a[start:stop]))
+        return out[0], out[1]
+
+    def remote(self, client: Any, bounds: Sequence[tuple[int, int]]) -> list[Any]:
+        """One Dask-resolvable object per chunk that evaluates to ``(x_chunk, y_chunk)``."""
+        import dask
+
+        if not bounds:
+            return []
+        if self.kind_x == "dataset":
+            ds_f = client.scatter(self.x, broadcast=True, hash=False)
+            return [dask.delayed(_read_dataset, pure=True)(ds_f, a, b) for a, b in bounds]
+        sides = []
+        for a, k in ((self.x, self.kind_x), (self.y, self.kind_y)):
+            if k == "array":
+                sides.append(client.scatter([a[s:e] for s, e in bounds], hash=False))
+            elif k == "zarr":
+                sides.append([dask.delayed(_read_zarr, pure=True)(a, s, e) for s, e in bounds])
+            else:
+                sides.append(_dask_blocks(a, bounds))
+        return [dask.delayed(_pair, pure=True)(xs, ys) for xs, ys in zip(*sides)]
+
+
+def _dask_blocks(a: Any, bounds: Sequence[tuple[int, int]]) -> list[Any]:
+    """Delayed blocks of ``a`` along axis 0 covering exactly ``bounds`` (other axes whole)."""
+    parts = [a[s:e] for s, e in bounds]
+    out = []
+    for p in parts:
+        p = p.rechunk({i: -1 for i in range(p.ndim)})
+        out.append(p.to_delayed().ravel()[0])
+    return out
