@@ -9,12 +9,19 @@ from __future__ import annotations
 import importlib
 import importlib.abc
 import importlib.util
+import inspect
 import sys
 import warnings
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["MOVED_MODULES", "deprecated_alias", "install_module_aliases", "renamed_kwargs"]
+__all__ = [
+    "MOVED_MODULES",
+    "deprecated_alias",
+    "install_module_aliases",
+    "renamed_arguments",
+    "renamed_kwargs",
+]
 
 #: old module path -> new module path
 MOVED_MODULES: dict[str, str] = {
@@ -68,6 +75,32 @@ def renamed_kwargs(owner: str, kwargs: dict[str, Any], renames: Mapping[str, str
                 raise InputError(f"{owner}: pass {new}= only ({old}= is its deprecated name)")
             _warn(f"{owner}: {old}= is deprecated, use {new}=", stacklevel=4)
             kwargs[new] = kwargs.pop(old)
+
+
+def renamed_arguments(
+    init: Any, deprecated: Mapping[str, Any], renames: Mapping[str, str], given: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Resolve deprecated keyword names of a constructor (``**deprecated`` catches them).
+
+    ``init`` is the constructor defining the new names, ``given`` the values it received for
+    them. Returns ``new name -> value`` for the arguments passed under their old name (with a
+    ``DeprecationWarning``); an unknown keyword raises ``TypeError`` and passing both the old
+    and the (non-default) new name raises :class:`~dvl_ooc.exceptions.InputError`.
+    """
+    owner = init.__qualname__.rpartition(".")[0] or init.__qualname__
+    unknown = sorted(set(deprecated) - set(renames))
+    if unknown:
+        raise TypeError(f"{owner}() got an unexpected keyword argument {unknown[0]!r}")
+    if not deprecated:
+        return {}
+    params = inspect.signature(init).parameters
+    kw: dict[str, Any] = {
+        new: given[new] for old, new in renames.items()
+        if old in deprecated and given[new] != params[new].default
+    }
+    kw.update(deprecated)
+    renamed_kwargs(owner, kw, renames)
+    return {new: kw[new] for old, new in renames.items() if old in deprecated}
 
 
 def deprecated_alias(new: str, *, owner: str = "") -> property:

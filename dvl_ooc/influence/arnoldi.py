@@ -54,11 +54,12 @@ import torch
 from scipy.sparse.linalg import ArpackError, ArpackNoConvergence, LinearOperator, eigsh
 from torch import nn
 
+from .._compat import renamed_arguments
 from ..data import DataLike
 from ..exceptions import ConvergenceError, InputError, RegularizationError
 from ..grads import HessianMode, LossFn, ParamBlock
 from ..seeding import numpy_rng
-from .base import InfluenceModel, renamed_arguments
+from .base import InfluenceModel
 from .sketch import (
     _NoConvergence,
     block_krylov_eigs,

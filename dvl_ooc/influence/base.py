@@ -32,7 +32,6 @@ Diagnostics: ``info["fit"]`` (one plain-data dict per block, reset by every ``fi
 from __future__ import annotations
 
 import hashlib
-import inspect
 import io
 import math
 import warnings
@@ -56,34 +55,6 @@ def validate_fit_data(grads: ModelGradients, data: DataLike) -> None:
         raise NonFiniteError(
             f"the mean training loss is {loss}; check the labels and the loss (e.g. log of 0)"
         )
-
-
-def renamed_arguments(
-    init: Any, deprecated: Mapping[str, Any], renames: Mapping[str, str], given: Mapping[str, Any]
-) -> dict[str, Any]:
-    """Resolve deprecated keyword names of a constructor (``**deprecated`` catches them).
-
-    ``init`` is the constructor defining the new names, ``given`` the values it received for
-    them. Returns ``new name -> value`` for the arguments passed under their old name (with a
-    ``DeprecationWarning``); an unknown keyword raises ``TypeError`` and passing both the old
-    and the (non-default) new name raises :class:`~dvl_ooc.exceptions.InputError`.
-    """
-    from .._compat import renamed_kwargs
-
-    owner = init.__qualname__.rpartition(".")[0] or init.__qualname__
-    unknown = sorted(set(deprecated) - set(renames))
-    if unknown:
-        raise TypeError(f"{owner}() got an unexpected keyword argument {unknown[0]!r}")
-    if not deprecated:
-        return {}
-    params = inspect.signature(init).parameters
-    kw: dict[str, Any] = {
-        new: given[new] for old, new in renames.items()
-        if old in deprecated and given[new] != params[new].default
-    }
-    kw.update(deprecated)
-    renamed_kwargs(owner, kw, renames)
-    return {new: kw[new] for old, new in renames.items() if old in deprecated}
 
 
 class InfluenceModel:

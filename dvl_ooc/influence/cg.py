@@ -48,6 +48,7 @@ from typing import Any, Literal
 
 import torch
 
+from .._compat import renamed_arguments
 from ..data import DataLike
 from ..exceptions import (
     ConvergenceError,
@@ -58,7 +59,7 @@ from ..exceptions import (
 )
 from ..grads import HessianMode, LossFn, ModelGradients, ParamBlock
 from ..seeding import numpy_rng, torch_generator
-from .base import InfluenceModel, renamed_arguments
+from .base import InfluenceModel
 from .base import validate_fit_data as validate_fit_data  # re-export (moved to base)
 from .sketch import nystroem_sketch  # re-export: the one Nystroem sketch lives in sketch.py
 

@@ -50,11 +50,12 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate
 
+from .._compat import renamed_arguments
 from ..data import DataLike, as_tensor, iter_batches, num_samples
 from ..exceptions import ConvergenceError, ConvergenceWarning, DivergenceError, InputError
 from ..grads import HessianMode, LossFn, ModelGradients, ParamBlock
 from ..seeding import torch_generator
-from .base import InfluenceModel, renamed_arguments
+from .base import InfluenceModel
 
 __all__ = ["LissaInfluence", "top_eigenvalue"]
 

@@ -104,7 +104,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._compat import deprecated_alias, renamed_kwargs
+from .._compat import deprecated_alias, renamed_arguments
 from ..data import as_tensor, check_xy
 from ..exceptions import (
     InputError,
@@ -200,20 +200,11 @@ class InRunShapley:
         chunk_bytes: int = 8 * 2**20,
         **deprecated: Any,
     ) -> None:
-        if deprecated:
-            kw = dict(deprecated)
-            if loss is not None:
-                kw["loss"] = loss
-            if mode != "w-":
-                kw["mode"] = mode
-            if solver != "auto":
-                kw["solver"] = solver
-            renamed_kwargs("InRunShapley", kw, {"loss_fn": "loss", "store_mode": "mode",
-                                                "method": "solver"})
-            loss, mode = kw.pop("loss", None), kw.pop("mode", "w-")
-            solver = kw.pop("solver", "auto")
-            if kw:
-                raise TypeError(f"InRunShapley() got unexpected keyword arguments {sorted(kw)}")
+        old = renamed_arguments(InRunShapley.__init__, deprecated,
+                                {"loss_fn": "loss", "store_mode": "mode", "method": "solver"},
+                                {"loss": loss, "mode": mode, "solver": solver})
+        loss = old.get("loss", loss)
+        mode, solver = old.get("mode", mode), old.get("solver", solver)
         if x_val is None or y_val is None:
             raise TypeError("InRunShapley() needs the validation set: x_val and y_val")
         if not isinstance(model, nn.Module):

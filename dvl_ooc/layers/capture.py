@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._compat import renamed_kwargs
+from .._compat import renamed_arguments
 from ..exceptions import InputError, UnsupportedModelError
 from .base import LayerKind, kind_of
 from .kinds import CAPTURABLE_LAYERS, SUPPORTED_LAYERS
@@ -57,14 +57,8 @@ class LayerCapture:
         output_grads: bool = True,
         **deprecated: Any,
     ) -> None:
-        if deprecated:
-            kw = dict(deprecated)
-            if layers is not None:
-                kw["layers"] = layers
-            renamed_kwargs("LayerCapture", kw, {"modules": "layers"})
-            layers = kw.pop("layers", None)
-            if kw:
-                raise TypeError(f"LayerCapture() got unexpected keyword arguments {sorted(kw)}")
+        layers = renamed_arguments(LayerCapture.__init__, deprecated, {"modules": "layers"},
+                                   {"layers": layers}).get("layers", layers)
         named = dict(model.named_modules())
         types = CAPTURABLE_LAYERS if include_embeddings else SUPPORTED_LAYERS
         if layers is None:
