@@ -1,7 +1,9 @@
 """Per-layer-type machinery: capture of layer inputs and output gradients, and the operations
 that the factorisation ``grad W = sum_l g_l a_l^T`` of Linear, Conv2d and Embedding layers
 makes cheap (per-sample gradients, ghost products, directional derivatives, Kronecker-factor
-rows), owned by one :class:`LayerKind` per layer type (:data:`LAYER_KINDS`, :func:`kind_of`).
+rows, projected gradients), owned by one :class:`LayerKind` per layer type
+(:data:`LAYER_KINDS`, :func:`kind_of`); :class:`GradientProjector` turns the projected
+gradients into ``(n, k)`` features.
 """
 
 from .base import LAYER_KINDS, LayerKind, kind_of, register_kind
@@ -23,6 +25,7 @@ from .kinds import (
     pairwise_layer_products,
     per_sample_layer_grads,
 )
+from .projection import GradientProjector, ProjectionBlock
 from .selection import supported_modules
 
 __all__ = [
@@ -31,9 +34,11 @@ __all__ = [
     "SUPPORTED_LAYERS",
     "Conv2dKind",
     "EmbeddingKind",
+    "GradientProjector",
     "LayerCapture",
     "LayerKind",
     "LinearKind",
+    "ProjectionBlock",
     "combined_to_params",
     "dot_with_param_vector",
     "embedding_output_grad_matrix",

@@ -16,7 +16,12 @@ needs from a layer follows from this factorisation, and each kind implements it 
   (embedding: ``[idx_il == idx_jl']`` for ``a_il . a_jl'``), cost ``n m L_t L_v (d_in + d_out)``;
   materialised products, cost ``(n L_t + m L_v) d_in d_out`` (+ ``n m d_in d_out``);
 * the directional derivative ``<grad W_i, V> = sum_l g_il . (V a_il)`` (one forward's cost);
-* the Kronecker-factor rows of EK-FAC (input rows with a ones column for the bias, output rows).
+* the Kronecker-factor rows of EK-FAC (input rows with a ones column for the bias, output rows);
+* projected gradients ``P_out (G_i^T A_i) P_in^T = sum_l (P_out g_il)(P_in a_il)^T`` of size
+  ``k_out x k_in`` (the LoGra idea: project both factors, then one small product over the
+  positions), cost ``2 L (k_in d_in + k_out d_out + k_in k_out)`` per sample, temporaries
+  ``L (k_in + k_out)`` per sample; the per-sample gradient is never formed
+  (:class:`~dvl_ooc.layers.projection.GradientProjector` builds features from them).
 
 A kind is stateless: every method takes the module. :func:`kind_of` finds the kind of a module
 (through its type's MRO, so subclasses of ``nn.Linear`` are Linear layers); a new layer type is
@@ -127,6 +132,66 @@ class LayerKind:
         """``<per-sample gradient of row i, W>`` for every row ``(n,)``: the directional
         derivative ``sum_l g_il . (W a_il)``; ``W = {"weight": ..., "bias": ...}``."""
         raise NotImplementedError
+
+    # ------------------------------------------------------------------ projected gradients
+    def projection_dims(self, module: nn.Module, bias: bool | None = None) -> tuple[int, int]:
+        """``(d_out, d_in [+1])``: the sides ``P_out`` and ``P_in`` of :meth:`project` act on
+        (``bias``: count the ones column of the bias; default: whether the layer has one).
+        For Linear/Conv2d the gradient's matrix form ``(d_out, d_in)``; for an embedding
+        ``(embedding_dim, num_embeddings)`` (the table's gradient transposed)."""
+        d_out, d_in = self.weight_dims(module)
+        if bias is None:
+            bias = self.has_bias(module)
+        return d_out, d_in + int(bool(bias))
+
+    def _projected_bias(self, module: nn.Module, P_in: torch.Tensor, name: str = "P_in") -> bool:
+        """Whether ``P_in`` has the bias column (its width is ``d_in + 1``)."""
+        d_in = self.projection_dims(module, bias=False)[1]
+        width = P_in.shape[-1]
+        if width == d_in:
+            return False
+        if width == d_in + 1 and self.has_bias(module):
+            return True
+        raise InputError(f"{name} has {width} columns; this {self.name} layer needs {d_in}"
+                         + (f" (or {d_in + 1} with the bias)" if self.has_bias(module) else ""))
+
+    def project(self, module: nn.Module, a: torch.Tensor, g: torch.Tensor,
+                P_in: torch.Tensor, P_out: torch.Tensor) -> torch.Tensor:
+        """Projected per-sample gradients ``P_out (G_i^T A_i) P_in^T = sum_l (P_out g_il)
+        (P_in a_il)^T``, ``(n, k_out, k_in)``, from raw rows without forming a per-sample
+        gradient.
+
+        ``P_in`` is ``(k_in, d_in)`` or ``(k_in, d_in + 1)``, the last column then standing for
+        the bias (the bias gradient is projected with the weight gradient); ``P_out`` is
+        ``(k_out, d_out)`` (:meth:`projection_dims`). Both must have the dtype of ``g``.
+        Cost per sample: ``2 L (k_in d_in + k_out d_out + k_in k_out)`` FLOPs and
+        ``L (k_in + k_out)`` elements of temporaries. This default forms the input matrix;
+        kinds override it to avoid that (Conv2d: no unfolding)."""
+        bias = self._projected_bias(module, P_in)
+        A, G = self.rows(module, a, g)
+        if self.has_bias(module) and not bias:
+            A = A[..., :-1]
+        return torch.bmm((G @ P_out.T).transpose(1, 2), A @ P_in.T)
+
+    def from_params(self, module: nn.Module, V: torch.Tensor, bias: bool) -> torch.Tensor:
+        """Flat ``(m, p)`` parameter vectors (weight, then the bias if ``bias``) -> ``(m, d_out,
+        d_in [+1])`` matrices in the orientation of :meth:`project`."""
+        d_out, d_in = self.projection_dims(module, bias=False)
+        m = V.shape[0]
+        W = V[:, : d_out * d_in].reshape(m, d_out, d_in)
+        if bias:
+            W = torch.cat([W, V[:, d_out * d_in :].reshape(m, d_out, 1)], dim=2)
+        return W
+
+    def project_vectors(self, module: nn.Module, V: torch.Tensor, P_in: torch.Tensor,
+                        P_out: torch.Tensor) -> torch.Tensor:
+        """The projection of :meth:`project` applied to ordinary parameter vectors: ``P_out M
+        P_in^T`` for flat ``(m, p)`` vectors (weight, then bias when ``P_in`` has the bias
+        column), ``(m, k_out, k_in)``. ``project(a, g)`` equals this applied to the explicit
+        per-sample gradients."""
+        bias = self._projected_bias(module, P_in)
+        M = self.from_params(module, V, bias)
+        return P_out @ M @ P_in.T
 
     # ------------------------------------------------------------------ products of row matrices
     def product_costs(self, module: nn.Module, n: int, Lt: int, m: int, Lv: int, d_in: int,

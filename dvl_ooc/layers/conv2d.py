@@ -104,3 +104,18 @@ class Conv2dKind(LayerKind):
         if Wb is not None:
             s = s + g.sum((2, 3)) @ Wb
         return s
+
+    def project(self, module: nn.Module, a: torch.Tensor, g: torch.Tensor,
+                P_in: torch.Tensor, P_out: torch.Tensor) -> torch.Tensor:
+        """``(n, k_out, k_in)`` without unfolding: ``P_in a_l`` at every output pixel is a
+        convolution of the input with ``P_in`` as ``k_in`` filters (its last column the bias),
+        ``P_out g_l`` a product over the output channels, then one ``bmm`` over the pixels.
+        Temporaries ``n L (k_in + k_out)``."""
+        self.check(module)
+        bias = self._projected_bias(module, P_in)
+        k_in, d_in = P_in.shape[0], P_in.shape[1] - int(bias)
+        filters = P_in[:, :d_in].reshape(k_in, module.in_channels, *module.kernel_size)
+        Ap = F.conv2d(a, filters, P_in[:, d_in] if bias else None, module.stride,
+                      self.padding(module), module.dilation)  # (n, k_in, H', W')
+        Gp = P_out @ g.flatten(2)  # (n, k_out, L)
+        return torch.bmm(Gp, Ap.flatten(2).transpose(1, 2))

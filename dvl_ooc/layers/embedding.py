@@ -82,6 +82,26 @@ class EmbeddingKind(LayerKind):
         G = self.masked_output_grads(module, a, g)
         return (G * W["weight"][a.reshape(a.shape[0], -1)]).sum((1, 2))
 
+    # ------------------------------------------------------------------ projected gradients
+    def projection_dims(self, module: nn.Module, bias: bool | None = None) -> tuple[int, int]:
+        """``(embedding_dim, num_embeddings)``: ``P_out`` acts on the output gradient, ``P_in`` on
+        the one-hot index (the projected gradient is ``P_out dW^T P_in^T``)."""
+        return module.embedding_dim, module.num_embeddings
+
+    def project(self, module: nn.Module, a: torch.Tensor, g: torch.Tensor,
+                P_in: torch.Tensor, P_out: torch.Tensor) -> torch.Tensor:
+        """``(n, k_out, k_in)``: ``P_in`` times a one-hot index is a column gather of ``P_in``;
+        padding positions contribute nothing."""
+        self.check(module)
+        self._projected_bias(module, P_in)
+        n = a.shape[0]
+        Ap = P_in.T[a.reshape(n, -1)]  # (n, L, k_in)
+        Gp = self.masked_output_grads(module, a, g) @ P_out.T  # (n, L, k_out)
+        return torch.bmm(Gp.transpose(1, 2), Ap)
+
+    def from_params(self, module: nn.Module, V: torch.Tensor, bias: bool) -> torch.Tensor:
+        return V.reshape(V.shape[0], module.num_embeddings, module.embedding_dim).transpose(1, 2)
+
     # ------------------------------------------------------------------ products
     def product_costs(self, module: nn.Module, n: int, Lt: int, m: int, Lv: int, d_in: int,
                       d_out: int, reduce: bool) -> tuple[float, float]:

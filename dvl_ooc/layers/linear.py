@@ -50,3 +50,15 @@ class LinearKind(LayerKind):
         if Wb is not None:
             s = s + G.sum(1) @ Wb
         return s
+
+    def project(self, module: nn.Module, a: torch.Tensor, g: torch.Tensor,
+                P_in: torch.Tensor, P_out: torch.Tensor) -> torch.Tensor:
+        """``(n, k_out, k_in)``: the input rows times ``P_in^T`` (plus its bias column, no ones
+        column formed), the output rows times ``P_out^T``, one ``bmm`` over the positions."""
+        bias = self._projected_bias(module, P_in)
+        n, d_in = a.shape[0], a.shape[-1]
+        Ap = a.reshape(n, -1, d_in) @ P_in[:, :d_in].T  # (n, L, k_in)
+        if bias:
+            Ap = Ap + P_in[:, d_in]
+        Gp = g.reshape(n, -1, g.shape[-1]) @ P_out.T  # (n, L, k_out)
+        return torch.bmm(Gp.transpose(1, 2), Ap)
