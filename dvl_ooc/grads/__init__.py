@@ -8,11 +8,13 @@ from .functional import (
     LossFn,
     ModelGradients,
     ParamBlock,
+    output_hessian_factors,
     resolve_blocks,
 )
+from .projected import ProjectedGradients
 
 __all__ = ["MODEL_LOCK", "HessianMode", "LossFn", "ModelGradients", "ParamBlock",
-           "resolve_blocks"]
+           "ProjectedGradients", "output_hessian_factors", "resolve_blocks"]
 
 #: layer-capture names that lived here before the per-layer registry (``dvl_ooc.layers``)
 _MOVED_TO_LAYERS = ("LayerCapture", "layer_input_matrix", "layer_output_grad_matrix",

@@ -46,6 +46,7 @@ __all__ = [
     "LossFn",
     "ModelGradients",
     "ParamBlock",
+    "output_hessian_factors",
     "resolve_blocks",
     "select_parameters",
 ]
@@ -203,6 +204,59 @@ def resolve_blocks(
             raise InputError("the block mapping is empty")
         return out
     raise InputError(f"blocks must be 'model', 'layer' or a mapping, got {blocks!r}")
+
+
+def output_hessian_factors(
+    out: torch.Tensor, y: torch.Tensor, loss: LossFn, *, fix: str = ""
+) -> list[torch.Tensor]:
+    """Factors of the per-sample output Hessians of the loss: ``d^2 l_i / d out_i^2 = L_i
+    L_i^T``.
+
+    Per sample the Hessian of ``loss(out_i[None], y_i[None])`` w.r.t. the outputs
+    (``torch.func.hessian``, in float64 when the loss allows it), a float64 ``eigh``, and
+    ``L_i = U_i diag(sqrt(w_i))`` with negligible eigenvalues (``<= max(1e-12, 10 eps)`` times
+    the sample's largest) set to zero. Returns the columns of ``L`` that are non-zero for at
+    least one sample, each shaped like ``out`` (``(m, *out_shape)``, in ``out``'s dtype): the
+    vectors ``v_ic`` with ``sum_c v_ic v_ic^T = H_out,i``, whose back-propagation ``J_i^T v_ic``
+    gives the "pseudo-gradients" of the Gauss-Newton matrix ``sum_c (J_i^T v_ic)(J_i^T
+    v_ic)^T = J_i^T H_out,i J_i``. At most ``c = numel(out_i)`` vectors (``c - 1`` for
+    softmax cross-entropy, whose Hessian ``diag(p) - p p^T`` has the null vector ``1``).
+
+    Raises :class:`~dvl_ooc.exceptions.InputError` when an output Hessian has clearly negative
+    eigenvalues (a loss not convex in the outputs: the Gauss-Newton matrix is then not a
+    Fisher); ``fix`` is appended to that message (the caller's way out).
+
+    Cost: one ``c x c`` Hessian and an ``O(c^3)`` eigendecomposition per sample.
+    """
+    m = out.shape[0]
+
+    def loss_i(o: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return loss(o.unsqueeze(0), t.unsqueeze(0))
+
+    f64 = torch.float64
+    c = out[0].numel()
+    # in float64: for confident predictions the output Hessian (e.g. diag(p) - pp^T) is a
+    # difference of O(1) terms, so its round-off scales with eps, not with its tiny top
+    # eigenvalue; float32 produced spurious "negative" eigenvalues
+    try:
+        H = vmap(hessian(loss_i))(out.detach().to(f64), y)
+        eps = torch.finfo(f64).eps
+    except RuntimeError:  # a loss with float32-only buffers
+        H = vmap(hessian(loss_i))(out.detach(), y)
+        eps = torch.finfo(out.dtype).eps
+    H = H.reshape(m, c, c).to(f64)
+    w, U = torch.linalg.eigh(0.5 * (H + H.transpose(1, 2)))
+    top = w.abs().amax(1, keepdim=True).clamp_min(torch.finfo(f64).tiny)
+    if bool((w < -1e3 * eps * top.clamp_min(1.0)).any()):
+        raise InputError(
+            "the loss is not convex in the model outputs (its output Hessian has negative "
+            "eigenvalues), so the Gauss-Newton matrix is not a Fisher" + (f"; {fix}" if fix
+                                                                          else "")
+        )
+    w = torch.where(w > max(1e-12, 10 * eps) * top, w, torch.zeros_like(w))
+    L = U * w.sqrt().unsqueeze(1)  # columns of L: H = L L^T
+    return [L[:, :, k].reshape(out.shape).to(out.dtype)
+            for k in range(c) if bool((w[:, k] > 0).any())]
 
 
 class ModelGradients:

@@ -75,7 +75,8 @@ class ArnoldiInfluence(InfluenceModel):
     """Low-rank influence from the top eigenpairs of the (block) curvature.
 
     Args:
-        model, loss, regularization, blocks, layers, hessian, micro_batch_size: see
+        model, loss, regularization, blocks, layers, hessian, micro_batch_size, projection:
+            see
             :class:`~dvl_ooc.influence.base.InfluenceModel` (``hessian="gauss-newton"`` by
             default).
         rank: eigenpairs kept per block (an int, or ``block name -> int``); ``rank >= p_b``
@@ -123,12 +124,14 @@ class ArnoldiInfluence(InfluenceModel):
         seed: int = 0,
         state_dtype: torch.dtype = torch.float64,
         micro_batch_size: int = 64,
+        projection: Any = None,
         **deprecated: Any,
     ) -> None:
         rtol = renamed_arguments(ArnoldiInfluence.__init__, deprecated, {"tol": "rtol"},
                                  {"rtol": rtol}).get("rtol", rtol)
         super().__init__(model, loss, regularization=regularization, blocks=blocks,
-                         hessian=hessian, layers=layers, micro_batch_size=micro_batch_size)
+                         hessian=hessian, layers=layers, micro_batch_size=micro_batch_size,
+                         projection=projection)
         self.ranks = resolve_ranks(rank, self.blocks)
         if solver not in ("block", "arpack"):
             raise InputError(f"solver must be 'block' or 'arpack', got {solver!r}")

@@ -43,12 +43,42 @@ from torch import nn
 
 from ..data import DataLike, num_samples
 from ..exceptions import InputError, NonFiniteError, NotFittedError, RegularizationError
-from ..grads import HessianMode, LossFn, ModelGradients, ParamBlock
+from ..grads import HessianMode, LossFn, ModelGradients, ParamBlock, ProjectedGradients
+from ..layers.projection import GradientProjector
 
 __all__ = ["InfluenceModel", "validate_fit_data"]
 
+#: the keys ``projection=`` accepts as a mapping (the :class:`GradientProjector` arguments)
+_PROJECTION_KEYS = ("k_in", "k_out", "dense_dim", "seed", "dtype")
 
-def validate_fit_data(grads: ModelGradients, data: DataLike) -> None:
+
+def _projector(model: nn.Module, projection: GradientProjector | Mapping[str, Any],
+               layers: Sequence[str] | None, micro_batch_size: int) -> GradientProjector:
+    """The :class:`GradientProjector` of ``projection=`` (a projector, or its arguments)."""
+    if isinstance(projection, GradientProjector):
+        if projection.model is not model:
+            raise InputError("projection: the GradientProjector was built for another model; "
+                             "build it on this model, or pass a dict of its arguments")
+        if layers is not None:
+            want = [layers] if isinstance(layers, str) else list(layers)
+            if want != projection.layers:
+                raise InputError(
+                    f"layers={want} differs from the projector's layers={projection.layers}; "
+                    "pass layers= to the GradientProjector only (or a dict as projection=)")
+        return projection
+    if not isinstance(projection, Mapping):
+        raise InputError("projection must be None, a GradientProjector or a dict of its "
+                         f"arguments {_PROJECTION_KEYS}, got {type(projection).__name__}")
+    unknown = sorted(set(projection) - set(_PROJECTION_KEYS))
+    if unknown:
+        raise InputError(f"projection: unknown keys {unknown}; allowed {list(_PROJECTION_KEYS)}")
+    kw = dict(projection)
+    if "dtype" not in kw:  # features in the model's dtype
+        kw["dtype"] = next((p.dtype for p in model.parameters()), torch.float32)
+    return GradientProjector(model, layers=layers, micro_batch_size=micro_batch_size, **kw)
+
+
+def validate_fit_data(grads: ModelGradients | ProjectedGradients, data: DataLike) -> None:
     """One pass over ``data``: shapes, finiteness of inputs and of the mean loss."""
     loss = grads.mean_loss(data)
     if not math.isfinite(loss):
@@ -72,6 +102,17 @@ class InfluenceModel:
         layers: module or parameter names whose trainable parameters are attributed; the
             others are treated as constants (like frozen ones). ``None``: all of them.
         micro_batch_size: samples per vectorised gradient micro-batch (bounds memory).
+        projection: ``None`` (features are the ``p``-dimensional gradients), a
+            :class:`~dvl_ooc.layers.GradientProjector` built on ``model``, or a dict of its
+            arguments ``k_in``, ``k_out``, ``dense_dim``, ``seed`` (and ``dtype``; default the
+            model's), to which ``layers=`` and ``micro_batch_size`` are passed. Features are
+            then the ``k``-dimensional projected gradients ``P g`` and the curvature is the
+            projected Gauss-Newton matrix ``P GGN P^T`` (``k x k``; only
+            ``hessian="gauss-newton"``), so influences are ``(P g_t)^T (P GGN P^T +
+            lambda I)^{-1} (P g_r)``: memory and solves scale with ``k``, not ``p``
+            (:class:`~dvl_ooc.grads.ProjectedGradients` for the costs). ``blocks`` is then
+            ``"model"`` or ``"layer"`` (one block per projected layer, plus the dense block).
+            The projector pickles without its matrices (regenerated from the seed).
 
     Attributes:
         info: diagnostics as plain data: ``info["fit"]`` (list of per-block dicts, reset by
@@ -102,6 +143,7 @@ class InfluenceModel:
         hessian: HessianMode = "gauss-newton",
         layers: Sequence[str] | None = None,
         micro_batch_size: int = 64,
+        projection: GradientProjector | Mapping[str, Any] | None = None,
     ) -> None:
         if hessian not in self.supported_hessians:
             raise InputError(
@@ -109,8 +151,21 @@ class InfluenceModel:
                 f"not {hessian!r}"
             )
         model.eval()
-        self.grads = ModelGradients(model, loss, blocks, layers=layers,
-                                    micro_batch_size=micro_batch_size)
+        self.grads: ModelGradients | ProjectedGradients
+        if projection is None:
+            self.grads = ModelGradients(model, loss, blocks, layers=layers,
+                                        micro_batch_size=micro_batch_size)
+        else:
+            if hessian != "gauss-newton":
+                raise InputError(
+                    f"{type(self).__name__}(projection=...) works with the projected "
+                    f"Gauss-Newton matrix only, not hessian={hessian!r}: pass "
+                    "hessian='gauss-newton' (the default), or drop projection= for the exact "
+                    "Hessian in parameter space"
+                )
+            projector = _projector(model, projection, layers, micro_batch_size)
+            self.grads = ProjectedGradients(projector, loss, blocks,
+                                            micro_batch_size=micro_batch_size)
         self.layers: list[str] | None = self.grads.layers
         self.hessian_mode: HessianMode = hessian
         self.info: dict[str, list[dict[str, Any]]] = {"fit": [], "solve": []}
@@ -177,9 +232,15 @@ class InfluenceModel:
                 )
         return out
 
+    @property
+    def projector(self) -> GradientProjector | None:
+        """The gradient projection of ``projection=`` (``None``: features are gradients)."""
+        return getattr(self.grads, "projector", None)
+
     def config(self) -> dict[str, Any]:
-        """Plain-data description of the method and its parameters (for stores and fingerprints)."""
-        return {
+        """Plain-data description of the method and its parameters (for stores and
+        fingerprints); with ``projection=`` it includes the projector's configuration."""
+        cfg = {
             "method": type(self).__name__,
             "hessian": self.hessian_mode,
             "regularization": dict(self.regularization),
@@ -187,6 +248,9 @@ class InfluenceModel:
             "layers": None if self.layers is None else list(self.layers),
             **self._extra_config(),
         }
+        if self.projector is not None:
+            cfg["projection"] = self.projector.config()
+        return cfg
 
     def _extra_config(self) -> dict[str, Any]:
         return {}
@@ -251,7 +315,8 @@ class InfluenceModel:
 
     # ------------------------------------------------------------------ influence
     def gradients(self, x: Any, y: Any) -> torch.Tensor:
-        """Per-sample loss gradients ``(n, p)``, blocks concatenated."""
+        """Per-sample loss gradients ``(n, p)``, blocks concatenated; with ``projection=``
+        the projected features ``(n, k)`` (everything downstream works on them)."""
         return self.grads.per_sample_grads(x, y)
 
     def precondition(self, g: torch.Tensor) -> torch.Tensor:

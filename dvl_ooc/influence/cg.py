@@ -105,7 +105,8 @@ class CgInfluence(InfluenceModel):
     """Influence by (preconditioned) conjugate gradients on curvature-vector products.
 
     Args:
-        model, loss, regularization, blocks, layers, hessian, micro_batch_size: see
+        model, loss, regularization, blocks, layers, hessian, micro_batch_size, projection:
+            see
             :class:`~dvl_ooc.influence.base.InfluenceModel` (``hessian="gauss-newton"`` by
             default). ``regularization >= 0``; 0 is fine when the curvature is positive
             definite.
@@ -155,6 +156,7 @@ class CgInfluence(InfluenceModel):
         rhs_chunk: int | None = None,
         seed: int = 0,
         raise_on_nonconvergence: bool = False,
+        projection: Any = None,
         **deprecated: Any,
     ) -> None:
         old = renamed_arguments(CgInfluence.__init__, deprecated,
@@ -162,7 +164,8 @@ class CgInfluence(InfluenceModel):
                                 {"max_iter": max_iter, "solver": solver})
         max_iter, solver = old.get("max_iter", max_iter), old.get("solver", solver)
         super().__init__(model, loss, regularization=regularization, blocks=blocks,
-                         hessian=hessian, layers=layers, micro_batch_size=micro_batch_size)
+                         hessian=hessian, layers=layers, micro_batch_size=micro_batch_size,
+                         projection=projection)
         if not (rtol >= 0 and atol >= 0) or (rtol == 0 and atol == 0):
             raise InputError("need rtol >= 0 and atol >= 0, not both 0")
         if max_iter < 1:

@@ -26,8 +26,15 @@ __all__ = ["DirectInfluence"]
 class DirectInfluence(InfluenceModel):
     """Exact influence from the explicit (block) curvature matrix; for models up to ~10^4
     parameters per block. Arguments: ``regularization``, ``blocks``, ``layers``, ``hessian``
-    (``"gauss-newton"`` default, or ``"exact"``), ``micro_batch_size``; see
-    :class:`~dvl_ooc.influence.base.InfluenceModel`."""
+    (``"gauss-newton"`` default, or ``"exact"``), ``micro_batch_size``, ``projection``; see
+    :class:`~dvl_ooc.influence.base.InfluenceModel`.
+
+    With ``projection=`` (e.g. ``{"k_in": 16, "k_out": 16, "dense_dim": 64}``) the matrix is
+    the ``k x k`` projected Gauss-Newton matrix ``P GGN P^T`` instead of ``p x p``: fit costs
+    one forward and ``c`` backward passes per sample (``c`` output-Hessian factors, e.g. the
+    number of classes minus one) plus ``n c k^2`` FLOPs for the matrix and ``O(k^3)`` for its
+    eigendecomposition; the state is ``k^2`` floats and features are ``k`` floats per sample.
+    At full projection sizes it equals the unprojected Gauss-Newton method."""
 
     _state_keys = ("eigenvalues", "eigenvectors")
 

@@ -82,7 +82,6 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
-from torch.func import hessian, vmap
 
 from ..data import DataLike, num_samples
 from ..exceptions import (
@@ -93,7 +92,7 @@ from ..exceptions import (
     UnsupportedModelError,
 )
 from ..grads import LossFn, ParamBlock
-from ..grads.functional import select_parameters
+from ..grads.functional import output_hessian_factors, select_parameters
 from ..layers import LayerCapture, kind_of
 from ..seeding import torch_generator
 from .base import InfluenceModel
@@ -203,6 +202,8 @@ class EkfacInfluence(InfluenceModel):
         fisher: ``"ggn"`` (exact GGN factorisation), ``"empirical"`` or ``"sampled"``.
         seed: seed of the label sampling of ``fisher="sampled"``.
         micro_batch_size: samples per micro-batch (bounds memory).
+        projection: not supported (``None`` only); EK-FAC has its own structure, see
+            :class:`~dvl_ooc.influence.base.InfluenceModel` for the projected methods.
     """
 
     supported_hessians = ("gauss-newton",)
@@ -221,7 +222,16 @@ class EkfacInfluence(InfluenceModel):
         fisher: FisherMode = "ggn",
         seed: int = 0,
         micro_batch_size: int = 64,
+        projection: Any = None,
     ) -> None:
+        if projection is not None:
+            raise InputError(
+                "EkfacInfluence does not take projection=: it has its own per-layer Kronecker "
+                "structure (factors of d_in^2 + d_out^2 floats per layer, never a p x p "
+                "matrix); restrict it with layers=[...], or use projection= with "
+                "DirectInfluence, CgInfluence, LissaInfluence, ArnoldiInfluence or "
+                "NystroemSketchInfluence"
+            )
         if blocks != "layer":
             raise InputError(
                 f"EkfacInfluence always uses one block per Linear/Conv2d layer; pass "
@@ -248,34 +258,7 @@ class EkfacInfluence(InfluenceModel):
         """Vectors ``v`` (shaped like ``out``) whose back-propagation gives pseudo-gradients."""
         m = out.shape[0]
         if self.fisher == "ggn":
-            loss = self.loss
-
-            def loss_i(o: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-                return loss(o.unsqueeze(0), t.unsqueeze(0))
-
-            c = out[0].numel()
-            # in float64: for confident predictions the output Hessian (e.g. diag(p) - pp^T)
-            # is a difference of O(1) terms, so its round-off scales with eps, not with its
-            # tiny top eigenvalue; float32 produced spurious "negative" eigenvalues
-            try:
-                H = vmap(hessian(loss_i))(out.detach().to(_F64), y)
-                eps = torch.finfo(_F64).eps
-            except RuntimeError:  # a loss with float32-only buffers
-                H = vmap(hessian(loss_i))(out, y)
-                eps = torch.finfo(out.dtype).eps
-            H = H.reshape(m, c, c).to(_F64)
-            w, U = torch.linalg.eigh(0.5 * (H + H.transpose(1, 2)))
-            top = w.abs().amax(1, keepdim=True).clamp_min(torch.finfo(_F64).tiny)
-            if bool((w < -1e3 * eps * top.clamp_min(1.0)).any()):
-                raise InputError(
-                    "the loss is not convex in the model outputs (its output Hessian has "
-                    "negative eigenvalues), so the Gauss-Newton matrix is not a Fisher; "
-                    "use fisher='empirical'"
-                )
-            w = torch.where(w > max(1e-12, 10 * eps) * top, w, torch.zeros_like(w))
-            L = U * w.sqrt().unsqueeze(1)  # columns of L: H = L L^T
-            return [L[:, :, k].reshape(out.shape).to(out.dtype)
-                    for k in range(c) if bool((w[:, k] > 0).any())]
+            return output_hessian_factors(out, y, self.loss, fix="use fisher='empirical'")
         if self.fisher == "sampled":
             if out.ndim != 2 or y.is_floating_point():
                 raise InputError(

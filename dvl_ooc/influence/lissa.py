@@ -131,7 +131,8 @@ class LissaInfluence(InfluenceModel):
     """Influence by the LiSSA (stochastic Neumann series) approximation of (H + lambda I)^{-1}.
 
     Args:
-        model, loss, regularization, blocks, layers, hessian, micro_batch_size: see
+        model, loss, regularization, blocks, layers, hessian, micro_batch_size, projection:
+            see
             :class:`~dvl_ooc.influence.base.InfluenceModel` (``hessian="gauss-newton"`` by
             default); ``regularization`` must be > 0.
         max_iter: number of recursion steps (the iteration budget). Deprecated name:
@@ -175,12 +176,14 @@ class LissaInfluence(InfluenceModel):
         rtol: float | None = 1e-6,
         atol: float = 0.0,
         raise_on_nonconvergence: bool = False,
+        projection: Any = None,
         **deprecated: Any,
     ) -> None:
         max_iter = renamed_arguments(LissaInfluence.__init__, deprecated, {"depth": "max_iter"},
                                      {"max_iter": max_iter}).get("max_iter", max_iter)
         super().__init__(model, loss, regularization=regularization, blocks=blocks,
-                         hessian=hessian, layers=layers, micro_batch_size=micro_batch_size)
+                         hessian=hessian, layers=layers, micro_batch_size=micro_batch_size,
+                         projection=projection)
         if max_iter < 1:
             raise InputError(f"max_iter must be >= 1, got {max_iter}")
         if scale is not None and not (math.isfinite(scale) and scale > 0):

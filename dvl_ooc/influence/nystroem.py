@@ -48,7 +48,7 @@ class NystroemSketchInfluence(InfluenceModel):
     """Randomised Nystroem low-rank curvature with a Woodbury inverse.
 
     Args:
-        model, loss, regularization, blocks, layers, micro_batch_size: see
+        model, loss, regularization, blocks, layers, micro_batch_size, projection: see
             :class:`~dvl_ooc.influence.base.InfluenceModel`; ``regularization`` must be > 0.
         rank: sketch size per block (an int, or ``block name -> int``); capped at ``p_b``.
         hessian: ``"gauss-newton"`` (default, PSD) or ``"exact"`` (see the module docstring).
@@ -72,9 +72,11 @@ class NystroemSketchInfluence(InfluenceModel):
         seed: int = 0,
         state_dtype: torch.dtype = torch.float64,
         micro_batch_size: int = 64,
+        projection: Any = None,
     ) -> None:
         super().__init__(model, loss, regularization=regularization, blocks=blocks,
-                         hessian=hessian, layers=layers, micro_batch_size=micro_batch_size)
+                         hessian=hessian, layers=layers, micro_batch_size=micro_batch_size,
+                         projection=projection)
         self.ranks = resolve_ranks(rank, self.blocks)
         self.seed = int(seed)
         self.state_dtype = check_dtype(state_dtype)

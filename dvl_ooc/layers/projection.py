@@ -33,6 +33,10 @@ it densely), and temporaries of ``L (k_in + k_out)`` elements (vs ``d_in d_out``
 part costs ``2 p_other dense_dim`` FLOPs and ``p_other`` elements. One forward with hooks and
 one backward of the summed loss to the layer outputs give all blocks (the backward stops at the
 first selected layer; no parameter ``.grad`` is touched).
+:meth:`GradientProjector.project_output_vectors` runs the same machinery with the backward
+seeded by given output-space vectors ``v_i`` (features of ``J_i^T v_i``; one forward and one
+backward per vector), which gives the projected Gauss-Newton matrix
+(:class:`~dvl_ooc.grads.ProjectedGradients`).
 
 Measured (CPU, 2 cores shared with other jobs, float32, best of 5; ``Conv2d(64, 64, 3,
 padding=1)`` on 32x32 maps, batch 32, ``k_in = k_out = 16``, raw rows captured once):
@@ -56,7 +60,7 @@ they are identical in every process, on every worker and in every run, and never
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -108,6 +112,19 @@ def _kind(module: nn.Module) -> LayerKind | None:
         if t in LAYER_KINDS:
             return LAYER_KINDS[t]
     return None
+
+
+def _inner_loss(out: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``mean_i <out_i, v_i>``: as a mean-reduced "loss" its per-sample gradient is
+    ``J_i^T v_i`` (the seed of :meth:`GradientProjector.project_output_vectors`)."""
+    return (out * v).sum() / len(out)
+
+
+def _check_finite(out: torch.Tensor, what: str, check: str) -> None:
+    if not bool(torch.isfinite(out).all()):
+        bad = (~torch.isfinite(out)).reshape(len(out), -1).any(1).nonzero().flatten()
+        raise NonFiniteError(f"non-finite {what} for sample(s) {bad[:10].tolist()}; check "
+                             f"{check}")
 
 
 def _gaussian(seed: int, index: int, which: int, rows: int, cols: int) -> torch.Tensor:
@@ -415,14 +432,78 @@ class GradientProjector:
             out = torch.empty(len(xt), self.feature_dim, dtype=self.dtype, device=xt.device)
             step = self.micro_batch_size
             for s in range(0, len(xt), step):
-                out[s : s + step] = self._project_batch(xt[s : s + step], yt[s : s + step], loss)
-        if not bool(torch.isfinite(out).all()):
-            bad = (~torch.isfinite(out)).any(1).nonzero().flatten()
-            raise NonFiniteError(f"non-finite projected gradient for sample(s) "
-                                 f"{bad[:10].tolist()}; check the inputs, labels and loss")
+                ys = yt[s : s + step]
+                out[s : s + step] = self._project_batch(xt[s : s + step], [(ys, loss)])[0]
+        _check_finite(out, "projected gradient", "the inputs, labels and loss")
         return out
 
-    def _project_batch(self, x: torch.Tensor, y: torch.Tensor, loss: LossFn) -> torch.Tensor:
+    def project_output_vectors(
+        self,
+        x: Any,
+        vectors: torch.Tensor | Sequence[torch.Tensor] | Callable[..., Sequence[torch.Tensor]],
+        y: Any = None,
+    ) -> torch.Tensor:
+        """Projected features of output-space vectors pulled back through the network:
+        ``P J_i^T v_i`` with ``J_i = d model(x_i) / d theta`` (``vectors`` for the samples of
+        ``x``), without forming ``J_i`` or ``J_i^T v_i``.
+
+        This is :meth:`project` with the backward pass seeded by ``v_i`` instead of the loss
+        gradient (the per-sample "loss" ``<out_i, v_i>``): with ``v_i = d l_i / d out_i`` it
+        gives :meth:`project`'s features; with the columns of a factor ``L_i`` of the output
+        Hessian (:func:`~dvl_ooc.grads.functional.output_hessian_factors`) it gives the
+        projected pseudo-gradients whose outer products sum to the projected Gauss-Newton
+        matrix ``P J_i^T H_out,i J_i P^T``.
+
+        ``vectors``: one tensor ``(n, *out_shape)`` (result ``(n, feature_dim)``), a sequence
+        of ``c`` such tensors (result ``(c, n, feature_dim)``), or a callable ``vectors(out,
+        y)`` returning such a sequence, evaluated per micro-batch on the detached outputs of
+        the same forward pass (and the matching rows of ``y``, or ``None``): one forward and
+        ``c`` backward passes per micro-batch. Holds :data:`~dvl_ooc.grads.MODEL_LOCK`."""
+        with MODEL_LOCK:
+            self._check_model()
+            xt = as_tensor(x, dtype=self._model_dtype(), device=self._device())
+            if xt.ndim == 0 or len(xt) == 0:
+                raise InputError("project_output_vectors: x needs a non-empty sample axis")
+            yt = None
+            if y is not None:
+                yt = as_tensor(y, device=self._device())
+                if yt.is_floating_point():
+                    yt = yt.to(self._model_dtype())
+                check_xy(xt, yt)
+            single = isinstance(vectors, torch.Tensor)
+            if not callable(vectors):
+                vs = [vectors] if single else list(vectors)
+                vs = [as_tensor(v, dtype=self._model_dtype(), device=self._device())
+                      for v in vs]
+                for v in vs:
+                    check_xy(xt, v, what="project_output_vectors")
+            step = self.micro_batch_size
+            parts = []
+            for s in range(0, len(xt), step):
+                xb = xt[s : s + step]
+                yb = None if yt is None else yt[s : s + step]
+                if callable(vectors):
+                    def targets(out, yb=yb, fn=vectors):
+                        return [(v, _inner_loss) for v in fn(out, yb)]
+                else:
+                    targets = [(v[s : s + step], _inner_loss) for v in vs]
+                parts.append(self._project_batch(xb, targets))
+            c = {len(p) for p in parts}
+            if len(c) != 1:
+                raise InputError(f"project_output_vectors: the callable returned different "
+                                 f"numbers of vectors per micro-batch {sorted(c)}; use one "
+                                 "micro-batch or a fixed number")
+            rows = [torch.cat([p[j] for p in parts]) for j in range(c.pop())]
+            out = torch.stack(rows).to(self.dtype) if rows else \
+                torch.zeros(0, len(xt), self.feature_dim, dtype=self.dtype, device=xt.device)
+        _check_finite(out.transpose(0, 1), "projected output-vector feature",
+                      "the inputs and vectors")
+        return out[0] if single else out
+
+    def _project_batch(self, x: torch.Tensor, targets: Any) -> list[torch.Tensor]:
+        """Features of one micro-batch for each ``(y_j, loss_j)`` of ``targets`` (a list, or
+        a callable of the detached outputs returning one): one forward pass with hooks, then
+        one backward of ``loss_j(out, y_j) * n`` per target to the captured layer outputs."""
         n = len(x)
         named = dict(self.model.named_modules())
         other = set(self.other_names)
@@ -447,13 +528,19 @@ class GradientProjector:
             return hook
 
         handles = [m.register_forward_hook(make_hook(k)) for k, m in hooked.items()]
+        out = None
         try:
             if hooked:  # else only torch.func parameters: no pass of our own
                 with torch.enable_grad():
-                    total = loss(self.model(x), y) * n
+                    out = self.model(x)
         finally:
             for h in handles:
                 h.remove()
+        if callable(targets):
+            if out is None:
+                with torch.no_grad():
+                    out = self.model(x)
+            targets = targets(out.detach())
         shared = {k: c for k, c in calls.items() if c > 1}
         if shared:
             k, c = next(iter(shared.items()))
@@ -462,22 +549,31 @@ class GradientProjector:
                 "per-sample gradient is not a sum over one call's positions, so it cannot be "
                 "projected from captured rows; leave it out with layers=[...]")
         names = [k for k, (_, o) in rec.items() if o.requires_grad]
-        grads = dict(zip(names, torch.autograd.grad(total, [rec[k][1] for k in names],
-                                                    allow_unused=True))) if names else {}
         dtype = self._model_dtype()
-        feats = []
-        for b in self.blocks:
-            if b.kind == "dense":
-                feats.append(self._dense(b, x, y, loss, rec, grads, bn_params, generic))
-                continue
-            g = grads.get(b.name)
-            if g is None:  # layer not reached by this loss
-                feats.append(torch.zeros(n, b.stop - b.start, dtype=dtype, device=x.device))
-                continue
-            mod = named[b.name]
-            P_in, P_out = self.matrices(b, g.device, g.dtype)
-            feats.append(_kind(mod).project(mod, rec[b.name][0], g, P_in, P_out).reshape(n, -1))
-        return torch.cat(feats, dim=1)
+        result = []
+        for j, (y, loss) in enumerate(targets):
+            grads: dict[str, Any] = {}
+            if names:
+                total = loss(out, y) * n
+                grads = dict(zip(names, torch.autograd.grad(
+                    total, [rec[k][1] for k in names], allow_unused=True,
+                    retain_graph=j + 1 < len(targets))))
+            feats = []
+            for b in self.blocks:
+                if b.kind == "dense":
+                    feats.append(self._dense(b, x, y, loss, rec, grads, bn_params, generic))
+                    continue
+                g = grads.get(b.name)
+                if g is None:  # layer not reached by this loss
+                    feats.append(torch.zeros(n, b.stop - b.start, dtype=dtype,
+                                             device=x.device))
+                    continue
+                mod = named[b.name]
+                P_in, P_out = self.matrices(b, g.device, g.dtype)
+                feats.append(_kind(mod).project(mod, rec[b.name][0], g, P_in, P_out)
+                             .reshape(n, -1))
+            result.append(torch.cat(feats, dim=1))
+        return result
 
     def _dense(self, b: ProjectionBlock, x: torch.Tensor, y: torch.Tensor, loss: LossFn,
                rec: dict, grads: dict, bn_params: dict[str, str],
