@@ -14,7 +14,7 @@ from .influence.lissa import LissaInfluence
 from .influence.nystroem import NystroemSketchInfluence
 from .influence.tracin import TracInCP
 from .inrun import InRunShapley
-from .layers import LayerCapture
+from .layers import GradientProjector, LayerCapture
 from .query import query_mean, query_quantiles, query_self_influence, query_topk
 from .store import InfluenceStore
 
@@ -29,6 +29,7 @@ __all__ = [
     "DirectInfluence",
     "DvlOocError",
     "EkfacInfluence",
+    "GradientProjector",
     "InfluenceModel",
     "InfluenceStore",
     "LayerCapture",
