@@ -9,8 +9,10 @@ and ``cell_images/Uninfected``)::
 
 Classes are the sub-folder names in sorted order; label ``i`` is the ``i``-th class. Files are
 sorted within a class, so sample order (and therefore store indices) is reproducible. Images are
-decoded lazily with Pillow, optionally converted to grayscale and resized, and returned as float
-tensors ``(C, H, W)`` in ``[0, 1]``.
+decoded lazily with Pillow, converted to RGB (any mode: palette, grayscale, RGBA, 16-bit) or to
+grayscale, optionally resized, and returned as float tensors ``(C, H, W)`` in ``[0, 1]``, or
+normalised per channel, ``(x - mean) / std``, when ``mean`` and ``std`` are given. Workers that
+receive an ``ImageFolder`` read the files themselves: it pickles as its list of paths.
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ class ImageFolder(Dataset):
         classes: use only these sub-folders, in this order (default: all, sorted).
         extensions: file name endings counted as images (case-insensitive).
         dtype: floating dtype of the returned images.
+        mean, std: per-channel normalisation ``(x - mean) / std`` applied after the resize
+            (one value per channel, or one for all); ``None``: values in ``[0, 1]``.
     """
 
     def __init__(
@@ -61,6 +65,8 @@ class ImageFolder(Dataset):
         classes: Sequence[str] | None = None,
         extensions: Sequence[str] = IMAGE_EXTENSIONS,
         dtype: torch.dtype = torch.float32,
+        mean: float | Sequence[float] | None = None,
+        std: float | Sequence[float] | None = None,
     ) -> None:
         self.root = Path(root)
         if not self.root.is_dir():
@@ -95,6 +101,7 @@ class ImageFolder(Dataset):
                 raise InputError(f"size must be positive, got {size}")
         self.size = size
         self.grayscale = grayscale
+        self.mean, self.std = _normalisation(mean, std, 1 if grayscale else 3)
         self.dtype = dtype
         self.targets = np.array([lab for _, lab in self.samples], dtype=np.int64)
 
@@ -113,7 +120,15 @@ class ImageFolder(Dataset):
                 a = np.asarray(im, dtype=np.float32) / 255.0
         except (OSError, ValueError) as e:
             raise InputError(f"cannot read image {str(path)!r}: {e}") from e
-        return a[None] if a.ndim == 2 else np.moveaxis(a, -1, 0)
+        a = a[None] if a.ndim == 2 else np.moveaxis(a, -1, 0)
+        if self.mean is not None:
+            a = (a - self.mean) / self.std
+        return a
+
+    @property
+    def paths(self) -> list[str]:
+        """The image files relative to :attr:`root` (``class/file``), in sample order."""
+        return [p.relative_to(self.root).as_posix() for p, _ in self.samples]
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return (torch.from_numpy(self.load(int(i))).to(self.dtype),
@@ -135,6 +150,28 @@ class ImageFolder(Dataset):
     def __repr__(self) -> str:
         return (f"ImageFolder({str(self.root)!r}, {len(self)} images, classes={self.classes}, "
                 f"size={self.size}, grayscale={self.grayscale})")
+
+
+def _normalisation(mean: Any, std: Any, channels: int
+                   ) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """``(mean, std)`` as ``(C, 1, 1)`` float32 arrays, or ``(None, None)``."""
+    if mean is None and std is None:
+        return None, None
+    if mean is None or std is None:
+        raise InputError("pass both mean and std for per-channel normalisation, or neither")
+    out = []
+    for name, v in (("mean", mean), ("std", std)):
+        a = np.asarray(v, dtype=np.float64).reshape(-1)
+        if a.size == 1:
+            a = np.repeat(a, channels)
+        if a.size != channels:
+            raise InputError(f"{name} needs {channels} value(s) (one per channel), got {a.size}")
+        if not np.isfinite(a).all():
+            raise InputError(f"{name} must be finite, got {a.tolist()}")
+        out.append(a.astype(np.float32).reshape(channels, 1, 1))
+    if (out[1] <= 0).any():
+        raise InputError(f"std must be > 0 in every channel, got {out[1].ravel().tolist()}")
+    return out[0], out[1]
 
 
 def load_image_folder(

@@ -107,3 +107,34 @@ def test_example_workflow_script(tmp_path):
     found, total = (int(v) for v in line.split(":")[1].split(" of "))
     assert total > 0 and found >= 0.4 * total, line
     assert (tmp_path / "o" / "influences.zarr" / "queries" / "q25_same_label").is_dir()
+
+
+def test_per_channel_normalisation_paths_and_mixed_modes(folder, tmp_path):
+    root, pixels = folder
+    plain = ImageFolder(root, size=8)
+    mean, std = [0.1, 0.2, 0.3], [0.5, 0.25, 2.0]
+    norm = ImageFolder(root, size=8, mean=mean, std=std)
+    x0, _ = plain.to_numpy()
+    x1, _ = norm.to_numpy()
+    m, sd = (np.array(v, np.float32)[:, None, None] for v in (mean, std))
+    want = (x0 - m) / sd
+    assert np.allclose(x1, want, rtol=1e-6, atol=1e-6)
+    gray = ImageFolder(root, grayscale=True, mean=0.5, std=0.5).to_numpy()[0]
+    assert np.allclose(gray, ImageFolder(root, grayscale=True).to_numpy()[0] * 2 - 1, atol=1e-6)
+    assert norm.paths[0] == "a_one/img00.png" and len(norm.paths) == len(norm)
+    for kw, msg in [(dict(mean=[0.5, 0.5]), "both"), (dict(mean=[0.5, 0.5], std=1.0), "3 value"),
+                    (dict(mean=0.5, std=[1.0, 0.0, 1.0]), "std must be > 0")]:
+        with pytest.raises(InputError, match=msg):
+            ImageFolder(root, **kw)
+    # mixed modes in one folder (grey, palette, RGBA, RGB) all come out as RGB of one size
+    mixed = tmp_path / "mixed"
+    (mixed / "a").mkdir(parents=True)
+    (mixed / "b").mkdir()
+    base = np.arange(12 * 10 * 3, dtype=np.uint8).reshape(12, 10, 3)
+    Image.fromarray(base).save(mixed / "a" / "rgb.png")
+    Image.fromarray(base).convert("L").save(mixed / "a" / "grey.png")
+    Image.fromarray(base).convert("P").save(mixed / "b" / "palette.png")
+    Image.fromarray(base).convert("RGBA").save(mixed / "b" / "rgba.png")
+    x, y = ImageFolder(mixed, size=(6, 5)).to_numpy()
+    assert x.shape == (4, 3, 6, 5) and y.tolist() == [0, 0, 1, 1]
+    assert np.isfinite(x).all() and (x >= 0).all() and (x <= 1).all()
