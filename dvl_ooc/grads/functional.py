@@ -259,7 +259,46 @@ def output_hessian_factors(
             for k in range(c) if bool((w[:, k] > 0).any())]
 
 
-class ModelGradients:
+class BatchSource:
+    """Validated micro-batches of a data source on the model's device and input dtype, and the
+    mean loss over a data source: shared by :class:`ModelGradients` and the projected
+    gradients. Needs ``model``, ``loss``, ``micro_batch_size``, ``device`` and
+    :meth:`_input_dtype`."""
+
+    model: nn.Module
+    loss: LossFn
+    micro_batch_size: int
+
+    def _input_dtype(self) -> torch.dtype:
+        raise NotImplementedError
+
+    def _prepare(self, x: Any, y: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        dtype = self._input_dtype()
+        xt = as_tensor(x, dtype=dtype, device=self.device)  # type: ignore[attr-defined]
+        yt = as_tensor(y, device=self.device)  # type: ignore[attr-defined]
+        if yt.is_floating_point():
+            yt = yt.to(dtype)
+        check_xy(xt, yt)
+        return xt, yt
+
+    def batches(self, data: DataLike) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Validated micro-batches of a data source, on the model's device and dtype."""
+        for xb, yb in iter_batches(data, self.micro_batch_size):
+            xb, yb = self._prepare(xb, yb)
+            yield from split_micro_batches(xb, yb, self.micro_batch_size)
+
+    @_locked
+    def mean_loss(self, data: DataLike) -> float:
+        """Mean loss over a data source (every sample weighted equally)."""
+        total, n = 0.0, 0
+        with torch.no_grad():
+            for xb, yb in self.batches(data):
+                total += float(self.loss(self.model(xb), yb)) * len(xb)
+                n += len(xb)
+        return total / n
+
+
+class ModelGradients(BatchSource):
     """Functional gradients of a model's loss, organised by parameter blocks.
 
     Args:
@@ -330,6 +369,9 @@ class ModelGradients:
         c.update({n: b for n, b in self.model.named_buffers()})
         return c
 
+    def _input_dtype(self) -> torch.dtype:
+        return self.dtype
+
     @staticmethod
     def flatten(
         tensors: Mapping[str, torch.Tensor], names: Sequence[str], lead: int
@@ -346,20 +388,6 @@ class ModelGradients:
         for n, s, part in zip(block.names, block.shapes, vec.split(block.sizes, dim=-1)):
             out[n] = part.reshape(*lead, *s)
         return out
-
-    def _prepare(self, x: Any, y: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        xt = as_tensor(x, dtype=self.dtype, device=self.device)
-        yt = as_tensor(y, device=self.device)
-        if yt.is_floating_point():
-            yt = yt.to(self.dtype)
-        check_xy(xt, yt)
-        return xt, yt
-
-    def batches(self, data: DataLike) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Validated micro-batches of a data source, on the model's device and dtype."""
-        for xb, yb in iter_batches(data, self.micro_batch_size):
-            xb, yb = self._prepare(xb, yb)
-            yield from split_micro_batches(xb, yb, self.micro_batch_size)
 
     # ------------------------------------------------------------------ gradients
     def _sample_loss(self, params: dict, consts: dict, x: torch.Tensor, y: torch.Tensor):
@@ -393,16 +421,6 @@ class ModelGradients:
                 )
             out[s : s + len(xb)] = g
         return out
-
-    @_locked
-    def mean_loss(self, data: DataLike) -> float:
-        """Mean loss over a data source (every sample weighted equally)."""
-        total, n = 0.0, 0
-        with torch.no_grad():
-            for xb, yb in self.batches(data):
-                total += float(self.loss(self.model(xb), yb)) * len(xb)
-                n += len(xb)
-        return total / n
 
     # ------------------------------------------------------------------ curvature
     def _hvp_fn(self, block: ParamBlock, mode: HessianMode):

@@ -56,10 +56,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..data import DataLike, as_tensor, check_xy, iter_batches, split_micro_batches
+from ..data import DataLike
 from ..exceptions import InputError, NonFiniteError
 from .functional import (
     MODEL_LOCK,
+    BatchSource,
     HessianMode,
     LossFn,
     ParamBlock,
@@ -80,7 +81,7 @@ def _check_mode(mode: str) -> None:
         raise InputError(f"hessian must be 'gauss-newton' with a projection, got {mode!r}")
 
 
-class ProjectedGradients:
+class ProjectedGradients(BatchSource):
     """Per-sample features and projected Gauss-Newton curvature of a model's loss, in the
     ``k``-dimensional space of a :class:`~dvl_ooc.layers.GradientProjector` (see the module
     docstring for the algorithm and costs). Drop-in for :class:`~dvl_ooc.grads.ModelGradients`
@@ -174,29 +175,8 @@ class ProjectedGradients:
                f"{self.projector!r})"
 
     # ------------------------------------------------------------------ data
-    def _prepare(self, x: Any, y: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        dtype = self._model_dtype()
-        xt = as_tensor(x, dtype=dtype, device=self.device)
-        yt = as_tensor(y, device=self.device)
-        if yt.is_floating_point():
-            yt = yt.to(dtype)
-        check_xy(xt, yt)
-        return xt, yt
-
-    def batches(self, data: DataLike) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Validated micro-batches of a data source, on the model's device and dtype."""
-        for xb, yb in iter_batches(data, self.micro_batch_size):
-            xb, yb = self._prepare(xb, yb)
-            yield from split_micro_batches(xb, yb, self.micro_batch_size)
-
-    def mean_loss(self, data: DataLike) -> float:
-        """Mean loss over a data source (every sample weighted equally)."""
-        total, n = 0.0, 0
-        with MODEL_LOCK, torch.no_grad():
-            for xb, yb in self.batches(data):
-                total += float(self.loss(self.model(xb), yb)) * len(xb)
-                n += len(xb)
-        return total / n
+    def _input_dtype(self) -> torch.dtype:
+        return self._model_dtype()
 
     # ------------------------------------------------------------------ features
     def _block_index(self, block: ParamBlock) -> int:
