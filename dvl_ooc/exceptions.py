@@ -88,3 +88,7 @@ class MainGuardError(DvlOocError, RuntimeError):
 
 class UsageError(InputError):
     """Invalid command-line usage of ``dvl-ooc`` (the command exits with status 2)."""
+
+
+class MemoryBudgetError(InputError, MemoryError):
+    """A computation would need more memory than is available (estimated before allocating)."""

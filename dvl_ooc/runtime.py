@@ -22,7 +22,7 @@ from typing import Any
 
 from .exceptions import InputError, MainGuardError
 
-__all__ = ["check_main_guard", "local_cluster", "progress"]
+__all__ = ["available_memory", "check_main_guard", "format_bytes", "local_cluster", "progress"]
 
 
 def _is_main_test(node: ast.expr) -> bool:
@@ -128,3 +128,19 @@ def progress(enabled: bool, *, total: int | None = None, unit: str = "it",
     from tqdm.auto import tqdm
 
     return tqdm(total=total, disable=not enabled, unit=unit, desc=desc)
+
+
+def available_memory() -> int:
+    """Bytes of memory this process can still allocate (``psutil``'s available memory)."""
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def format_bytes(n: float) -> str:
+    """``n`` bytes in B/KiB/MiB/GiB/TiB."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"  # pragma: no cover

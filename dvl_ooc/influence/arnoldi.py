@@ -178,18 +178,30 @@ class ArnoldiInfluence(InfluenceModel):
                 "atol": self.atol, "max_iter": self.max_iter, "seed": self.seed}
 
     # ------------------------------------------------------------------ fit
+    def _krylov_dims(self, block: ParamBlock) -> tuple[int, int, int]:
+        """``(rank, vectors per data pass, largest Krylov basis)`` of a block."""
+        p = block.numel
+        k = min(self.ranks[block.name], p)
+        if self.solver == "block":
+            bs = min(self.block_size or k + 10, p)
+            return k, bs, max(self.krylov_dimension or 2 * bs + k, k + bs)
+        return k, 1, max(self.krylov_dimension or max(2 * k + 1, 20), k + 1)
+
+    def _fit_bytes(self, block: ParamBlock) -> int:
+        """Dense path: as Direct; Lanczos: the float64 basis, its image and a restart copy."""
+        p = block.numel
+        k, _, ncv = self._krylov_dims(block)
+        if k >= p or ncv >= p:
+            return 3 * 8 * p * p
+        return 3 * 8 * p * ncv
+
     def _fit_block(
         self, index: int, block: ParamBlock, data: DataLike, reg: float
     ) -> dict[str, torch.Tensor]:
         """Eigenpairs of block ``index``; per block ``info["fit"]`` gets method ("dense",
         "block-lanczos" or "arpack"), rank, data passes and curvature products."""
         p = block.numel
-        k = min(self.ranks[block.name], p)
-        if self.solver == "block":
-            bs = min(self.block_size or k + 10, p)
-            ncv = max(self.krylov_dimension or 2 * bs + k, k + bs)
-        else:
-            ncv = max(self.krylov_dimension or max(2 * k + 1, 20), k + 1)
+        k, bs, ncv = self._krylov_dims(block)
         if k >= p or ncv >= p:
             H = self.grads.hessian(data, block, self.hessian_mode)
             w, V = torch.linalg.eigh(H)

@@ -42,7 +42,13 @@ import torch
 from torch import nn
 
 from ..data import DataLike, num_samples
-from ..exceptions import InputError, NonFiniteError, NotFittedError, RegularizationError
+from ..exceptions import (
+    InputError,
+    MemoryBudgetError,
+    NonFiniteError,
+    NotFittedError,
+    RegularizationError,
+)
 from ..grads import HessianMode, LossFn, ModelGradients, ParamBlock, ProjectedGradients
 from ..layers.projection import GradientProjector
 
@@ -132,6 +138,8 @@ class InfluenceModel:
     #: methods that never look at the whole fit data during ``fit`` (e.g. CG, LiSSA) set this
     #: to True so that ``fit`` checks it (shapes, finite inputs and mean loss) in one pass
     validates_fit_data: ClassVar[bool] = False
+    #: bytes a fit may use; ``None``: the memory available when ``fit`` starts
+    memory_budget: int | None = None
 
     def __init__(
         self,
@@ -262,6 +270,7 @@ class InfluenceModel:
         Subclasses do not override this: they implement ``_fit_block`` (or ``_fit_blocks``).
         """
         n = num_samples(data)
+        self._check_fit_memory()
         if self.validates_fit_data:
             validate_fit_data(self.grads, data)
         self.info["fit"] = []
@@ -270,6 +279,32 @@ class InfluenceModel:
         self._state = state
         self._fit_data = data if self.needs_data_to_precondition else None
         return self
+
+    def _fit_bytes(self, block: ParamBlock) -> int:
+        """Estimated peak working memory (bytes) of fitting one block; 0 when it is small by
+        construction. Methods with ``p_b^2`` or ``p_b k`` work arrays override it."""
+        return 0
+
+    def _check_fit_memory(self) -> None:
+        """Refuse, before any data pass, a fit whose estimated working memory exceeds the
+        memory available (:attr:`memory_budget` bytes when set)."""
+        from ..runtime import available_memory, format_bytes
+
+        need = {b.name: self._fit_bytes(b) for b in self.blocks}
+        name = max(need, key=need.get)
+        if need[name] == 0:
+            return
+        budget = self.memory_budget if self.memory_budget is not None else available_memory()
+        if need[name] > budget:
+            p = next(b.numel for b in self.blocks if b.name == name)
+            raise MemoryBudgetError(
+                f"{type(self).__name__}.fit would need about {format_bytes(need[name])} for "
+                f"block {name!r} ({p} parameters), more than the {format_bytes(budget)} "
+                "available. Ways out: projection=dict(k_in=16, k_out=16) (features of "
+                "dimension k instead of p), layers=[...] (attribute through fewer layers), "
+                "blocks='layer' (one curvature block per layer), or a low-rank method "
+                "(ArnoldiInfluence, NystroemSketchInfluence, EkfacInfluence) with a smaller rank"
+            )
 
     def _fit_blocks(self, data: DataLike) -> list[dict[str, torch.Tensor]]:
         """The fitted state of every block (default: ``_fit_block`` block by block)."""

@@ -38,6 +38,10 @@ class DirectInfluence(InfluenceModel):
 
     _state_keys = ("eigenvalues", "eigenvectors")
 
+    def _fit_bytes(self, block: ParamBlock) -> int:
+        """The float64 ``p_b x p_b`` matrix, its eigenvectors and ``eigh``'s workspace."""
+        return 3 * 8 * block.numel**2
+
     def _fit_block(
         self, index: int, block: ParamBlock, data: DataLike, reg: float
     ) -> dict[str, torch.Tensor]:

@@ -84,6 +84,12 @@ class NystroemSketchInfluence(InfluenceModel):
     def _extra_config(self) -> dict[str, Any]:
         return {"rank": dict(self.ranks), "seed": self.seed}
 
+    def _fit_bytes(self, block: ParamBlock) -> int:
+        """The float64 test matrix, its image, the shifted image and the SVD factor
+        (``p_b x k`` each)."""
+        p = block.numel
+        return 4 * 8 * p * min(self.ranks[block.name], p)
+
     def _fit_block(
         self, index: int, block: ParamBlock, data: DataLike, reg: float
     ) -> dict[str, torch.Tensor]:
