@@ -44,7 +44,6 @@ import warnings
 from typing import Any
 
 import numpy as np
-import torch
 
 from ..exceptions import InputError, NotFittedError
 from ..influence.base import InfluenceModel
@@ -119,16 +118,13 @@ class _Base:
             )
 
     def _feature_dim(self) -> tuple[int, np.dtype]:
-        """Feature dimension k and dtype, from train_features of one zero gradient (cheap)."""
+        """Test feature dimension k and dtype (:meth:`InfluenceModel.feature_dims`)."""
         m = self.model
-        p = m.grads.num_params
+        dt = np.dtype(str(m.grads.dtype).removeprefix("torch."))
         try:
-            z = torch.zeros(1, p, dtype=m.grads.dtype, device=m.grads.device)
-            with torch.no_grad():
-                f = m.train_features(z)
-            return int(f.shape[1]), np.dtype(str(f.dtype).removeprefix("torch."))
+            return m.feature_dims()[0], dt
         except NotFittedError:
-            return p, np.dtype(str(m.grads.dtype).removeprefix("torch."))
+            return m.grads.num_params, dt
 
     # -------------------------------------------------------------- plan
     def _groups(self, n_test: int, test_chunk: int) -> list[list[int]]:

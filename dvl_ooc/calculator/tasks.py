@@ -123,7 +123,7 @@ def _column_tiles(m: InfluenceModel, xy: tuple[Any, Any], feats: Sequence[Any],
     R = m.train_features(g).detach()
     s = None
     if self_inf:
-        s = (m.test_features(g).detach() * R).sum(1).cpu().numpy().astype(dtype)
+        s = m.paired(m.test_features(g).detach(), R).cpu().numpy().astype(dtype)
     del g
     st.t_features += time.perf_counter() - t0
     yield -1, s
@@ -131,7 +131,7 @@ def _column_tiles(m: InfluenceModel, xy: tuple[Any, Any], feats: Sequence[Any],
         t0 = time.perf_counter()
         T = as_tensor(T, device=R.device)
         with torch.no_grad():
-            tile = (T.to(R.dtype) @ R.T).cpu().numpy().astype(dtype, copy=False)
+            tile = m.tile(T, R).cpu().numpy().astype(dtype, copy=False)
         st.t_matmul += time.perf_counter() - t0
         yield k, tile
 

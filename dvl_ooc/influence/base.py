@@ -380,6 +380,25 @@ class InfluenceModel:
         self._check_fitted()
         return g
 
+    def feature_dims(self) -> tuple[int, int]:
+        """``(k_test, k_train)``: widths of :meth:`test_features` and :meth:`train_features`
+        rows (equal unless a method stores test features in a compressed form), from one zero
+        gradient pushed through :meth:`train_features` (cheap)."""
+        p = self.grads.num_params
+        z = torch.zeros(1, p, dtype=self.grads.dtype, device=self.grads.device)
+        with torch.no_grad():
+            k = int(self.train_features(z).shape[1])
+        return k, k
+
+    def tile(self, test_features: torch.Tensor, train_features: torch.Tensor) -> torch.Tensor:
+        """Influences ``(n_test, n_train)`` from feature rows: ``T @ R.T`` (methods with
+        structured features override it together with :meth:`paired`)."""
+        return test_features.to(train_features.dtype) @ train_features.T
+
+    def paired(self, test_features: torch.Tensor, train_features: torch.Tensor) -> torch.Tensor:
+        """Row-wise influences ``(n,)`` of matching rows: the diagonal of :meth:`tile`."""
+        return (test_features.to(train_features.dtype) * train_features).sum(1)
+
     def influence_factors(self, x: Any, y: Any) -> torch.Tensor:
         """``(H + lambda I)^{-1} grad l(z)`` per sample, shape ``(n, p)``."""
         self._check_fitted()
