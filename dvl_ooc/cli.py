@@ -1,6 +1,8 @@
 """The ``dvl-ooc`` command line.
 
     dvl-ooc demo [--out DIR] [--quick] [--seed N] [--workers N]
+    dvl-ooc images ROOT --out DIR [--method M] [--k K] [--width W] [--epochs E] [--workers N]
+                   [--cluster local|cuda|ADDRESS] [--checkpoint FILE] [--flip-train F] ...
     dvl-ooc info STORE [--json]
     dvl-ooc query STORE quantile [--q 0.25 ...] [--same-label] [--method M] [--desc]
     dvl-ooc query STORE topk [--k K] [--test I ...]
@@ -144,6 +146,79 @@ def _cmd_demo(args: argparse.Namespace) -> None:
         except ImportError as e:
             raise InputError(f"the demo needs {mod}: pip install 'dvl-ooc[examples]'") from e
     run_demo(args.out, quick=args.quick, seed=args.seed, n_workers=args.workers)
+
+
+def _floats(v: str) -> list[float]:
+    try:
+        return [float(t) for t in v.replace(",", " ").split()]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas: {v!r}") from e
+
+
+@command("images", help="suspicious training images of a class-per-subfolder image folder "
+         "(train a ResNet or load one, fit, influence matrix, scores, report)", arguments=[
+    option("root", help="image folder: ROOT/<class>/<image> (>= 2 classes)"),
+    option("--out", required=True, help="output folder (resumed when it exists)"),
+    option("--size", type=int, default=64, help="input size in pixels (default: 64)"),
+    option("--test-fraction", type=float, default=0.2, help="test split (default: 0.2)"),
+    option("--flip-train", type=float, default=0.0,
+           help="flip this fraction of training labels on purpose, to measure detection "
+                "(default: 0)"),
+    option("--seed", type=int, default=0, help="random seed (default: 0)"),
+    option("--width", type=int, default=16,
+           help="ResNet18 width: 16 ~ 0.7 M, 20 ~ 1.1 M, 64 ~ 11 M parameters (default: 16)"),
+    option("--stem", choices=["imagenet", "cifar"], default="imagenet",
+           help="ResNet18 stem (default: imagenet, 4x cheaper at 64 px)"),
+    option("--epochs", type=int, default=8, help="training epochs (default: 8)"),
+    option("--lr", type=float, default=2e-3, help="peak learning rate (default: 2e-3)"),
+    option("--batch-size", type=int, default=64, help="training batch size (default: 64)"),
+    option("--checkpoint", help="use this model instead of training: a state dict of the "
+           "ResNet18 (same --width/--stem) or a torch.save'd nn.Module taking [0, 1] inputs"),
+    option("--mean", type=_floats, help="per-channel input mean for --checkpoint, e.g. "
+           "0.485,0.456,0.406"),
+    option("--std", type=_floats, help="per-channel input std for --checkpoint"),
+    option("--method", choices=["direct", "arnoldi", "nystroem", "ekfac"], default="direct",
+           help="influence method (default: direct on projected gradients)"),
+    option("--k", type=int, default=16,
+           help="projection size per layer side: k x k features per layer (default: 16)"),
+    option("--dense-dim", type=int, default=64,
+           help="projected size of the other parameters, e.g. BatchNorm (default: 64)"),
+    option("--rank", type=int, default=64,
+           help="rank of arnoldi/nystroem, test-factor rank of ekfac (default: 64)"),
+    option("--damping", type=float, default=1e-3,
+           help="lambda relative to the largest curvature eigenvalue (default: 1e-3)"),
+    option("--layers", nargs="+", help="attribute through these modules only (e.g. layer4 fc)"),
+    option("--fit-samples", type=int, help="fit the curvature on this many training images "
+           "(default: all)"),
+    option("--workers", type=int, default=2, help="Dask worker processes (default: 2)"),
+    option("--cluster", default="local",
+           help="local (default), cuda (one GPU per worker) or a scheduler address"),
+    option("--train-chunk", type=int, default=512, help="train images per tile (default: 512)"),
+    option("--test-chunk", type=int, default=2048, help="test images per tile (default: 2048)"),
+    option("--restart", action="store_true", help="recompute everything in --out"),
+    option("--no-progress", action="store_true", help="no progress bars"),
+    option("--no-pictures", action="store_true", help="skip the pictures"),
+])
+def _cmd_images(args: argparse.Namespace) -> None:
+    from .recipes import ImagesJob, run_images
+
+    try:
+        __import__("matplotlib")
+    except ImportError as e:
+        if not args.no_pictures:
+            raise InputError("the pictures need matplotlib: pip install 'dvl-ooc[examples]' "
+                             "or pass --no-pictures") from e
+    job = ImagesJob(
+        root=args.root, out=args.out, size=args.size, test_fraction=args.test_fraction,
+        flip_train=args.flip_train, seed=args.seed, width=args.width, stem=args.stem,
+        epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, checkpoint=args.checkpoint,
+        mean=args.mean, std=args.std, method=args.method, k=args.k, dense_dim=args.dense_dim,
+        rank=args.rank, damping=args.damping, layers=args.layers, fit_samples=args.fit_samples,
+        workers=args.workers, cluster=args.cluster, test_chunk=args.test_chunk,
+        train_chunk=args.train_chunk, progress=not args.no_progress, restart=args.restart,
+        pictures=not args.no_pictures,
+    )
+    run_images(job)
 
 
 @command("info", help="shape, chunks, parameters and completeness of a store", arguments=[

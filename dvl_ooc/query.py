@@ -149,6 +149,8 @@ def _train_coords(src: InfluenceStore) -> dict[str, Any]:
     c: dict[str, Any] = {"train": np.asarray(src.train_index)}
     if src.train_labels is not None:
         c["train_label"] = ("train", np.asarray(src.train_labels))
+    if src.train_names is not None:
+        c["train_name"] = ("train", src.train_names)
     return c
 
 
@@ -156,6 +158,8 @@ def _test_coords(src: InfluenceStore) -> dict[str, Any]:
     c: dict[str, Any] = {"test": np.asarray(src.test_index)}
     if src.test_labels is not None:
         c["test_label"] = ("test", np.asarray(src.test_labels))
+    if src.test_names is not None:
+        c["test_name"] = ("test", src.test_names)
     return c
 
 

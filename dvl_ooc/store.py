@@ -120,6 +120,17 @@ def _check_writable(path: Path) -> None:
         ) from e
 
 
+def _name_array(names: Any, n: int, what: str) -> np.ndarray | None:
+    """``names`` as ``n`` strings (or None)."""
+    if names is None:
+        return None
+    a = np.asarray([str(v) for v in names], dtype=str) if not isinstance(names, np.ndarray) \
+        else names.astype(str)
+    if a.shape != (n,):
+        raise StoreError(f"{what} must be {n} strings (one per sample), got shape {a.shape}")
+    return a
+
+
 def _label_array(labels: Any, n: int) -> np.ndarray | None:
     if labels is None:
         return None
@@ -190,6 +201,8 @@ class InfluenceStore:
         train_index: Any = None,
         test_labels: Any = None,
         train_labels: Any = None,
+        test_names: Any = None,
+        train_names: Any = None,
         self_influence: bool = False,
         compressor: Any = None,
         mode: str = "a",
@@ -203,7 +216,8 @@ class InfluenceStore:
         ``StoreExistsError`` when a Zarr store exists at ``path``. ``"w"``: replace it.
         ``StoreError`` for a non-writable path or a non-empty directory that is not a Zarr store
         (never touched, in any mode). ``overwrite=True`` is the deprecated spelling of
-        ``mode="w"``.
+        ``mode="w"``. ``test_names`` / ``train_names``: optional strings naming the samples
+        (e.g. image file paths), stored as the coordinates ``test_name`` / ``train_name``.
         """
         from . import __version__
 
@@ -224,6 +238,8 @@ class InfluenceStore:
                              ("train_index", train_index, n_train)):
             if idx.shape != (n,) or idx.dtype.kind not in "iu":
                 raise StoreError(f"{name} must be {n} integers, got shape {idx.shape} {idx.dtype}")
+        names = {"test_name": _name_array(test_names, n_test, "test_names"),
+                 "train_name": _name_array(train_names, n_train, "train_names")}
         meta = _jsonable({
             "format": FORMAT,
             "kind": "influence",
@@ -263,6 +279,11 @@ class InfluenceStore:
                     diff.append("test_index")
                 if not np.array_equal(old.train_index, train_index):
                     diff.append("train_index")
+                for key, values in names.items():
+                    stored = old._read1d(key)
+                    if values is not None and stored is not None and not np.array_equal(
+                            stored.astype(str), values):
+                        diff.append(key)
                 if diff:
                     detail = "; ".join(
                         f"{k}: stored {old.attrs.get(k)!r} != requested {meta.get(k)!r}"
@@ -292,9 +313,9 @@ class InfluenceStore:
                 ARRAY, shape=(n_test, n_train), chunks=(test_chunk, train_chunk), dtype=dtype,
                 fill_value=np.nan, dimension_names=["test", "train"], compressors=codecs,
                 attributes={"coordinates": " ".join(
-                    n for n, lab in (("test_label", _label_array(test_labels, n_test)),
-                                     ("train_label", _label_array(train_labels, n_train)))
-                    if lab is not None)},
+                    [n for n, lab in (("test_label", _label_array(test_labels, n_test)),
+                                      ("train_label", _label_array(train_labels, n_train)))
+                     if lab is not None] + [n for n, v in names.items() if v is not None])},
                 config=_RUNTIME,
             )
             for name, values in (("test", test_index), ("train", train_index)):
@@ -310,6 +331,12 @@ class InfluenceStore:
                                            chunks=(max(1, min(n, 1 << 20)),),
                                            dimension_names=[dim])
                     a[:] = lab
+            for name, values in names.items():
+                if values is not None:
+                    a = group.create_array(name, shape=values.shape, dtype=str,
+                                           chunks=(max(1, min(len(values), 1 << 20)),),
+                                           dimension_names=[name.split("_")[0]])
+                    a[:] = values
             store = cls(tmp, group)
             if self_influence:
                 store._create_self_influence(compressor)
@@ -373,6 +400,18 @@ class InfluenceStore:
     @property
     def train_labels(self) -> np.ndarray | None:
         return self._read1d("train_label")
+
+    @property
+    def test_names(self) -> np.ndarray | None:
+        """Names of the test samples (e.g. file paths) when the store has them."""
+        v = self._read1d("test_name")
+        return None if v is None else v.astype(str)
+
+    @property
+    def train_names(self) -> np.ndarray | None:
+        """Names of the training samples (e.g. file paths) when the store has them."""
+        v = self._read1d("train_name")
+        return None if v is None else v.astype(str)
 
     @property
     def self_influence(self) -> zarr.Array | None:

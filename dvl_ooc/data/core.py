@@ -2,7 +2,9 @@
 
 Accepted sources everywhere a method takes ``data``:
 
-* an ``(x, y)`` pair of tensors / NumPy arrays / array-likes with a leading sample axis,
+* an ``(x, y)`` pair of tensors / NumPy arrays / array-likes with a leading sample axis; a
+  lazy array (Zarr, Dask, h5py: anything with ``shape``, ``dtype`` and slicing) as ``x`` is
+  read one batch at a time, never whole,
 * a ``torch.utils.data.Dataset`` whose items are ``(x, y)`` pairs,
 * a ``torch.utils.data.DataLoader`` yielding ``(x, y)`` batches (any batch size, any last batch).
 
@@ -28,6 +30,7 @@ __all__ = [
     "IndexedDataset",
     "as_tensor",
     "check_xy",
+    "is_lazy_array",
     "iter_batches",
     "num_samples",
     "split_micro_batches",
@@ -79,9 +82,16 @@ def check_xy(x: torch.Tensor, y: torch.Tensor, *, what: str = "data") -> None:
             )
 
 
-def _pair(data: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
+def is_lazy_array(a: Any) -> bool:
+    """True for array objects read by slicing (Zarr, Dask, h5py), not NumPy or torch."""
+    return (not isinstance(a, (np.ndarray, torch.Tensor)) and hasattr(a, "shape")
+            and hasattr(a, "dtype") and hasattr(a, "__getitem__") and len(a.shape) > 0)
+
+
+def _pair(data: Any) -> tuple[Any, torch.Tensor] | None:
     if isinstance(data, (tuple, list)) and len(data) == 2:
-        return as_tensor(data[0]), as_tensor(data[1])
+        x = data[0] if is_lazy_array(data[0]) else as_tensor(data[0])
+        return x, as_tensor(data[1])
     return None
 
 
@@ -89,7 +99,7 @@ def num_samples(data: DataLike) -> int:
     """Number of samples in a data source."""
     pair = _pair(data)
     if pair is not None:
-        return len(pair[0])
+        return int(pair[0].shape[0])
     if isinstance(data, DataLoader):
         return len(data.dataset)  # type: ignore[arg-type]
     if isinstance(data, Dataset):
@@ -111,6 +121,18 @@ def iter_batches(
     pair = _pair(data)
     if pair is not None:
         x, y = pair
+        if is_lazy_array(x):  # read and check one batch at a time
+            if int(x.shape[0]) != len(y):
+                raise LengthMismatchError(
+                    f"data: x has {x.shape[0]} samples but y has {len(y)}; pass one label per "
+                    "sample")
+            for s in range(0, int(x.shape[0]), batch_size):
+                xb = as_tensor(np.asarray(x[s : s + batch_size]), dtype=dtype, device=device)
+                yb = as_tensor(y[s : s + batch_size], device=device)
+                if check:
+                    check_xy(xb, yb)
+                yield xb, yb
+            return
         if check:
             check_xy(x, y)
         for s in range(0, len(x), batch_size):

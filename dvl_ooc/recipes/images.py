@@ -1,0 +1,707 @@
+"""Suspicious training images of a class-per-subfolder image folder, end to end, out of core.
+
+The recipe behind ``dvl-ooc images ROOT --out OUT`` (:func:`run_images`). Stages, each with
+its own progress bar, each resumable (rerunning the same command after an interruption
+continues where it stopped; nothing finished is recomputed):
+
+1. **scan**: list ``ROOT/<class>/<image>`` (:class:`~dvl_ooc.data.ImageFolder`, >= 2 classes),
+   check every file header (all bad files are reported at once, before any long stage), and
+   split the images into train/test, stratified by class and seeded (``OUT/split.json``).
+   ``flip_train`` flips that fraction of the training labels on purpose (seeded, recorded):
+   a known ground truth that shows how well the recipe finds wrong labels on *your* data.
+2. **decode**: Dask workers read and resize the image files themselves (nothing decoded goes
+   through the scheduler) and write them as float16 ``(n, C, size, size)`` arrays in
+   ``OUT/data.zarr`` (train and test, chunked by ``decode_chunk`` images). Every later pass
+   (training epochs, curvature fit, gradient features) reads this cache chunk by chunk.
+3. **train** the project's :class:`~dvl_ooc.demo.resnet.ResNet18` (BatchNorm, residual
+   blocks; ``width`` sets its size: 16 ~ 0.7 M, 20 ~ 1.1 M, 64 ~ 11 M parameters) on the
+   training split, or load ``checkpoint`` (a state dict of that network, or any pickled
+   ``torch.nn.Module``, e.g. a torchvision model, expecting ``[0, 1]`` inputs unless
+   ``mean``/``std`` are given) -> ``OUT/model.pt``.
+4. **fit** the influence model (default: :class:`~dvl_ooc.DirectInfluence` on per-layer
+   Kronecker-projected gradients of dimension k, see :class:`~dvl_ooc.GradientProjector`) on
+   the training split (or its first ``fit_samples`` points: the split order is random). The
+   damping is relative to the fitted spectrum: ``lambda_b = damping * largest eigenvalue`` of
+   every curvature block ``b`` -> ``OUT/influence.pt``.
+5. **matrix**: the full ``test x train`` influence matrix with the Dask calculator into the
+   resumable Zarr store ``OUT/influences.zarr`` (with self-influence; the store names every
+   image file: coordinates ``test_name`` / ``train_name``).
+6. **query** (chunked, exact): every training image's 25th percentile of influence over the
+   test images of its own label (low = it mostly hurts its own class: a suspect), and its
+   self-influence.
+7. **report**: ``OUT/suspects.csv`` (every training image, most suspicious first: rank, file,
+   label, score, self-influence, flipped), ``report.txt`` / ``report.json`` (stage times, peak
+   memory of the client and of every worker, detection rates when flips are known: injected
+   ones, or ``ROOT/flipped.csv`` of a generated folder), and the pictures
+   ``suspects.png`` (image grid) and ``score_histogram.png``.
+
+Memory: the client holds the labels, file names, the fitted state and one batch; training
+holds the float16 training cache (``n_train * C * size^2 * 2`` bytes: 0.54 GB for 22k images
+at 64 px); workers hold one chunk of images, gradients and features (bounded by the
+calculator, see :mod:`dvl_ooc.calculator.plan`).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import os
+import resource
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..exceptions import InputError, StoreMismatchError
+
+__all__ = ["METHODS", "ImagesJob", "run_images"]
+
+#: influence methods of the recipe (the iterative CG / LiSSA solve per test point and are
+#: left to the Python API at this scale)
+METHODS = ("direct", "arnoldi", "nystroem", "ekfac")
+FRACTIONS = (0.10, 0.15, 0.20)
+_STATE = "job.json"
+
+
+@dataclass
+class ImagesJob:
+    """Options of :func:`run_images` (all recorded in ``OUT/job.json``; a rerun with other
+    options that change a finished stage is refused unless ``restart=True``)."""
+
+    root: str
+    out: str
+    size: int = 64
+    test_fraction: float = 0.2
+    flip_train: float = 0.0
+    seed: int = 0
+    # model
+    width: int = 16
+    stem: str = "imagenet"
+    epochs: int = 8
+    lr: float = 2e-3
+    batch_size: int = 64
+    checkpoint: str | None = None
+    mean: Sequence[float] | None = None
+    std: Sequence[float] | None = None
+    # influence
+    method: str = "direct"
+    k: int = 16
+    dense_dim: int = 64
+    rank: int = 64
+    damping: float = 1e-3
+    layers: Sequence[str] | None = None
+    fit_samples: int | None = None
+    micro_batch_size: int = 32
+    # execution
+    workers: int = 2
+    cluster: str = "local"
+    test_chunk: int = 2048
+    train_chunk: int = 512
+    decode_chunk: int = 256
+    progress: bool = True
+    restart: bool = False
+    pictures: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def check(self) -> None:
+        if self.method not in METHODS:
+            raise InputError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if not 0 < self.test_fraction < 1:
+            raise InputError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
+        if not 0 <= self.flip_train < 0.5:
+            raise InputError(f"flip_train must be in [0, 0.5), got {self.flip_train}")
+        for name in ("size", "width", "epochs", "batch_size", "k", "dense_dim", "rank",
+                     "micro_batch_size", "workers", "test_chunk", "train_chunk", "decode_chunk"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "epochs"
+                                                                      else 1):
+                raise InputError(f"{name} must be a positive integer, got {v!r}")
+        if not self.damping > 0:
+            raise InputError(f"damping must be > 0 (relative to the largest eigenvalue), got "
+                             f"{self.damping}")
+        if self.fit_samples is not None and self.fit_samples < 2:
+            raise InputError(f"fit_samples must be >= 2, got {self.fit_samples}")
+        if self.stem not in ("cifar", "imagenet"):
+            raise InputError(f"stem must be 'cifar' or 'imagenet', got {self.stem!r}")
+        if self.checkpoint is not None and not Path(self.checkpoint).is_file():
+            raise InputError(f"checkpoint {self.checkpoint!r} is not a file")
+        if (self.mean is None) != (self.std is None):
+            raise InputError("pass both mean and std, or neither")
+
+
+# ------------------------------------------------------------------------------- state file
+def _key(d: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class _State:
+    """``OUT/job.json``: per stage the key of the options it depends on and its results."""
+
+    def __init__(self, out: Path, restart: bool) -> None:
+        self.path = out / _STATE
+        self.data: dict[str, Any] = {"stages": {}}
+        if self.path.exists() and not restart:
+            self.data = json.loads(self.path.read_text())
+
+    def done(self, stage: str, key: str) -> dict[str, Any] | None:
+        s = self.data["stages"].get(stage)
+        if s is None:
+            return None
+        if s.get("key") != key:
+            raise StoreMismatchError(
+                f"{self.path.parent} holds a {stage!r} stage made with other options; rerun "
+                "with the same options to resume, --restart to recompute everything, or "
+                "choose another --out folder")
+        return s
+
+    def finish(self, stage: str, key: str, **result: Any) -> dict[str, Any]:
+        self.data["stages"][stage] = {"key": key, **result}
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=1, default=str))
+        os.replace(tmp, self.path)
+        return self.data["stages"][stage]
+
+    def drop_after(self, stage: str, order: Sequence[str]) -> None:
+        for s in order[order.index(stage) + 1:]:
+            self.data["stages"].pop(s, None)
+
+
+_ORDER = ("split", "decode", "train", "fit", "matrix")
+
+
+# ------------------------------------------------------------------------------- workers
+def _peak_rss() -> int:
+    """Peak resident memory of this process (bytes)."""
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def _decode_task(folder: Any, indices: Sequence[int], path: str, name: str, start: int) -> int:
+    """Decode ``folder[indices]`` and write them at ``start`` of ``path/name`` (float16)."""
+    import zarr
+
+    x = np.stack([folder.load(int(i)) for i in indices]).astype(np.float16)
+    arr = zarr.open_array(store=path, path=name, mode="r+")
+    arr[start : start + len(x)] = x
+    return len(x)
+
+
+# ------------------------------------------------------------------------------- stages
+def _split(ds: Any, job: ImagesJob) -> dict[str, Any]:
+    """Stratified, seeded train/test split and the injected label flips."""
+    from ..seeding import numpy_rng
+
+    y = np.asarray(ds.targets)
+    rng = numpy_rng(job.seed, 11)
+    train, test = [], []
+    for c in range(len(ds.classes)):
+        idx = np.flatnonzero(y == c)
+        rng.shuffle(idx)
+        n_test = int(round(job.test_fraction * len(idx)))
+        if n_test < 1 or n_test >= len(idx):
+            raise InputError(
+                f"class {ds.classes[c]!r} has {len(idx)} images: too few for a "
+                f"{job.test_fraction:.0%} test split (each class needs >= 1 train and test)")
+        test.append(idx[:n_test])
+        train.append(idx[n_test:])
+    train_idx = rng.permutation(np.concatenate(train))
+    test_idx = rng.permutation(np.concatenate(test))
+    y_train = y[train_idx].copy()
+    flipped = np.zeros(len(train_idx), bool)
+    if job.flip_train > 0:
+        frng = numpy_rng(job.seed, 12)
+        which = frng.choice(len(train_idx), int(round(job.flip_train * len(train_idx))),
+                            replace=False)
+        shift = frng.integers(1, len(ds.classes), size=len(which))
+        y_train[which] = (y_train[which] + shift) % len(ds.classes)
+        flipped[which] = True
+    return {"train": train_idx.tolist(), "test": test_idx.tolist(),
+            "y_train": y_train.tolist(), "y_test": y[test_idx].tolist(),
+            "flipped_injected": np.flatnonzero(flipped).tolist()}
+
+
+def _known_flips(root: Path, paths: list[str], train_idx: np.ndarray,
+                 injected: np.ndarray) -> tuple[np.ndarray | None, str]:
+    """Training points known to carry a wrong label: injected flips, or the files listed in
+    ``ROOT/flipped.csv`` (a generated folder's ground truth)."""
+    mask = np.zeros(len(train_idx), bool)
+    src = []
+    if len(injected):
+        mask[injected] = True
+        src.append("injected flips")
+    f = root / "flipped.csv"
+    if f.is_file():
+        with open(f, newline="") as fh:
+            listed = {r["path"] for r in csv.DictReader(fh) if r.get("path")}
+        if listed:
+            mask |= np.array([paths[i] in listed for i in train_idx])
+            src.append("ROOT/flipped.csv")
+    return (mask, " + ".join(src)) if src else (None, "")
+
+
+def _detect(order: np.ndarray, flipped: np.ndarray) -> dict[str, Any]:
+    n, nf = len(order), int(flipped.sum())
+    out = {}
+    for f in FRACTIONS:
+        m = int(round(f * n))
+        found = int(flipped[order[:m]].sum())
+        out[f"{round(f * 100)}%"] = {"flagged": m, "found": found, "recall": found / max(nf, 1)}
+    return out
+
+
+def _load_checkpoint(job: ImagesJob, n_classes: int, in_channels: int) -> Any:
+    import torch
+    from torch import nn
+
+    from ..demo.resnet import InputNorm, ResNet18
+
+    blob = torch.load(job.checkpoint, map_location="cpu", weights_only=False)
+    if isinstance(blob, nn.Module):
+        model = blob
+        if job.mean is not None:
+            model = nn.Sequential(InputNorm(job.mean, job.std), model)
+    else:
+        if isinstance(blob, dict) and "state_dict" in blob:
+            blob = blob["state_dict"]
+        if not isinstance(blob, dict):
+            raise InputError(f"checkpoint {job.checkpoint!r} holds a {type(blob).__name__}; "
+                             "expected a torch.nn.Module or a state dict of the recipe's ResNet18")
+        has_norm = any(k.startswith("norm.") for k in blob)
+        model = ResNet18(n_classes, job.width, in_channels, job.stem,
+                         mean=[0.0] * in_channels if has_norm else None,
+                         std=[1.0] * in_channels if has_norm else None)
+        try:
+            model.load_state_dict(blob)
+        except RuntimeError as e:
+            raise InputError(
+                f"checkpoint {job.checkpoint!r} does not fit ResNet18(width={job.width}, "
+                f"stem={job.stem!r}, {n_classes} classes): {str(e).splitlines()[0]}; pass the "
+                "matching --width/--stem, or save the whole module with torch.save(model)"
+            ) from e
+    with torch.no_grad():
+        out = model.eval()(torch.zeros(2, in_channels, job.size, job.size))
+    if out.ndim != 2 or out.shape[1] != n_classes:
+        raise InputError(f"the checkpoint's model maps a {job.size}x{job.size} image to outputs "
+                         f"of shape {tuple(out.shape[1:])}, expected ({n_classes},) logits")
+    return model
+
+
+def _make_influence(job: ImagesJob, model: Any, reg: float | dict[str, float]) -> Any:
+    import torch.nn.functional as F
+
+    from .. import influence as inf
+
+    proj = dict(k_in=job.k, k_out=job.k, dense_dim=job.dense_dim, seed=job.seed)
+    common = dict(regularization=reg, layers=job.layers, micro_batch_size=job.micro_batch_size)
+    if job.method == "direct":
+        return inf.DirectInfluence(model, F.cross_entropy, projection=proj, **common)
+    if job.method == "arnoldi":
+        return inf.ArnoldiInfluence(model, F.cross_entropy, rank=job.rank, seed=job.seed,
+                                    projection=proj, **common)
+    if job.method == "nystroem":
+        return inf.NystroemSketchInfluence(model, F.cross_entropy, rank=job.rank,
+                                           seed=job.seed, projection=proj, **common)
+    kw = dict(common, layers=job.layers if job.layers is not None else "supported")
+    return inf.EkfacInfluence(model, F.cross_entropy, rank=job.rank, **kw)
+
+
+def _relative_damping(m: Any, damping: float) -> dict[str, float]:
+    """``damping * largest eigenvalue`` per curvature block, from the fitted state."""
+    out = {}
+    for block, st in zip(m.blocks, m.state()["blocks"]):
+        w = st.get("eigenvalues")
+        top = float(w.max()) if w is not None and w.numel() else 0.0
+        if not top > 0:
+            raise InputError(f"block {block.name!r} has no positive curvature eigenvalue; "
+                             "pass an absolute regularization through the Python API")
+        out[block.name] = damping * top
+    return out
+
+
+# ------------------------------------------------------------------------------- the job
+def run_images(job: ImagesJob, *, echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run (or resume) the recipe; returns the report (also ``OUT/report.json``)."""
+    import torch
+
+    from ..data import ImageFolder
+    from ..runtime import format_bytes
+
+    job.check()
+    out, root = Path(job.out), Path(job.root)
+    out.mkdir(parents=True, exist_ok=True)
+    state = _State(out, job.restart)
+    lines: list[str] = []
+
+    def say(msg: str) -> None:
+        lines.append(msg)
+        echo(msg)
+
+    times: dict[str, float] = {}
+    t_all = time.perf_counter()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, min(threads, os.cpu_count() or 1)))
+
+    # 1. scan + split -------------------------------------------------------------
+    t = time.perf_counter()
+    ds = ImageFolder(root, size=job.size)
+    paths = ds.paths
+    key = _key({"files": _key({"p": paths, "y": ds.targets.tolist()}), "size": job.size,
+                "test_fraction": job.test_fraction, "flip_train": job.flip_train,
+                "seed": job.seed})
+    s = state.done("split", key) if not job.restart else None
+    if s is None:
+        bad = ds.check(progress=job.progress) if hasattr(ds, "check") else []
+        if bad:
+            shown = "; ".join(f"{p}: {why}" for p, why in bad[:5])
+            raise InputError(f"{len(bad)} unreadable image file(s) under {root}: {shown}"
+                             f"{' ...' if len(bad) > 5 else ''}. Remove or fix them and rerun")
+        state.drop_after("split", _ORDER)
+        (out / "split.json").write_text(json.dumps(_split(ds, job)))
+        s = state.finish("split", key)
+    split = json.loads((out / "split.json").read_text())
+    tr_idx, te_idx = np.asarray(split["train"]), np.asarray(split["test"])
+    y_tr, y_te = np.asarray(split["y_train"]), np.asarray(split["y_test"])
+    injected = np.asarray(split["flipped_injected"], dtype=np.int64)
+    n_tr, n_te, C = len(tr_idx), len(te_idx), len(ds.classes)
+    times["scan"] = time.perf_counter() - t
+    say(f"dvl-ooc images: {len(paths)} images in {C} classes ({', '.join(ds.classes)}) under "
+        f"{root}; {n_tr} train / {n_te} test (stratified, seed {job.seed})"
+        + (f"; {len(injected)} training labels flipped on purpose" if len(injected) else ""))
+
+    # cluster (decode + matrix) ---------------------------------------------------------
+    client, cluster = _client(job)
+    try:
+        report = _run_stages(job, state, ds, paths, tr_idx, te_idx, y_tr, y_te, injected,
+                             client, say, times)
+        report["memory"]["workers_peak_rss"] = {
+            a: v for a, v in client.run(_peak_rss).items()}
+    finally:
+        client.close()
+        if cluster is not None:
+            nanny = logging.getLogger("distributed.nanny")
+            level = nanny.level
+            nanny.setLevel(logging.ERROR)
+            try:
+                cluster.close()
+            finally:
+                nanny.setLevel(level)
+        torch.set_num_threads(threads)
+    times["total"] = time.perf_counter() - t_all
+    report["seconds"] = {k: round(v, 2) for k, v in times.items()}
+    report["memory"]["client_peak_rss"] = _peak_rss()
+    w = report["memory"]["workers_peak_rss"]
+    say(f"  peak memory: client {format_bytes(report['memory']['client_peak_rss'])}, workers "
+        + ", ".join(format_bytes(v) for v in w.values()))
+    say(f"  total {times['total']:.1f} s; report in {out / 'report.txt'}")
+    (out / "report.json").write_text(json.dumps(report, indent=1, default=str))
+    (out / "report.txt").write_text("\n".join(lines) + "\n")
+    return report
+
+
+def _client(job: ImagesJob) -> tuple[Any, Any]:
+    from distributed import Client
+
+    from ..runtime import local_cluster
+
+    if job.cluster in ("local", "cuda"):
+        cluster = local_cluster(job.workers, threads_per_worker=1, kind=job.cluster,
+                                what="dvl-ooc images", dashboard_address=None)
+        return Client(cluster), cluster
+    if "://" in job.cluster or ":" in job.cluster:
+        return Client(job.cluster), None
+    raise InputError(f"cluster must be 'local', 'cuda' or a scheduler address "
+                     f"(tcp://host:8786), got {job.cluster!r}")
+
+
+def _run_stages(job: ImagesJob, state: _State, ds: Any, paths: list[str], tr_idx: np.ndarray,
+                te_idx: np.ndarray, y_tr: np.ndarray, y_te: np.ndarray, injected: np.ndarray,
+                client: Any, say: Callable[[str], None], times: dict[str, float]
+                ) -> dict[str, Any]:
+    import torch
+    import zarr
+
+    from ..calculator import DaskInfluenceCalculator
+    from ..demo.resnet import ResNet18, count_parameters, train_resnet
+    from ..query import query_quantiles, query_self_influence
+    from ..runtime import format_bytes, progress
+
+    out = Path(job.out)
+    C, n_tr, n_te = len(ds.classes), len(tr_idx), len(te_idx)
+    ch = 1 if ds.grayscale else 3
+    data_path = str(out / "data.zarr")
+    device = "cuda:0" if job.cluster == "cuda" else None
+
+    # 2. decode ------------------------------------------------------------------------
+    t = time.perf_counter()
+    key = _key({"split": state.data["stages"]["split"]["key"], "chunk": job.decode_chunk})
+    if state.done("decode", key) is None:
+        state.drop_after("decode", _ORDER)
+        g = zarr.open_group(data_path, mode="w", zarr_format=3)
+        for name, idx in (("x_train", tr_idx), ("x_test", te_idx)):
+            g.create_array(name, shape=(len(idx), ch, job.size, job.size), dtype="float16",
+                           chunks=(job.decode_chunk, ch, job.size, job.size))
+        fut_folder = client.scatter(ds, broadcast=True)
+        futs = [client.submit(_decode_task, fut_folder, idx[s : s + job.decode_chunk].tolist(),
+                              data_path, name, s, pure=False)
+                for name, idx in (("x_train", tr_idx), ("x_test", te_idx))
+                for s in range(0, len(idx), job.decode_chunk)]
+        from distributed import as_completed
+
+        with progress(job.progress, total=n_tr + n_te, unit="img", desc="decode") as bar:
+            for f in as_completed(futs):
+                bar.update(f.result())
+        state.finish("decode", key, seconds=time.perf_counter() - t)
+    g = zarr.open_group(data_path, mode="r")
+    x_tr, x_te = g["x_train"], g["x_test"]
+    times["decode"] = time.perf_counter() - t
+    rate = (n_tr + n_te) / max(state.data["stages"]["decode"]["seconds"], 1e-9)
+    say(f"  decoded {n_tr + n_te} images to {job.size}x{job.size} float16 in {data_path} "
+        f"on {len(client.scheduler_info()['workers'])} workers ({rate:.0f} images/s)  "
+        f"[{times['decode']:.1f} s]")
+
+    # 3. train -------------------------------------------------------------------------
+    t = time.perf_counter()
+    mkey = {k: getattr(job, k) for k in ("width", "stem", "epochs", "lr", "batch_size", "mean",
+                                          "std")}
+    if job.checkpoint:
+        mkey = {"checkpoint": _key({"sha": hashlib.sha256(
+            Path(job.checkpoint).read_bytes()).hexdigest()}), "mean": job.mean, "std": job.std}
+    key = _key({"decode": state.data["stages"]["decode"]["key"], **mkey})
+    model_file = out / "model.pt"
+    done = state.done("train", key)
+    if done is None:
+        state.drop_after("train", _ORDER)
+        if job.checkpoint:
+            model = _load_checkpoint(job, C, ch)
+            how = f"loaded {job.checkpoint}"
+        else:
+            from ..demo.resnet import channel_stats
+
+            x_np = np.asarray(x_tr[:])
+            mean, std = (job.mean, job.std) if job.mean is not None else \
+                channel_stats((x_np, y_tr), background=None)
+            model = ResNet18(C, job.width, ch, job.stem, mean=mean, std=std, seed=job.seed)
+            train_resnet(model, (x_np, y_tr), epochs=job.epochs, lr=job.lr,
+                         batch_size=job.batch_size, seed=job.seed, progress=job.progress)
+            del x_np
+            how = f"trained ResNet18(width={job.width}, stem={job.stem!r}) for {job.epochs} epochs"
+        model.eval()
+        tmp = model_file.with_suffix(".tmp")
+        torch.save(model, tmp)
+        os.replace(tmp, model_file)
+        acc_tr = _accuracy(model, x_tr, y_tr)
+        acc_te = _accuracy(model, x_te, y_te)
+        done = state.finish("train", key, how=how, parameters=count_parameters(model),
+                            train_accuracy=acc_tr, test_accuracy=acc_te,
+                            seconds=time.perf_counter() - t)
+    model = torch.load(model_file, map_location="cpu", weights_only=False).eval()
+    times["train"] = time.perf_counter() - t
+    say(f"  {done['how']}: {done['parameters']:,} parameters; accuracy train "
+        f"{done['train_accuracy']:.3f} (given labels), test {done['test_accuracy']:.3f}  "
+        f"[{times['train']:.1f} s]")
+
+    # 4. fit ---------------------------------------------------------------------------
+    t = time.perf_counter()
+    ikey = {k: getattr(job, k) for k in ("method", "k", "dense_dim", "rank", "damping",
+                                          "layers", "fit_samples", "seed")}
+    key = _key({"train": state.data["stages"]["train"]["key"], **ikey})
+    inf_file = out / "influence.pt"
+    done = state.done("fit", key)
+    if done is None:
+        state.drop_after("fit", _ORDER)
+        m = _make_influence(job, model, 1e-8)
+        nf = n_tr if job.fit_samples is None else min(job.fit_samples, n_tr)
+        m.fit((x_tr if nf == n_tr else _Rows(x_tr, nf), y_tr[:nf]))
+        # the fitted curvature does not depend on lambda: set it relative to the spectrum
+        reg = _relative_damping(m, job.damping)
+        m.regularization = m._resolve_regularization(reg)
+        tmp = inf_file.with_suffix(".tmp")
+        torch.save({"blocks": m.state(), "regularization": reg}, tmp)
+        os.replace(tmp, inf_file)
+        done = state.finish("fit", key, n_fit=nf, regularization=reg,
+                            seconds=time.perf_counter() - t)
+    blob = torch.load(inf_file, map_location="cpu", weights_only=False)
+    m = _make_influence(job, model, blob["regularization"]).load_state(blob["blocks"])
+    times["fit"] = time.perf_counter() - t
+    k_test, k_train = m.feature_dims()
+    lam = list(done["regularization"].values())
+    say(f"  fitted {type(m).__name__} ({job.method}; features of dimension {k_test}"
+        + (f" test / {k_train} train" if k_test != k_train else "")
+        + f") on {done['n_fit']} training images; lambda = {job.damping:g} x top eigenvalue "
+        f"({min(lam):.3g}..{max(lam):.3g} over {len(lam)} block(s))  [{times['fit']:.1f} s]")
+
+    # 5. matrix ------------------------------------------------------------------------
+    t = time.perf_counter()
+    store_path = out / "influences.zarr"
+    calc = DaskInfluenceCalculator(m, client, device=device)
+    with _quiet("distributed"):
+        store = calc.to_zarr(store_path, x_te, y_te, x_tr, y_tr,
+                             test_chunk=min(job.test_chunk, n_te),
+                             train_chunk=min(job.train_chunk, n_tr), mode="a",
+                             self_influence=True, progress=job.progress,
+                             test_index=te_idx, train_index=tr_idx,
+                             **_names(calc, [paths[i] for i in te_idx],
+                                      [paths[i] for i in tr_idx]))
+    times["matrix"] = time.perf_counter() - t
+    nbytes = sum(f.stat().st_size for f in store_path.rglob("*") if f.is_file())
+    say(f"  influence matrix {n_te} x {n_tr} (chunks {store.chunks[0]} x {store.chunks[1]}, "
+        f"{len(calc.info['columns'])} column tasks this run) -> {store_path} "
+        f"({format_bytes(nbytes)})  [{times['matrix']:.1f} s]")
+
+    # 6. query -------------------------------------------------------------------------
+    t = time.perf_counter()
+    q = query_quantiles(store, 0.25, same_label=True, save="q25_same_label")
+    score = np.asarray(q.values, dtype=np.float64).reshape(-1)
+    si_ds = query_self_influence(store)
+    si = np.empty(n_tr)
+    si[si_ds["position"].values] = si_ds["self_influence"].values
+    times["query"] = time.perf_counter() - t
+    order = np.argsort(np.where(np.isfinite(score), score, np.inf), kind="stable")
+    say(f"  scored every training image by the 25th percentile of its influence over "
+        f"same-label test images  [{times['query']:.1f} s]")
+
+    # 7. report ------------------------------------------------------------------------
+    known, src = _known_flips(Path(job.root), paths, tr_idx, injected)
+    train_paths = [paths[i] for i in tr_idx]
+    with open(out / "suspects.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["rank", "file", "label", "class", "score_q25_same_label", "self_influence"]
+                   + (["known_flipped"] if known is not None else []))
+        for r, j in enumerate(order):
+            w.writerow([r + 1, train_paths[j], int(y_tr[j]), ds.classes[int(y_tr[j])],
+                        f"{score[j]:.6g}", f"{si[j]:.6g}"]
+                       + ([int(known[j])] if known is not None else []))
+    say(f"  most suspicious first: {out / 'suspects.csv'}; e.g.")
+    for j in order[:5]:
+        say(f"    {train_paths[j]}  label {ds.classes[int(y_tr[j])]}  score {score[j]:.3g}")
+    det = None
+    if known is not None:
+        nf = int(known.sum())
+        det = {"lowest same-label 25th percentile": _detect(order, known),
+               "highest self-influence": _detect(np.argsort(-si, kind="stable"), known),
+               "random (expected)": {f"{round(f * 100)}%": {"recall": f} for f in FRACTIONS}}
+        say(f"  known wrong labels ({src}): {nf}; found among the most suspicious:")
+        for name, r in det.items():
+            say(f"    {name:<36}" + "".join(
+                f"  top {k}: {100 * v['recall']:5.1f}%" for k, v in r.items()))
+    pics = _pictures(out, x_tr, order, score, known, train_paths, y_tr, ds.classes) \
+        if job.pictures else []
+    if pics:
+        say(f"  pictures: {', '.join(str(out / p) for p in pics)}")
+    return {
+        "root": str(job.root), "out": str(out), "job": asdict(job),
+        "classes": ds.classes, "n_train": n_tr, "n_test": n_te,
+        "model": state.data["stages"]["train"], "fit": state.data["stages"]["fit"],
+        "influence": {"class": type(m).__name__, "config": m.config(),
+                      "feature_dims": [k_test, k_train]},
+        "store": str(store_path), "store_bytes": nbytes,
+        "detection": det, "known_flipped_source": src or None,
+        "suspects_csv": str(out / "suspects.csv"), "pictures": pics,
+        "memory": {},
+    }
+
+
+def _accuracy(model: Any, x: Any, y: np.ndarray) -> float:
+    """Accuracy on a lazy array, one batch at a time."""
+    import torch
+
+    from ..data import iter_batches
+
+    dtype = next(model.parameters()).dtype
+    hit = 0
+    with torch.no_grad():
+        for xb, yb in iter_batches((x, y), 256, dtype=dtype):
+            hit += int((model(xb).argmax(1) == yb).sum())
+    return hit / len(y)
+
+
+class _Rows:
+    """The first ``n`` rows of a lazy array (sliced, never read whole)."""
+
+    def __init__(self, a: Any, n: int) -> None:
+        self.a, self.n = a, n
+        self.shape = (n, *a.shape[1:])
+        self.dtype = a.dtype
+
+    def __getitem__(self, sl: slice) -> Any:
+        start, stop, _ = sl.indices(self.n)
+        return self.a[start:stop]
+
+
+def _names(calc: Any, test_names: list[str], train_names: list[str]) -> dict[str, Any]:
+    """File-name coordinates, when the calculator's ``to_zarr`` accepts them."""
+    import inspect
+
+    if "train_names" in inspect.signature(calc.to_zarr).parameters:
+        return {"test_names": test_names, "train_names": train_names}
+    return {}
+
+
+class _quiet:
+    """Silence a logger's warnings (closing clusters logs 'killing worker')."""
+
+    def __init__(self, name: str) -> None:
+        self.log = logging.getLogger(name)
+
+    def __enter__(self) -> None:
+        self.level = self.log.level
+        self.log.setLevel(logging.ERROR)
+
+    def __exit__(self, *exc: Any) -> None:
+        self.log.setLevel(self.level)
+
+
+def _pictures(out: Path, x: Any, order: np.ndarray, score: np.ndarray, known: Any,
+              names: list[str], y: np.ndarray, classes: list[str]) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ok = np.isfinite(score)
+    bins = np.histogram_bin_edges(score[ok], bins=60)
+    if known is not None:
+        ax.hist(score[ok & ~known], bins=bins, alpha=0.7, label="label believed correct")
+        ax.hist(score[ok & known], bins=bins, alpha=0.8, color="C3", label="known wrong label")
+    else:
+        ax.hist(score[ok], bins=bins, alpha=0.8, label="training images")
+    ax.axvline(np.quantile(score[ok], 0.2), color="k", ls="--", lw=1, label="lowest 20 %")
+    ax.set_xlabel("25th percentile of influence over same-label test images")
+    ax.set_ylabel("training images")
+    ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "score_histogram.png", dpi=110)
+    plt.close(fig)
+    files.append("score_histogram.png")
+
+    top = order[:32]
+    imgs = np.asarray(x.get_orthogonal_selection((np.sort(top),))
+                      if hasattr(x, "get_orthogonal_selection") else x[np.sort(top)],
+                      dtype=np.float32)
+    pos = {int(j): i for i, j in enumerate(np.sort(top))}
+    fig, axes = plt.subplots(4, 8, figsize=(12, 7.2))
+    for ax, j in zip(axes.flat, top):
+        im = imgs[pos[int(j)]].transpose(1, 2, 0)
+        ax.imshow(np.clip(im[..., 0] if im.shape[2] == 1 else im, 0, 1),
+                  cmap="gray" if im.shape[2] == 1 else None)
+        bad = known is not None and bool(known[j])
+        ax.set_title(f"{Path(names[j]).name}\n{classes[int(y[j])]}", fontsize=6,
+                     color="C3" if bad else "k")
+        ax.axis("off")
+    for ax in list(axes.flat)[len(top):]:
+        ax.axis("off")
+    fig.suptitle("32 most suspicious training images (lowest same-label 25th percentile); "
+                 "title: file, given label" + ("; red = known wrong label" if known is not None
+                                               else ""), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out / "suspects.png", dpi=110)
+    plt.close(fig)
+    files.append("suspects.png")
+    return files
