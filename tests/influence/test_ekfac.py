@@ -356,6 +356,10 @@ def test_layers_restricts_the_factored_layers(lin):
     ek = EkfacInfluence(ln, F.cross_entropy, regularization=1e-2, layers=["3"]).fit((x, y))
     assert [b.names for b in ek.blocks] == [("3.weight", "3.bias")]
     assert ek.config()["layers"] == ["3"] and [d["layer"] for d in ek.info["fit"]] == ["3"]
+    # what is left out is reported: the first Linear and the LayerNorm, constants
+    assert [(d["name"], d["module_type"], d["numel"]) for d in ek.info["ignored_parameters"]] \
+        == [("1.weight", "Linear", 1024), ("1.bias", "Linear", 16), ("2.weight", "LayerNorm", 16),
+            ("2.bias", "LayerNorm", 16)]
     frozen = copy.deepcopy(ln)
     frozen[1].requires_grad_(False)
     frozen[2].requires_grad_(False)
@@ -364,6 +368,13 @@ def test_layers_restricts_the_factored_layers(lin):
     assert torch.equal(got, ref.influences(x[:5], y[:5], x, y))
     with pytest.raises(UnsupportedModelError, match="LayerNorm"):
         EkfacInfluence(ln, F.cross_entropy, layers=["2", "3"])
+    # layers="supported": both Linear layers, the LayerNorm a reported constant
+    sup = EkfacInfluence(ln, F.cross_entropy, layers="supported")
+    assert sup.config()["layers"] == ["1", "3"]
+    assert [d["name"] for d in sup.info["ignored_parameters"]] == ["2.weight", "2.bias"]
+    with pytest.raises(UnsupportedModelError, match=r"layers='supported'.*2 Linear/Conv2d "
+                                                    r"layers.*2 LayerNorm parameters \(32 values"):
+        EkfacInfluence(ln, F.cross_entropy)
     with pytest.raises(InputError, match="'9'"):
         EkfacInfluence(ln, F.cross_entropy, layers=["9"])
 
