@@ -13,13 +13,16 @@ Modules, in the order a tile is made:
 
 * :mod:`~dvl_ooc.calculator.inputs` - input adapters (NumPy, torch, Dask, Zarr, Dataset);
 * :mod:`~dvl_ooc.calculator.plan` - chunk bounds, test groups under the feature-memory bound,
-  store creation (write modes), the todo list; the cost model;
+  the per-task memory estimate and chunk choice (:class:`InfluencePlan`, returned by a
+  calculator's ``plan(...)`` before anything is computed), store creation (write modes), the
+  todo list; the cost model;
 * :mod:`~dvl_ooc.calculator.tasks` - worker-side task bodies and the prepared-model cache;
 * :mod:`~dvl_ooc.calculator.sequential` - :class:`SequentialInfluenceCalculator` (in process);
 * :mod:`~dvl_ooc.calculator.dask` - :class:`DaskInfluenceCalculator` (any Dask cluster).
 """
 
 from .dask import DaskInfluenceCalculator
+from .plan import InfluencePlan
 from .sequential import SequentialInfluenceCalculator
 
-__all__ = ["DaskInfluenceCalculator", "SequentialInfluenceCalculator"]
+__all__ = ["DaskInfluenceCalculator", "InfluencePlan", "SequentialInfluenceCalculator"]

@@ -22,7 +22,7 @@ from ..runtime import local_cluster
 from ..runtime import progress as progress_bar
 from ..store import InfluenceStore, _write_mode
 from .inputs import _Input
-from .plan import _DEFAULT_MAX_TEST_BYTES, _Base, _bounds
+from .plan import _BUDGET_FRACTION, _DEFAULT_MAX_TEST_BYTES, _Base, _bounds
 from .tasks import TorchWarmup, _column_block_task, _column_task, _test_features_task
 
 __all__ = ["DaskInfluenceCalculator"]
@@ -46,6 +46,11 @@ class DaskInfluenceCalculator(_Base):
         fit_data: the fit data for methods that need it to precondition (CG, LiSSA) when the
             model has none attached; it is scattered once to every worker.
         max_test_feature_bytes: bound on the test features one column task holds.
+        memory_budget: bytes one task may use (None: half of the smallest worker's
+            ``memory_limit / nthreads``, or of the memory available here when workers have no
+            limit); chunks left at their default are shrunk to fit it, explicit ones that do
+            not fit are refused (:class:`~dvl_ooc.exceptions.MemoryBudgetError`); see
+            :mod:`dvl_ooc.calculator.plan`.
         dashboard_address: where the dashboard of a cluster started here listens.
 
     Raises:
@@ -57,9 +62,11 @@ class DaskInfluenceCalculator(_Base):
                  n_workers: int | None = None, threads_per_worker: int = 1,
                  device: str | None = None, cluster: str = "local", fit_data: Any = None,
                  max_test_feature_bytes: int = _DEFAULT_MAX_TEST_BYTES,
-                 dashboard_address: str | None = ":0", **cluster_kwargs: Any) -> None:
+                 memory_budget: int | None = None, dashboard_address: str | None = ":0",
+                 **cluster_kwargs: Any) -> None:
         super().__init__(influence_model, device=device, fit_data=fit_data,
-                         max_test_feature_bytes=max_test_feature_bytes)
+                         max_test_feature_bytes=max_test_feature_bytes,
+                         memory_budget=memory_budget)
         from distributed import Client
 
         self._own = client is None
@@ -96,6 +103,21 @@ class DaskInfluenceCalculator(_Base):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def _default_budget(self) -> int:
+        """Half of the smallest ``memory_limit / nthreads`` of the workers (memory available
+        here when none has a limit)."""
+        per_thread = []
+        try:
+            for w in self.client.scheduler_info(n_workers=-1)["workers"].values():
+                lim, nt = int(w.get("memory_limit") or 0), max(1, int(w.get("nthreads") or 1))
+                if lim > 0:
+                    per_thread.append(lim // nt)
+        except Exception:  # noqa: BLE001 - any client that cannot tell: fall back
+            per_thread = []
+        if not per_thread:
+            return super()._default_budget()
+        return int(_BUDGET_FRACTION * min(per_thread))
 
     # -------------------------------------------------------------- shipping
     def _ship(self, fp: str | None = None) -> tuple[Any, Any]:
@@ -141,18 +163,23 @@ class DaskInfluenceCalculator(_Base):
         return out
 
     # -------------------------------------------------------------- API
-    def influences(self, x_test: Any, y_test: Any, x: Any, y: Any, *, test_chunk: int = 1024,
-                   train_chunk: int = 4096, dtype: Any = "float32") -> Any:
-        """Lazy ``(n_test, n_train)`` dask array, chunks = tiles ``(test_chunk, train_chunk)``.
-        Computing it materialises the whole matrix: for large matrices use :meth:`to_zarr`."""
+    def influences(self, x_test: Any, y_test: Any, x: Any, y: Any, *,
+                   test_chunk: int | None = None, train_chunk: int | None = None,
+                   dtype: Any = "float32") -> Any:
+        """Lazy ``(n_test, n_train)`` dask array, chunks = tiles ``(test_chunk, train_chunk)``
+        (chosen as in :meth:`to_zarr`; the plan is in ``info["plan"]``). Computing it
+        materialises the whole matrix: for large matrices use :meth:`to_zarr`."""
         import dask.array as da
 
-        te, tr, tc, rc = self._prepare_inputs(x_test, y_test, x, y, test_chunk, train_chunk)
+        te, tr = self._prepare_inputs(x_test, y_test, x, y)
+        plan = self._plan(te, tr, test_chunk, train_chunk, dtype=dtype)
+        self._reset_info(plan)
+        tc, rc, groups = plan.test_chunk, plan.train_chunk, plan.test_groups
         dt = np.dtype(dtype)
-        groups = self._groups(te.n, tc)
         tb, rb = _bounds(te.n, tc), _bounds(tr.n, rc)
-        plan = [(j, rows, [True] * len(rows), False) for rows in groups for j in range(len(rb))]
-        cols = self._graph(te, tr, tc, rc, groups, plan, None, dt.name)
+        every = [(j, rows, [True] * len(rows), False) for rows in groups
+                 for j in range(len(rb))]
+        cols = self._graph(te, tr, tc, rc, groups, every, None, dt.name)
         blocks, it = [], iter(cols)
         for rows in groups:
             n_rows = sum(tb[i][1] - tb[i][0] for i in rows)
@@ -161,10 +188,10 @@ class DaskInfluenceCalculator(_Base):
         return da.block(blocks).rechunk((tc, rc))
 
     def to_zarr(self, path: str | os.PathLike, x_test: Any, y_test: Any, x: Any, y: Any, *,
-                test_chunk: int = 1024, train_chunk: int = 4096, mode: str = "a",
-                self_influence: bool = False, progress: bool = True, compressor: Any = None,
-                dtype: Any = "float32", test_index: Any = None, train_index: Any = None,
-                **deprecated: Any) -> InfluenceStore:
+                test_chunk: int | None = None, train_chunk: int | None = None,
+                mode: str = "a", self_influence: bool = False, progress: bool = True,
+                compressor: Any = None, dtype: Any = "float32", test_index: Any = None,
+                train_index: Any = None, **deprecated: Any) -> InfluenceStore:
         """Create, resume or replace the influence store at ``path`` and compute its missing
         tiles.
 
@@ -177,31 +204,48 @@ class DaskInfluenceCalculator(_Base):
         self-influence of the training points. Returns the :class:`InfluenceStore`; per-column
         statistics of this run are in ``self.info["columns"]``. ``overwrite=True`` is the
         deprecated spelling of ``mode="w"``.
+
+        Chunks (:meth:`plan`, before anything is computed or created): ``test_chunk`` /
+        ``train_chunk`` left at None start from 1024 / 4096 (a store resumed with mode "a":
+        its own chunking) and are halved until the test features of a chunk fit
+        ``max_test_feature_bytes`` and each task fits ``memory_budget`` (``info["plan"]["notes"]``
+        says so); explicit chunks that do not fit raise ``MemoryBudgetError``. Test groups run
+        one after another, so one group's test features are held at a time.
         """
         from distributed import as_completed
 
         mode = _write_mode("DaskInfluenceCalculator.to_zarr", mode, deprecated)
-        te, tr, tc, rc = self._prepare_inputs(x_test, y_test, x, y, test_chunk, train_chunk)
+        te, tr = self._prepare_inputs(x_test, y_test, x, y)
+        plan = self._plan(te, tr, test_chunk, train_chunk, dtype=dtype,
+                          self_influence=self_influence, path=path, mode=mode)
+        tc, rc, groups = plan.test_chunk, plan.train_chunk, plan.test_groups
         store = self._create_store(path, te, tr, tc, rc, mode=mode,
                                    self_influence=self_influence, compressor=compressor,
                                    dtype=dtype, test_index=test_index, train_index=train_index)
-        groups = self._groups(te.n, tc)
         todo = self._todo(store, groups, self_influence)
-        self._reset_info()
+        self._reset_info(plan)
         if not todo:
             return store
         if progress and self._own and self.dashboard_link:
             print(f"dvl_ooc: Dask dashboard at {self.dashboard_link}")
-        cols = self._graph(te, tr, tc, rc, groups, todo, str(store.path), store.attrs["dtype"],
-                           store.attrs["fingerprint"])
-        futures = self.client.compute(cols)
+        batches: list[list[Any]] = []  # the todo of each test group, in order
+        for item in todo:
+            if not batches or batches[-1][0][1] != item[1]:
+                batches.append([])
+            batches[-1].append(item)
         bar = progress_bar(progress, total=sum(sum(w) for _, _, w, _ in todo), unit="tile",
                            desc="influence tiles")
+        futures: list[Any] = []
         try:
-            for fut in as_completed(futures):
-                st = fut.result()
-                self._record(st)
-                bar.update(len(st.tiles))
+            for batch in batches:
+                cols = self._graph(te, tr, tc, rc, groups, batch, str(store.path),
+                                   store.attrs["dtype"], store.attrs["fingerprint"])
+                futures = self.client.compute(cols)
+                for fut in as_completed(futures):
+                    st = fut.result()
+                    self._record(st)
+                    bar.update(len(st.tiles))
+                futures = []
         except BaseException:
             self.client.cancel(futures)
             raise

@@ -164,6 +164,17 @@ class _Input:
                                                              (rows,)))).tobytes())
         return h.hexdigest()[:32]
 
+    def sample_size(self) -> tuple[int, int]:
+        """``(elements, itemsize)`` of one input sample ``x[i]`` (for memory estimates; a
+        Dataset's first item is read once; ``(0, 0)`` when it is not array-like)."""
+        if self.kind_x == "dataset":
+            try:
+                a = np.asarray(to_numpy(self.x[0][0]))
+            except Exception:  # noqa: BLE001 - an item that is not array-like: not estimated
+                return 0, 0
+            return int(a.size), int(a.dtype.itemsize)
+        return int(np.prod(self.x.shape[1:], dtype=np.int64)), int(np.dtype(self.x.dtype).itemsize)
+
     # -------------------------------------------------------------- chunks
     def local(self, start: int, stop: int) -> tuple[Any, Any]:
         """Read one chunk in this process."""

@@ -36,13 +36,17 @@ class SequentialInfluenceCalculator(_Base):
             model has none attached.
         max_test_feature_bytes: bound on the test features held at once (see
             :mod:`dvl_ooc.calculator.plan`).
+        memory_budget: bytes one task may use (None: half the memory available when a run
+            starts); chunks left at their default are shrunk to fit it, explicit ones that do
+            not fit are refused (:class:`~dvl_ooc.exceptions.MemoryBudgetError`).
     """
 
     def __init__(self, influence_model: InfluenceModel, *, device: str | None = None,
-                 fit_data: Any = None, max_test_feature_bytes: int = _DEFAULT_MAX_TEST_BYTES
-                 ) -> None:
+                 fit_data: Any = None, max_test_feature_bytes: int = _DEFAULT_MAX_TEST_BYTES,
+                 memory_budget: int | None = None) -> None:
         super().__init__(influence_model, device=device, fit_data=fit_data,
-                         max_test_feature_bytes=max_test_feature_bytes)
+                         max_test_feature_bytes=max_test_feature_bytes,
+                         memory_budget=memory_budget)
         self._token = uuid.uuid4().hex
 
     def _local_model(self) -> InfluenceModel:
@@ -53,16 +57,20 @@ class SequentialInfluenceCalculator(_Base):
             m.attach_data(self.fit_data)
         return m
 
-    def influences(self, x_test: Any, y_test: Any, x: Any, y: Any, *, test_chunk: int = 1024,
-                   train_chunk: int = 4096, dtype: Any = "float32") -> Any:
-        """Lazy ``(n_test, n_train)`` dask array (local scheduler), one block per tile."""
+    def influences(self, x_test: Any, y_test: Any, x: Any, y: Any, *,
+                   test_chunk: int | None = None, train_chunk: int | None = None,
+                   dtype: Any = "float32") -> Any:
+        """Lazy ``(n_test, n_train)`` dask array (local scheduler), one block per tile; chunks
+        as :meth:`plan` chooses them (``info["plan"]``)."""
         import dask
         import dask.array as da
 
-        te, tr, tc, rc = self._prepare_inputs(x_test, y_test, x, y, test_chunk, train_chunk)
+        te, tr = self._prepare_inputs(x_test, y_test, x, y)
+        plan = self._plan(te, tr, test_chunk, train_chunk, dtype=dtype)
+        self._reset_info(plan)
+        tc, rc, groups = plan.test_chunk, plan.train_chunk, plan.test_groups
         m = self._local_model()
         dt = np.dtype(dtype)
-        groups = self._groups(te.n, tc)
         tb, rb = _bounds(te.n, tc), _bounds(tr.n, rc)
 
         def test_feat(i):
@@ -83,33 +91,41 @@ class SequentialInfluenceCalculator(_Base):
         return da.block(blocks).rechunk((tc, rc))
 
     def to_zarr(self, path: str | os.PathLike, x_test: Any, y_test: Any, x: Any, y: Any, *,
-                test_chunk: int = 1024, train_chunk: int = 4096, mode: str = "a",
-                self_influence: bool = False, progress: bool = True, compressor: Any = None,
-                dtype: Any = "float32", test_index: Any = None, train_index: Any = None,
-                **deprecated: Any) -> InfluenceStore:
+                test_chunk: int | None = None, train_chunk: int | None = None,
+                mode: str = "a", self_influence: bool = False, progress: bool = True,
+                compressor: Any = None, dtype: Any = "float32", test_index: Any = None,
+                train_index: Any = None, **deprecated: Any) -> InfluenceStore:
         """Compute the missing tiles into the store at ``path``; see
         :meth:`DaskInfluenceCalculator.to_zarr <dvl_ooc.calculator.DaskInfluenceCalculator.to_zarr>`
-        (same arguments, write modes and store)."""
+        (same arguments, write modes, chunk choice and store). One test group's features are
+        held at a time."""
         mode = _write_mode("SequentialInfluenceCalculator.to_zarr", mode, deprecated)
-        te, tr, tc, rc = self._prepare_inputs(x_test, y_test, x, y, test_chunk, train_chunk)
+        te, tr = self._prepare_inputs(x_test, y_test, x, y)
+        plan = self._plan(te, tr, test_chunk, train_chunk, dtype=dtype,
+                          self_influence=self_influence, path=path, mode=mode)
+        tc, rc = plan.test_chunk, plan.train_chunk
         store = self._create_store(path, te, tr, tc, rc, mode=mode,
                                    self_influence=self_influence, compressor=compressor,
                                    dtype=dtype, test_index=test_index, train_index=train_index)
-        todo = self._todo(store, self._groups(te.n, tc), self_influence)
-        self._reset_info()
+        todo = self._todo(store, plan.test_groups, self_influence)
+        self._reset_info(plan)
         if not todo:
             return store
         m = self._local_model()
         tb, rb = _bounds(te.n, tc), _bounds(tr.n, rc)
-        needed = sorted({i for _, rows, want, _ in todo for i, w in zip(rows, want) if w})
-        feats = {i: _test_features_task(m, self._token, None, None, te.local(*tb[i]))
-                 for i in needed}
+        feats: dict[int, Any] = {}  # the test features of the current group only
         bar = progress_bar(progress, total=sum(sum(w) for _, _, w, _ in todo), unit="tile",
                            desc="influence tiles")
-        for j, rows, want, si in todo:
+        for j, rows, want, si in todo:  # grouped: _todo lists the columns group by group
+            need = [i for i, w in zip(rows, want) if w]
+            if any(i not in feats for i in need):
+                feats = {i: v for i, v in feats.items() if i in rows}
+                feats.update({i: _test_features_task(m, self._token, None, None,
+                                                     te.local(*tb[i]))
+                              for i in need if i not in feats})
             st = _column_task(m, self._token, None, None, tr.local(*rb[j]),
-                              [feats.get(i) for i in rows], str(path), j, rows, want, si,
-                              store.attrs["dtype"])
+                              [feats.get(i) if w else None for i, w in zip(rows, want)],
+                              str(path), j, rows, want, si, store.attrs["dtype"])
             self._record(st)
             bar.update(len(st.tiles))
         bar.close()

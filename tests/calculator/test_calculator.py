@@ -225,6 +225,28 @@ def test_chunk_size_invariance_and_lazy_array(client, direct, mlp_problem):
     assert seq.chunks[0][0] == 11 and rel_err(seq.compute(), mem) <= 1e-6
 
 
+def test_dask_test_groups_run_one_after_another(client, direct, mlp_problem, tmp_path):
+    """A default test chunk over the feature bound is halved (30 -> 15 -> 7), the 5 test
+    groups run one after another (one group's features held at a time), values unchanged; the
+    default memory budget is half a worker thread's memory_limit."""
+    p = mlp_problem
+    m, _ = direct
+    xt, yt, x, y = _data(p)
+    k = m.grads.num_params
+    calc = DaskInfluenceCalculator(m, client, max_test_feature_bytes=10 * k * 8)
+    s = calc.to_zarr(tmp_path / "g", xt, yt, x, y, train_chunk=125, progress=False)
+    plan = calc.info["plan"]
+    assert s.chunks == (7, 125) and plan["test_chunk_source"] == "shrunk"
+    assert plan["groups"] == 5 and plan["gradient_computations"] == 30 + 5 * 250
+    mem = m.influences(p.x_test, p.y_test, p.x_train, p.y_train).numpy()
+    assert s.is_complete and rel_err(s.influences[:], mem) <= 1e-6
+    order = [i for st in calc.info["columns"] for i, _ in st["tiles"]]
+    assert len(order) == 10 and order == sorted(order)  # group by group
+    workers = client.scheduler_info(n_workers=-1)["workers"].values()
+    assert plan["memory_budget"] == int(0.5 * min(w["memory_limit"] // w["nthreads"]
+                                                  for w in workers))
+
+
 def test_input_kinds_give_identical_stores(client, direct, mlp_problem, tmp_path):
     """NumPy, torch tensors, Dask arrays (misaligned chunks), Zarr arrays and a torch Dataset."""
     p = mlp_problem
@@ -410,7 +432,7 @@ def test_bad_inputs(client, direct, mlp_problem, tmp_path):
         calc.to_zarr(tmp_path / "a", xt, yt, x, y[:-1], progress=False)
     with pytest.raises(LengthMismatchError):
         calc.influences(xt[:5], yt, x, y)
-    for bad in (0, -3, 2.5, True, None):
+    for bad in (0, -3, 2.5, True):  # None: the default chunk, chosen to fit
         with pytest.raises(InputError, match="train_chunk must be a positive integer"):
             calc.to_zarr(tmp_path / "b", xt, yt, x, y, train_chunk=bad, progress=False)
     with pytest.raises(InputError, match="test_chunk"):
