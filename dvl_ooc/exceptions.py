@@ -92,3 +92,14 @@ class UsageError(InputError):
 
 class MemoryBudgetError(InputError, MemoryError):
     """A computation would need more memory than is available (estimated before allocating)."""
+
+
+class UnreadableImageError(InputError):
+    """An image file cannot be opened or decoded (corrupt, truncated, empty or not an image);
+    the message names the file(s)."""
+
+
+class IndefiniteCurvatureError(RegularizationError):
+    """``H + lambda I`` is indefinite (curvature eigenvalues below ``-lambda``) and the model
+    was asked to refuse (``raise_on_indefinite=True``); use the Gauss-Newton matrix or a
+    regularisation above the measured ``|lambda_min|``."""

@@ -172,6 +172,7 @@ def test_small_cnn_learns_it_clearly_above_chance(tmp_path):
         nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
         nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
         nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(16, 2))
-    train_resnet(model, (x[tr], y[tr]), epochs=25, lr=1e-2, batch_size=32)
+    train_resnet(model, (x[tr], y[tr]), epochs=15, lr=2e-2, batch_size=32)
     assert not model.training
-    assert evaluate_accuracy(model, (x[te], y[te])) >= 0.8  # measured 0.92-0.94
+    # measured 0.92 (torch seeds 1, 2: 0.93, 0.86; 25 epochs at lr=1e-2: 0.92, 0.93, 0.85)
+    assert evaluate_accuracy(model, (x[te], y[te])) >= 0.8

@@ -16,6 +16,7 @@ from dvl_ooc.exceptions import (
     ConvergenceError,
     ConvergenceWarning,
     DivergenceError,
+    IndefiniteCurvatureWarning,
     InputError,
     LengthMismatchError,
     NegativeCurvatureError,
@@ -90,12 +91,16 @@ def test_cg_gauss_newton_block_solver_and_public_api(mlp_problem):
 def test_cg_indefinite_hessian_is_detected(mlp_problem):
     P = mlp_problem
     assert P.min_eig < 0  # the trained MLP's exact Hessian is indefinite
-    m = CgInfluence(P.model, P.loss, hessian="exact",
-                    regularization=0.0).fit((P.x_train, P.y_train))
+    # the fit's Lanczos estimate already sees it (the indefinite policy: a warning) ...
+    with pytest.warns(IndefiniteCurvatureWarning, match="gauss-newton"):
+        m = CgInfluence(P.model, P.loss, hessian="exact",
+                        regularization=0.0).fit((P.x_train, P.y_train))
+    # ... and a solve that meets negative curvature cannot continue
     with pytest.raises(NegativeCurvatureError, match="gauss-newton"):
         m.precondition(P.g_test)
     m = CgInfluence(P.model, P.loss, hessian="exact", regularization=0.0, solver="block")
-    m.fit((P.x_train, P.y_train))
+    with pytest.warns(IndefiniteCurvatureWarning):
+        m.fit((P.x_train, P.y_train))
     with pytest.raises(NegativeCurvatureError):
         m.precondition(P.g_test)
 
@@ -208,7 +213,7 @@ def test_lissa_stochastic_is_accurate_and_reproducible(linear_problem):
         return m.fit(loader).precondition(g_test)
 
     assert rel_err(run(1, 400) @ P.g_train.T, ref) <= 0.15
-    a, b, c = run(1, 30), run(1, 30), run(2, 30)
+    a, b, c = run(1, 10), run(1, 10), run(2, 10)
     assert torch.equal(a, b)
     assert not torch.allclose(a, c)
 
@@ -228,7 +233,7 @@ def _models(P, lam):
         CgInfluence(P.model, P.loss, hessian="exact", regularization=lam, rtol=1e-6,
                     preconditioner="nystroem",
                     rank=16),
-        LissaInfluence(P.model, P.loss, hessian="exact", regularization=lam, max_iter=40,
+        LissaInfluence(P.model, P.loss, hessian="exact", regularization=lam, max_iter=10,
                        rtol=None),
     ]
 
