@@ -193,8 +193,12 @@ def _floats(v: str) -> list[float]:
     option("--workers", type=int, default=2, help="Dask worker processes (default: 2)"),
     option("--cluster", default="local",
            help="local (default), cuda (one GPU per worker) or a scheduler address"),
-    option("--train-chunk", type=int, default=512, help="train images per tile (default: 512)"),
-    option("--test-chunk", type=int, default=2048, help="test images per tile (default: 2048)"),
+    option("--train-chunk", type=int, help="train images per tile (default: the largest of "
+           "4096, 2048, ... that fits the memory budget)"),
+    option("--test-chunk", type=int, help="test images per tile (default: as --train-chunk, "
+           "from 1024)"),
+    option("--memory-limit", default="4GiB",
+           help="memory limit of each local worker (default: 4GiB; tasks plan for half)"),
     option("--restart", action="store_true", help="recompute everything in --out"),
     option("--no-progress", action="store_true", help="no progress bars"),
     option("--no-pictures", action="store_true", help="skip the pictures"),
@@ -215,6 +219,7 @@ def _cmd_images(args: argparse.Namespace) -> None:
         mean=args.mean, std=args.std, method=args.method, k=args.k, dense_dim=args.dense_dim,
         rank=args.rank, damping=args.damping, layers=args.layers, fit_samples=args.fit_samples,
         workers=args.workers, cluster=args.cluster, test_chunk=args.test_chunk,
+        memory_limit=args.memory_limit,
         train_chunk=args.train_chunk, progress=not args.no_progress, restart=args.restart,
         pictures=not args.no_pictures,
     )

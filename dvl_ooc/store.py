@@ -282,7 +282,7 @@ class InfluenceStore:
                 for key, values in names.items():
                     stored = old._read1d(key)
                     if values is not None and stored is not None and not np.array_equal(
-                            stored.astype(str), values):
+                            np.asarray(stored.tolist(), dtype=str), values):
                         diff.append(key)
                 if diff:
                     detail = "; ".join(
@@ -405,13 +405,13 @@ class InfluenceStore:
     def test_names(self) -> np.ndarray | None:
         """Names of the test samples (e.g. file paths) when the store has them."""
         v = self._read1d("test_name")
-        return None if v is None else v.astype(str)
+        return None if v is None else np.asarray(v.tolist(), dtype=object)
 
     @property
     def train_names(self) -> np.ndarray | None:
         """Names of the training samples (e.g. file paths) when the store has them."""
         v = self._read1d("train_name")
-        return None if v is None else v.astype(str)
+        return None if v is None else np.asarray(v.tolist(), dtype=object)
 
     @property
     def self_influence(self) -> zarr.Array | None:

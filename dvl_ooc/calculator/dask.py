@@ -191,7 +191,8 @@ class DaskInfluenceCalculator(_Base):
                 test_chunk: int | None = None, train_chunk: int | None = None,
                 mode: str = "a", self_influence: bool = False, progress: bool = True,
                 compressor: Any = None, dtype: Any = "float32", test_index: Any = None,
-                train_index: Any = None, **deprecated: Any) -> InfluenceStore:
+                train_index: Any = None, test_names: Any = None, train_names: Any = None,
+                **deprecated: Any) -> InfluenceStore:
         """Create, resume or replace the influence store at ``path`` and compute its missing
         tiles.
 
@@ -201,8 +202,10 @@ class DaskInfluenceCalculator(_Base):
         Zarr store is never touched (``StoreError``), nor is a non-writable path. Each task writes
         whole chunks of pre-created arrays (no locks, no ``da.to_zarr``). ``compressor``: None
         (fastest), "lz4", "zstd" or a Zarr codec. ``self_influence=True`` also writes the
-        self-influence of the training points. Returns the :class:`InfluenceStore`; per-column
-        statistics of this run are in ``self.info["columns"]``. ``overwrite=True`` is the
+        self-influence of the training points. ``test_names`` / ``train_names``: strings naming
+        the samples (e.g. image file paths), stored as the coordinates ``test_name`` /
+        ``train_name`` and carried into query results. Returns the :class:`InfluenceStore`;
+        per-column statistics of this run are in ``self.info["columns"]``. ``overwrite=True`` is the
         deprecated spelling of ``mode="w"``.
 
         Chunks (:meth:`plan`, before anything is computed or created): ``test_chunk`` /
@@ -221,7 +224,8 @@ class DaskInfluenceCalculator(_Base):
         tc, rc, groups = plan.test_chunk, plan.train_chunk, plan.test_groups
         store = self._create_store(path, te, tr, tc, rc, mode=mode,
                                    self_influence=self_influence, compressor=compressor,
-                                   dtype=dtype, test_index=test_index, train_index=train_index)
+                                   dtype=dtype, test_index=test_index, train_index=train_index,
+                                   test_names=test_names, train_names=train_names)
         todo = self._todo(store, groups, self_influence)
         self._reset_info(plan)
         if not todo:

@@ -509,15 +509,16 @@ class _Base:
 
     def _create_store(self, path: str | os.PathLike, te: _Input, tr: _Input, tc: int, rc: int,
                       *, mode: str, self_influence: bool, compressor: Any, dtype: Any,
-                      test_index: Any, train_index: Any) -> InfluenceStore:
+                      test_index: Any, train_index: Any, test_names: Any = None,
+                      train_names: Any = None) -> InfluenceStore:
         m = self.model
         return InfluenceStore.create(
             path, n_test=te.n, n_train=tr.n, test_chunk=tc, train_chunk=rc,
             method=type(m).__name__, config=m.config(), fingerprint=m.fingerprint(),
             data_fingerprint=f"{te.fingerprint()}:{tr.fingerprint()}", dtype=dtype,
             test_index=test_index, train_index=train_index, test_labels=te.labels(),
-            train_labels=tr.labels(), self_influence=self_influence, compressor=compressor,
-            mode=mode,
+            train_labels=tr.labels(), test_names=test_names, train_names=train_names,
+            self_influence=self_influence, compressor=compressor, mode=mode,
         )
 
     @staticmethod

@@ -94,7 +94,8 @@ class SequentialInfluenceCalculator(_Base):
                 test_chunk: int | None = None, train_chunk: int | None = None,
                 mode: str = "a", self_influence: bool = False, progress: bool = True,
                 compressor: Any = None, dtype: Any = "float32", test_index: Any = None,
-                train_index: Any = None, **deprecated: Any) -> InfluenceStore:
+                train_index: Any = None, test_names: Any = None, train_names: Any = None,
+                **deprecated: Any) -> InfluenceStore:
         """Compute the missing tiles into the store at ``path``; see
         :meth:`DaskInfluenceCalculator.to_zarr <dvl_ooc.calculator.DaskInfluenceCalculator.to_zarr>`
         (same arguments, write modes, chunk choice and store). One test group's features are
@@ -106,7 +107,8 @@ class SequentialInfluenceCalculator(_Base):
         tc, rc = plan.test_chunk, plan.train_chunk
         store = self._create_store(path, te, tr, tc, rc, mode=mode,
                                    self_influence=self_influence, compressor=compressor,
-                                   dtype=dtype, test_index=test_index, train_index=train_index)
+                                   dtype=dtype, test_index=test_index, train_index=train_index,
+                                   test_names=test_names, train_names=train_names)
         todo = self._todo(store, plan.test_groups, self_influence)
         self._reset_info(plan)
         if not todo:

@@ -100,8 +100,9 @@ class ImagesJob:
     # execution
     workers: int = 2
     cluster: str = "local"
-    test_chunk: int = 2048
-    train_chunk: int = 512
+    test_chunk: int | None = None
+    train_chunk: int | None = None
+    memory_limit: str = "4GiB"
     decode_chunk: int = 256
     progress: bool = True
     restart: bool = False
@@ -118,6 +119,8 @@ class ImagesJob:
         for name in ("size", "width", "epochs", "batch_size", "k", "dense_dim", "rank",
                      "micro_batch_size", "workers", "test_chunk", "train_chunk", "decode_chunk"):
             v = getattr(self, name)
+            if v is None and name in ("test_chunk", "train_chunk"):
+                continue
             if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "epochs"
                                                                       else 1):
                 raise InputError(f"{name} must be a positive integer, got {v!r}")
@@ -156,7 +159,8 @@ class _State:
             raise StoreMismatchError(
                 f"{self.path.parent} holds a {stage!r} stage made with other options; rerun "
                 "with the same options to resume, --restart to recompute everything, or "
-                "choose another --out folder")
+                "choose another --out folder (to try another method on the same network: "
+                f"--checkpoint {self.path.parent / 'model.pt'} --out OTHER)")
         return s
 
     def finish(self, stage: str, key: str, **result: Any) -> dict[str, Any]:
@@ -172,6 +176,24 @@ class _State:
 
 
 _ORDER = ("split", "decode", "train", "fit", "matrix")
+
+
+def _stage_keys(job: ImagesJob, files_key: str) -> dict[str, str]:
+    """The key of every stage: a hash of the options it and the stages before it depend on
+    (computable before anything runs, so a changed option is refused up front)."""
+    keys = {"split": _key({"files": files_key, "size": job.size,
+                           "test_fraction": job.test_fraction, "flip_train": job.flip_train,
+                           "seed": job.seed})}
+    keys["decode"] = _key({"split": keys["split"], "chunk": job.decode_chunk})
+    mkey: dict[str, Any] = {k: getattr(job, k) for k in ("width", "stem", "epochs", "lr",
+                                                          "batch_size", "mean", "std", "seed")}
+    if job.checkpoint:
+        mkey = {"checkpoint": hashlib.sha256(Path(job.checkpoint).read_bytes()).hexdigest(),
+                "mean": job.mean, "std": job.std}
+    keys["train"] = _key({"decode": keys["decode"], **mkey})
+    keys["fit"] = _key({"train": keys["train"], **{k: getattr(job, k) for k in (
+        "method", "k", "dense_dim", "rank", "damping", "layers", "fit_samples", "seed")}})
+    return keys
 
 
 # ------------------------------------------------------------------------------- workers
@@ -333,6 +355,13 @@ def run_images(job: ImagesJob, *, echo: Callable[[str], None] = print) -> dict[s
     job.check()
     out, root = Path(job.out), Path(job.root)
     out.mkdir(parents=True, exist_ok=True)
+    if job.restart:  # asked for: remove this recipe's own outputs (nothing else in OUT)
+        import shutil
+
+        for name in ("influences.zarr", "data.zarr"):
+            shutil.rmtree(out / name, ignore_errors=True)
+        for name in ("model.pt", "influence.pt", "split.json", _STATE):
+            (out / name).unlink(missing_ok=True)
     state = _State(out, job.restart)
     lines: list[str] = []
 
@@ -349,10 +378,11 @@ def run_images(job: ImagesJob, *, echo: Callable[[str], None] = print) -> dict[s
     t = time.perf_counter()
     ds = ImageFolder(root, size=job.size)
     paths = ds.paths
-    key = _key({"files": _key({"p": paths, "y": ds.targets.tolist()}), "size": job.size,
-                "test_fraction": job.test_fraction, "flip_train": job.flip_train,
-                "seed": job.seed})
-    s = state.done("split", key) if not job.restart else None
+    keys = _stage_keys(job, _key({"p": paths, "y": ds.targets.tolist()}))
+    for stage in _ORDER[:-1]:  # refuse changed options before any work
+        state.done(stage, keys[stage])
+    key = keys["split"]
+    s = state.done("split", key)
     if s is None:
         bad = ds.check(progress=job.progress) if hasattr(ds, "check") else []
         if bad:
@@ -375,8 +405,8 @@ def run_images(job: ImagesJob, *, echo: Callable[[str], None] = print) -> dict[s
     # cluster (decode + matrix) ---------------------------------------------------------
     client, cluster = _client(job)
     try:
-        report = _run_stages(job, state, ds, paths, tr_idx, te_idx, y_tr, y_te, injected,
-                             client, say, times)
+        report = _run_stages(job, state, keys, ds, paths, tr_idx, te_idx, y_tr, y_te,
+                             injected, client, say, times)
         report["memory"]["workers_peak_rss"] = {
             a: v for a, v in client.run(_peak_rss).items()}
     finally:
@@ -409,7 +439,8 @@ def _client(job: ImagesJob) -> tuple[Any, Any]:
 
     if job.cluster in ("local", "cuda"):
         cluster = local_cluster(job.workers, threads_per_worker=1, kind=job.cluster,
-                                what="dvl-ooc images", dashboard_address=None)
+                                what="dvl-ooc images", dashboard_address=":0",
+                                memory_limit=job.memory_limit)
         return Client(cluster), cluster
     if "://" in job.cluster or ":" in job.cluster:
         return Client(job.cluster), None
@@ -417,7 +448,8 @@ def _client(job: ImagesJob) -> tuple[Any, Any]:
                      f"(tcp://host:8786), got {job.cluster!r}")
 
 
-def _run_stages(job: ImagesJob, state: _State, ds: Any, paths: list[str], tr_idx: np.ndarray,
+def _run_stages(job: ImagesJob, state: _State, keys: dict[str, str], ds: Any, paths: list[str],
+                tr_idx: np.ndarray,
                 te_idx: np.ndarray, y_tr: np.ndarray, y_te: np.ndarray, injected: np.ndarray,
                 client: Any, say: Callable[[str], None], times: dict[str, float]
                 ) -> dict[str, Any]:
@@ -437,7 +469,7 @@ def _run_stages(job: ImagesJob, state: _State, ds: Any, paths: list[str], tr_idx
 
     # 2. decode ------------------------------------------------------------------------
     t = time.perf_counter()
-    key = _key({"split": state.data["stages"]["split"]["key"], "chunk": job.decode_chunk})
+    key = keys["decode"]
     if state.done("decode", key) is None:
         state.drop_after("decode", _ORDER)
         g = zarr.open_group(data_path, mode="w", zarr_format=3)
@@ -465,12 +497,7 @@ def _run_stages(job: ImagesJob, state: _State, ds: Any, paths: list[str], tr_idx
 
     # 3. train -------------------------------------------------------------------------
     t = time.perf_counter()
-    mkey = {k: getattr(job, k) for k in ("width", "stem", "epochs", "lr", "batch_size", "mean",
-                                          "std")}
-    if job.checkpoint:
-        mkey = {"checkpoint": _key({"sha": hashlib.sha256(
-            Path(job.checkpoint).read_bytes()).hexdigest()}), "mean": job.mean, "std": job.std}
-    key = _key({"decode": state.data["stages"]["decode"]["key"], **mkey})
+    key = keys["train"]
     model_file = out / "model.pt"
     done = state.done("train", key)
     if done is None:
@@ -506,9 +533,7 @@ def _run_stages(job: ImagesJob, state: _State, ds: Any, paths: list[str], tr_idx
 
     # 4. fit ---------------------------------------------------------------------------
     t = time.perf_counter()
-    ikey = {k: getattr(job, k) for k in ("method", "k", "dense_dim", "rank", "damping",
-                                          "layers", "fit_samples", "seed")}
-    key = _key({"train": state.data["stages"]["train"]["key"], **ikey})
+    key = keys["fit"]
     inf_file = out / "influence.pt"
     done = state.done("fit", key)
     if done is None:
@@ -538,14 +563,17 @@ def _run_stages(job: ImagesJob, state: _State, ds: Any, paths: list[str], tr_idx
     t = time.perf_counter()
     store_path = out / "influences.zarr"
     calc = DaskInfluenceCalculator(m, client, device=device)
+    chunks = dict(test_chunk=job.test_chunk, train_chunk=job.train_chunk)
+    plan = calc.plan(x_te, y_te, x_tr, y_tr, **chunks, self_influence=True, path=store_path,
+                     mode="a")
+    for line in plan.summary().splitlines():
+        say(f"  plan: {line.strip()}")
     with _quiet("distributed"):
-        store = calc.to_zarr(store_path, x_te, y_te, x_tr, y_tr,
-                             test_chunk=min(job.test_chunk, n_te),
-                             train_chunk=min(job.train_chunk, n_tr), mode="a",
+        store = calc.to_zarr(store_path, x_te, y_te, x_tr, y_tr, **chunks, mode="a",
                              self_influence=True, progress=job.progress,
                              test_index=te_idx, train_index=tr_idx,
-                             **_names(calc, [paths[i] for i in te_idx],
-                                      [paths[i] for i in tr_idx]))
+                             test_names=[paths[i] for i in te_idx],
+                             train_names=[paths[i] for i in tr_idx])
     times["matrix"] = time.perf_counter() - t
     nbytes = sum(f.stat().st_size for f in store_path.rglob("*") if f.is_file())
     say(f"  influence matrix {n_te} x {n_tr} (chunks {store.chunks[0]} x {store.chunks[1]}, "
@@ -598,7 +626,7 @@ def _run_stages(job: ImagesJob, state: _State, ds: Any, paths: list[str], tr_idx
         "model": state.data["stages"]["train"], "fit": state.data["stages"]["fit"],
         "influence": {"class": type(m).__name__, "config": m.config(),
                       "feature_dims": [k_test, k_train]},
-        "store": str(store_path), "store_bytes": nbytes,
+        "store": str(store_path), "store_bytes": nbytes, "plan": plan.as_dict(),
         "detection": det, "known_flipped_source": src or None,
         "suspects_csv": str(out / "suspects.csv"), "pictures": pics,
         "memory": {},
@@ -630,15 +658,6 @@ class _Rows:
     def __getitem__(self, sl: slice) -> Any:
         start, stop, _ = sl.indices(self.n)
         return self.a[start:stop]
-
-
-def _names(calc: Any, test_names: list[str], train_names: list[str]) -> dict[str, Any]:
-    """File-name coordinates, when the calculator's ``to_zarr`` accepts them."""
-    import inspect
-
-    if "train_names" in inspect.signature(calc.to_zarr).parameters:
-        return {"test_names": test_names, "train_names": train_names}
-    return {}
 
 
 class _quiet:
