@@ -34,6 +34,7 @@ from ..exceptions import (
     InputError,
     NonFiniteError,
     NoTrainableParametersError,
+    UnsupportedModelError,
 )
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -259,6 +260,27 @@ def output_hessian_factors(
             for k in range(c) if bool((w[:, k] > 0).any())]
 
 
+def check_batchnorm_eval(model: nn.Module) -> None:
+    """Refuse BatchNorm in training mode (or without running statistics): batch statistics
+    couple the samples of a batch, so per-sample gradients are not defined. Checked before
+    every batch, so a model put back into ``train()`` after construction is refused before
+    any forward pass changes its buffers."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    for name, mod in model.named_modules():
+        if isinstance(mod, _BatchNorm):
+            if mod.training:
+                raise UnsupportedModelError(
+                    f"{type(mod).__name__} {name!r} is in training mode: batch statistics "
+                    "couple the samples of a batch, so per-sample gradients are not "
+                    "defined; call model.eval() first")
+            if mod.running_mean is None or mod.running_var is None:
+                raise UnsupportedModelError(
+                    f"{type(mod).__name__} {name!r} has track_running_stats=False and uses "
+                    "batch statistics even in eval mode; per-sample gradients are not "
+                    "defined for it")
+
+
 class BatchSource:
     """Validated micro-batches of a data source on the model's device and input dtype, and the
     mean loss over a data source: shared by :class:`ModelGradients` and the projected
@@ -273,6 +295,7 @@ class BatchSource:
         raise NotImplementedError
 
     def _prepare(self, x: Any, y: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        check_batchnorm_eval(self.model)
         dtype = self._input_dtype()
         xt = as_tensor(x, dtype=dtype, device=self.device)  # type: ignore[attr-defined]
         yt = as_tensor(y, device=self.device)  # type: ignore[attr-defined]

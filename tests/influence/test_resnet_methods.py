@@ -316,10 +316,6 @@ def test_projection_converges_to_the_unprojected_answer(net):
 
 
 # ---------------------------------------------------------------------- train mode
-@pytest.mark.xfail(strict=True, reason="unprojected methods do not check BatchNorm's mode: "
-                   "a model put in train mode after construction fails with torch.func's raw "
-                   "RuntimeError after one BatchNorm has counted a batch "
-                   "(num_batches_tracked); the projected path refuses clearly")
 def test_train_mode_is_refused_before_any_pass():
     from dvl_ooc.exceptions import InputError
 
