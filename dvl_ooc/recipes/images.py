@@ -466,6 +466,8 @@ def _run_stages(job: ImagesJob, state: _State, keys: dict[str, str], ds: Any, pa
     ch = 1 if ds.grayscale else 3
     data_path = str(out / "data.zarr")
     device = "cuda:0" if job.cluster == "cuda" else None
+    # the client trains and fits on a GPU when the job runs on GPU workers and one is visible
+    local = "cuda" if job.cluster == "cuda" and torch.cuda.is_available() else "cpu"
 
     # 2. decode ------------------------------------------------------------------------
     t = time.perf_counter()
@@ -512,11 +514,11 @@ def _run_stages(job: ImagesJob, state: _State, keys: dict[str, str], ds: Any, pa
             mean, std = (job.mean, job.std) if job.mean is not None else \
                 channel_stats((x_np, y_tr), background=None)
             model = ResNet18(C, job.width, ch, job.stem, mean=mean, std=std, seed=job.seed)
-            train_resnet(model, (x_np, y_tr), epochs=job.epochs, lr=job.lr,
+            train_resnet(model.to(local), (x_np, y_tr), epochs=job.epochs, lr=job.lr,
                          batch_size=job.batch_size, seed=job.seed, progress=job.progress)
             del x_np
             how = f"trained ResNet18(width={job.width}, stem={job.stem!r}) for {job.epochs} epochs"
-        model.eval()
+        model.eval().cpu()
         tmp = model_file.with_suffix(".tmp")
         torch.save(model, tmp)
         os.replace(tmp, model_file)
@@ -538,7 +540,7 @@ def _run_stages(job: ImagesJob, state: _State, keys: dict[str, str], ds: Any, pa
     done = state.done("fit", key)
     if done is None:
         state.drop_after("fit", _ORDER)
-        m = _make_influence(job, model, 1e-8)
+        m = _make_influence(job, model.to(local), 1e-8)
         nf = n_tr if job.fit_samples is None else min(job.fit_samples, n_tr)
         m.fit((x_tr if nf == n_tr else _Rows(x_tr, nf), y_tr[:nf]))
         # the fitted curvature does not depend on lambda: set it relative to the spectrum
@@ -550,6 +552,7 @@ def _run_stages(job: ImagesJob, state: _State, keys: dict[str, str], ds: Any, pa
         done = state.finish("fit", key, n_fit=nf, regularization=reg,
                             seconds=time.perf_counter() - t)
     blob = torch.load(inf_file, map_location="cpu", weights_only=False)
+    model.cpu()  # shipped to the workers from the CPU (each moves it to its device once)
     m = _make_influence(job, model, blob["regularization"]).load_state(blob["blocks"])
     times["fit"] = time.perf_counter() - t
     k_test, k_train = m.feature_dims()
