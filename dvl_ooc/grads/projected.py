@@ -19,7 +19,11 @@ backward passes seeded by ``l_ic`` (:meth:`GradientProjector.project_output_vect
 are the exact gradients rearranged, and influences equal the unprojected Gauss-Newton ones.
 
 Only ``mode="gauss-newton"`` exists: the exact Hessian's second-order term ``sum_o (d l / d
-o) d^2 o / d theta^2`` has no per-sample factorisation through the projection.
+o) d^2 o / d theta^2`` has no per-sample factorisation through the projection. The projected
+matrix is therefore positive semi-definite by construction (for losses convex in the outputs):
+the influence models' curvature diagnostics report the lower bound 0 where they do not know
+the whole spectrum, and their indefinite-curvature policy
+(:mod:`dvl_ooc.influence.diagnostics`) can only fire on rounding, never on the model.
 
 Cost (``n`` samples, ``k`` features, ``c`` output-Hessian factors per sample, ``c <=`` number
 of outputs, ``c - 1`` for softmax cross-entropy):

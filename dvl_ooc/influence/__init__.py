@@ -3,6 +3,7 @@
 from .arnoldi import ArnoldiInfluence
 from .base import InfluenceModel
 from .cg import CgInfluence
+from .diagnostics import Relative
 from .direct import DirectInfluence
 from .ekfac import EkfacInfluence
 from .lissa import LissaInfluence
@@ -17,5 +18,6 @@ __all__ = [
     "InfluenceModel",
     "LissaInfluence",
     "NystroemSketchInfluence",
+    "Relative",
     "TracInCP",
 ]

@@ -38,10 +38,19 @@ solver wins. ``info["fit"]`` records passes and products per block. State: ``p_b
 eigenvector entries per block. Precondition: two ``(n, p_b) x (p_b, k)`` products.
 
 Negative eigenvalues: with ``hessian="exact"`` (indefinite for non-convex models) an eigenvalue
-below ``-lambda`` makes ``H + lambda I`` indefinite. The fit then emits an
-:class:`~dvl_ooc.exceptions.IndefiniteCurvatureWarning` (and raises
-:class:`~dvl_ooc.exceptions.RegularizationError` when ``w + lambda`` is numerically 0); use
-``hessian="gauss-newton"`` or a larger ``regularization``.
+below ``-lambda`` makes ``H + lambda I`` indefinite. The fit then applies the indefinite policy
+of every method: an :class:`~dvl_ooc.exceptions.IndefiniteCurvatureWarning`, or
+:class:`~dvl_ooc.exceptions.IndefiniteCurvatureError` with ``raise_on_indefinite=True``
+(:class:`~dvl_ooc.exceptions.RegularizationError` when ``w + lambda`` is numerically 0); use
+``hessian="gauss-newton"`` or a larger ``regularization``. With ``which="LM"`` every unresolved
+eigenvalue is smaller in magnitude than the k-th kept one, which certifies the lower bound
+``lambda_min >= min(w_min, -|w_k|)`` reported by :meth:`diagnostics`.
+
+Diagnostics: after the Lanczos fit, ONE more data pass multiplies ``probes`` (4) seeded
+Gaussian vectors (stream ``(seed, block index, 2)``) for the approximation error
+``||H z - V diag(w) V^T z|| / ||H z||`` and a deflated Hutchinson estimate of ``trace(H_b)``
+(``Relative(..., of="mean")``); the dense path knows the whole spectrum and computes both
+without data (:mod:`dvl_ooc.influence.diagnostics`).
 """
 
 from __future__ import annotations
@@ -60,11 +69,11 @@ from ..exceptions import ConvergenceError, InputError, RegularizationError
 from ..grads import HessianMode, LossFn, ParamBlock
 from ..seeding import numpy_rng
 from .base import InfluenceModel
+from .diagnostics import PROBES, Relative, Spectrum, low_rank_error, probe_vectors
 from .sketch import (
     _NoConvergence,
     block_krylov_eigs,
     check_dtype,
-    check_shifted,
     resolve_ranks,
 )
 
@@ -99,6 +108,7 @@ class ArnoldiInfluence(InfluenceModel):
         seed: seed of the Lanczos start vectors (stream ``(seed, block index)``).
         state_dtype: dtype of the stored eigenvectors (``torch.float64`` default; float32
             halves the state for large blocks). Eigenvalues are always float64.
+        raise_on_indefinite: refuse an indefinite ``H + lambda I`` instead of warning.
     """
 
     _state_keys = ("eigenvalues", "eigenvectors")
@@ -125,13 +135,14 @@ class ArnoldiInfluence(InfluenceModel):
         state_dtype: torch.dtype = torch.float64,
         micro_batch_size: int = 64,
         projection: Any = None,
+        raise_on_indefinite: bool = False,
         **deprecated: Any,
     ) -> None:
         rtol = renamed_arguments(ArnoldiInfluence.__init__, deprecated, {"tol": "rtol"},
                                  {"rtol": rtol}).get("rtol", rtol)
         super().__init__(model, loss, regularization=regularization, blocks=blocks,
                          hessian=hessian, layers=layers, micro_batch_size=micro_batch_size,
-                         projection=projection)
+                         projection=projection, raise_on_indefinite=raise_on_indefinite)
         self.ranks = resolve_ranks(rank, self.blocks)
         if solver not in ("block", "arpack"):
             raise InputError(f"solver must be 'block' or 'arpack', got {solver!r}")
@@ -153,7 +164,8 @@ class ArnoldiInfluence(InfluenceModel):
         if max_iter is not None and (not isinstance(max_iter, int) or max_iter < 1):
             raise InputError(f"max_iter must be an int >= 1, got {max_iter!r}")
         if complement:
-            zero = [k for k, v in self.regularization.items() if v <= 0]
+            zero = [k for k, v in self.regularization.items()
+                    if not isinstance(v, Relative) and v <= 0]
             if zero:
                 raise RegularizationError(
                     f"complement=True weights the unresolved spectrum by 1/lambda and needs "
@@ -202,22 +214,45 @@ class ArnoldiInfluence(InfluenceModel):
         "block-lanczos" or "arpack"), rank, data passes and curvature products."""
         p = block.numel
         k, bs, ncv = self._krylov_dims(block)
+        psd = self.hessian_mode == "gauss-newton"
+        eps = float(torch.finfo(self.grads.dtype).eps)
+        Z = probe_vectors(p, PROBES, self._diagnostics_rng(index), self.grads.device)
         if k >= p or ncv >= p:
             H = self.grads.hessian(data, block, self.hessian_mode)
-            w, V = torch.linalg.eigh(H)
-            order = torch.argsort(w.abs() if self.which == "LM" else w, descending=True)[:k]
-            w, V = w[order], V[:, order]
+            w_all, V_all = torch.linalg.eigh(H)
+            order = torch.argsort(w_all.abs() if self.which == "LM" else w_all,
+                                  descending=True)[:k]
+            w, V = w_all[order], V_all[:, order]
             self.info["fit"].append({"block": block.name, "method": "dense", "rank": k,
                                      "data_passes": None, "products": None})
-        elif self.solver == "block":
-            w, V, info = self._block_lanczos(index, block, data, k, bs, ncv)
-            self.info["fit"].append({"block": block.name, "method": "block-lanczos",
-                                     "rank": k, **info})
+            err = None
+            if k < p:  # the error of the truncation, from the known spectrum (no data)
+                HZ = ((Z.to(V_all) @ V_all) * w_all) @ V_all.T
+                err, _ = low_rank_error(Z, HZ, V, w)
+            self._pending_spectra[index] = Spectrum(
+                "eigendecomposition", p, eigenvalues=w_all, complete=True, psd=psd, eps=eps,
+                error=err, extra={"rank": k}, inverted=w)
         else:
-            w, V, passes = self._lanczos(index, block, data, k, ncv)
-            self.info["fit"].append({"block": block.name, "method": "arpack", "rank": k,
-                                     "data_passes": passes, "products": passes})
-        check_shifted(w, reg, block.name, type(self).__name__)
+            if self.solver == "block":
+                w, V, info = self._block_lanczos(index, block, data, k, bs, ncv)
+                self.info["fit"].append({"block": block.name, "method": "block-lanczos",
+                                         "rank": k, **info})
+            else:
+                w, V, passes = self._lanczos(index, block, data, k, ncv)
+                self.info["fit"].append({"block": block.name, "method": "arpack", "rank": k,
+                                         "data_passes": passes, "products": passes})
+            Zd = Z.to(self.grads.dtype)
+            HZ = self.grads.hvp(Zd, data, block, self.hessian_mode).to(torch.float64)
+            err, trace = low_rank_error(Zd.to(torch.float64), HZ, V, w)
+            self.info["fit"][-1]["diagnostic_passes"] = 1
+            kth = float(w.abs().min())
+            lm = self.which == "LM"
+            self._pending_spectra[index] = Spectrum(
+                "lanczos top-k", p, eigenvalues=w, psd=psd, eps=eps,
+                min_bound=min(float(w.min()), -kth) if lm else None,
+                top_is_exact=(not lm) or float(w.max()) >= kth, trace=trace, error=err,
+                extra={"rank": k})
+        # singular / indefinite H + lambda I: checked by InfluenceModel.fit from the spectrum
         return {"eigenvalues": w.to(torch.float64),
                 "eigenvectors": V.to(self.state_dtype).contiguous()}
 

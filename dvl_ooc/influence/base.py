@@ -25,12 +25,29 @@ method whose blocks share data passes, like EK-FAC, overrides ``_fit_blocks`` in
 ``(n, p_block)`` matrix; ``_state_keys`` names the fitted tensors so that the state can be saved
 and shipped.
 
-Diagnostics: ``info["fit"]`` (one plain-data dict per block, reset by every ``fit``) and
-``info["solve"]`` (one dict per block from the last ``precondition``, for iterative solvers).
+Diagnostics: ``info["fit"]`` (one plain-data dict per block, reset by every ``fit``, with the
+resolved ``regularization`` of the block), ``info["solve"]`` (one dict per block from the last
+``precondition``, for iterative solvers) and ``info["curvature"]`` (= :meth:`diagnostics`: top
+and smallest eigenvalue or a bound, negative share, condition number of ``H + lambda I``,
+effective rank, approximation error; :mod:`dvl_ooc.influence.diagnostics` for the format).
+
+After ``_fit_blocks``, :meth:`InfluenceModel.fit` asks each block for what the method knows
+about its spectrum (``_block_spectrum``: eigenvalues, bounds or a Lanczos estimate, a
+:class:`~dvl_ooc.influence.diagnostics.Spectrum`), resolves relative damping
+(``regularization=Relative(1e-3)`` or ``"1e-3*top"``, ``Relative(0.1, of="mean")``) per block
+from it, refuses a numerically singular ``H + lambda I`` (:class:`RegularizationError`) and
+applies the one indefinite policy: an :class:`~dvl_ooc.exceptions.IndefiniteCurvatureWarning`
+when ``H + lambda I`` is known to be indefinite, or
+:class:`~dvl_ooc.exceptions.IndefiniteCurvatureError` with ``raise_on_indefinite=True``.
+Only then is the fitted state committed; ``_after_regularization`` lets a method derive
+lambda-dependent state (LiSSA's scale). Setting ``model.regularization`` on a fitted model
+re-resolves, re-checks and re-derives without a new fit (the curvature does not depend on
+lambda).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import math
@@ -51,8 +68,25 @@ from ..exceptions import (
 )
 from ..grads import HessianMode, LossFn, ModelGradients, ParamBlock, ProjectedGradients
 from ..layers.projection import GradientProjector
+from ..seeding import numpy_rng
+from .diagnostics import (
+    DIAGNOSTICS_KEY,
+    FIT_PROBES,
+    PROBES,
+    STEPS,
+    Relative,
+    Spectrum,
+    advice,
+    as_damping,
+    check_singular,
+    enforce,
+    lanczos_spectrum,
+    summarize,
+)
 
-__all__ = ["InfluenceModel", "validate_fit_data"]
+__all__ = ["InfluenceModel", "Relative", "validate_fit_data"]
+
+Damping = float | str | Relative
 
 #: the keys ``projection=`` accepts as a mapping (the :class:`GradientProjector` arguments)
 _PROJECTION_KEYS = ("k_in", "k_out", "dense_dim", "seed", "dtype")
@@ -99,8 +133,11 @@ class InfluenceModel:
     Args:
         model: trained network; it is put into ``eval()`` mode.
         loss: mean-reduced loss ``loss(outputs, targets)``.
-        regularization: ``lambda`` added to the curvature; a float, or a mapping
-            ``block name -> float`` when using several blocks.
+        regularization: ``lambda`` added to the curvature: a float; or relative to each
+            block's spectrum, resolved by :meth:`fit` and recorded (``info["fit"]``,
+            :meth:`config`): ``Relative(1e-3)`` (``1e-3 x`` the top eigenvalue; the string
+            ``"1e-3*top"`` is the same) or ``Relative(0.1, of="mean")`` (``0.1 x trace/p``,
+            ``"0.1*mean"``); or a mapping ``block name -> any of these``.
         blocks: how the attributed parameters are grouped into curvature blocks:
             ``"model"``, ``"layer"`` or a mapping ``block name -> parameter/module names``.
         hessian: ``"gauss-newton"`` (default for every method; positive semi-definite for
@@ -119,11 +156,16 @@ class InfluenceModel:
             (:class:`~dvl_ooc.grads.ProjectedGradients` for the costs). ``blocks`` is then
             ``"model"`` or ``"layer"`` (one block per projected layer, plus the dense block).
             The projector pickles without its matrices (regenerated from the seed).
+        raise_on_indefinite: when ``H + lambda I`` is known to be indefinite after ``fit``
+            (eigenvalues below ``-lambda``), raise
+            :class:`~dvl_ooc.exceptions.IndefiniteCurvatureError` instead of warning with
+            :class:`~dvl_ooc.exceptions.IndefiniteCurvatureWarning` (the default).
 
     Attributes:
         info: diagnostics as plain data: ``info["fit"]`` (list of per-block dicts, reset by
             :meth:`fit`) and ``info["solve"]`` (per-block dicts of the last
-            :meth:`precondition`; empty for direct methods).
+            :meth:`precondition`; empty for direct methods) and ``info["curvature"]``
+            (:meth:`diagnostics` as of the last ``fit`` or ``diagnostics`` call).
     """
 
     #: methods that cannot work with lambda == 0 set this to True
@@ -146,12 +188,13 @@ class InfluenceModel:
         model: nn.Module,
         loss: LossFn,
         *,
-        regularization: float | Mapping[str, float] = 1e-3,
+        regularization: Damping | Mapping[str, Damping] = 1e-3,
         blocks: str | Mapping[str, Sequence[str]] = "model",
         hessian: HessianMode = "gauss-newton",
         layers: Sequence[str] | None = None,
         micro_batch_size: int = 64,
         projection: GradientProjector | Mapping[str, Any] | None = None,
+        raise_on_indefinite: bool = False,
     ) -> None:
         if hessian not in self.supported_hessians:
             raise InputError(
@@ -176,9 +219,11 @@ class InfluenceModel:
                                             micro_batch_size=micro_batch_size)
         self.layers: list[str] | None = self.grads.layers
         self.hessian_mode: HessianMode = hessian
-        self.info: dict[str, list[dict[str, Any]]] = {"fit": [], "solve": []}
-        self.regularization = self._resolve_regularization(regularization)
+        self.info: dict[str, Any] = {"fit": [], "solve": [], "curvature": None}
+        self.raise_on_indefinite = bool(raise_on_indefinite)
         self._state: list[dict[str, torch.Tensor]] | None = None
+        self._spectra: list[Spectrum | None] | None = None
+        self.regularization = regularization  # type: ignore[assignment]
         self._fit_data: DataLike | None = None
         self.n_fit: int | None = None
 
@@ -213,7 +258,38 @@ class InfluenceModel:
                       DeprecationWarning, stacklevel=2)
         return self.info["solve"]
 
-    def _resolve_regularization(self, reg: float | Mapping[str, float]) -> dict[str, float]:
+    # ------------------------------------------------------------------ regularization
+    @property
+    def regularization(self) -> dict[str, float | Relative]:
+        """``lambda`` per block: floats (resolved after :meth:`fit` for relative damping; a
+        block whose relative damping is not resolved yet holds its :class:`Relative`).
+
+        Assigning a float, a :class:`Relative` (or its string) or a mapping validates it; on a
+        fitted model it is resolved from the fitted spectrum at once and checked (singular,
+        indefinite policy) without a new fit."""
+        return self._regularization
+
+    @regularization.setter
+    def regularization(self, value: Damping | Mapping[str, Damping]) -> None:
+        spec = self._resolve_regularization(value)
+        if self._state is not None and self._spectra is None and any(
+                isinstance(v, Relative) for v in spec.values()):
+            raise RegularizationError(
+                f"{type(self).__name__}: this fitted model carries no spectrum (fitted or saved "
+                "before relative damping existed); refit it to use a relative regularization")
+        if self._state is None or self._spectra is None:
+            self._damping = spec
+            self._regularization = dict(spec)
+            return
+        regs = self._resolve_damping(spec, self._spectra)
+        summaries = self._check_curvature(self._spectra, regs, spec)
+        self._damping, self._regularization = spec, regs  # type: ignore[assignment]
+        self._commit_regularization(summaries)
+
+    def _resolve_regularization(self, reg: Damping | Mapping[str, Damping]
+                                ) -> dict[str, float | Relative]:
+        """Validate ``regularization`` (a value or a mapping over the block names) into a
+        dict ``block name -> float or Relative`` (floats for absolute values, unchanged)."""
         names = [b.name for b in self.blocks]
         if isinstance(reg, Mapping):
             missing = set(names) - set(reg)
@@ -223,22 +299,95 @@ class InfluenceModel:
                     f"regularization mapping must have exactly the block names {names}; "
                     f"missing {sorted(missing)}, unknown {sorted(extra)}"
                 )
-            out = {k: float(reg[k]) for k in names}
+            out = {k: as_damping(reg[k]) for k in names}
         else:
-            try:
-                out = {k: float(reg) for k in names}
-            except (TypeError, ValueError) as e:
-                raise RegularizationError(f"regularization must be a number, got {reg!r}") from e
+            value = as_damping(reg)
+            out = {k: value for k in names}
         for k, v in out.items():
+            if isinstance(v, Relative):
+                continue
             if not (v == v) or v in (float("inf"), float("-inf")):
                 raise RegularizationError(f"regularization for block {k!r} is not finite: {v}")
             if v < 0 or (v == 0 and self.requires_positive_regularization):
                 need = "> 0" if self.requires_positive_regularization else ">= 0"
                 raise RegularizationError(
                     f"{type(self).__name__} needs regularization {need} (block {k!r} has {v}); "
-                    "pass a small positive value, e.g. 1e-3 times the top Hessian eigenvalue"
+                    "pass a small positive value, e.g. Relative(1e-3) (1e-3 times the top "
+                    "eigenvalue of each block)"
                 )
         return out
+
+    @property
+    def regularization_rule(self) -> dict[str, str | None] | None:
+        """The relative damping per block (``"0.001*top"``; ``None`` for absolute blocks), or
+        ``None`` when every block is absolute."""
+        damping = getattr(self, "_damping", {})
+        if not any(isinstance(v, Relative) for v in damping.values()):
+            return None
+        return {k: str(v) if isinstance(v, Relative) else None for k, v in damping.items()}
+
+    def _fit_reg(self, name: str) -> float:
+        """The ``reg`` argument of ``_fit_block``: the absolute value, or NaN for a block whose
+        relative damping is resolved only after the fit (methods must not use it then)."""
+        v = self._damping[name]
+        return math.nan if isinstance(v, Relative) else float(v)
+
+    def _resolve_damping(self, spec: Mapping[str, float | Relative],
+                         spectra: Sequence[Spectrum | None]) -> dict[str, float]:
+        out = {}
+        for block, sp in zip(self.blocks, spectra):
+            v = spec[block.name]
+            out[block.name] = (v.resolve(sp, block.name, type(self).__name__)
+                               if isinstance(v, Relative) else float(v))
+        self._resolve_regularization(out)  # requires_positive_regularization, finiteness
+        return out
+
+    def _check_curvature(self, spectra: Sequence[Spectrum | None], regs: Mapping[str, float],
+                         spec: Mapping[str, float | Relative]) -> list[dict[str, Any]]:
+        """Per block: refuse a singular ``H + lambda I``, summarise, apply the indefinite
+        policy (warn, or raise with ``raise_on_indefinite``); returns the summaries."""
+        method = type(self).__name__
+        summaries = []
+        for block, sp in zip(self.blocks, spectra):
+            reg = regs[block.name]
+            if sp is not None:
+                check_singular(sp.eigenvalues if sp.inverted is None else sp.inverted, reg,
+                               block.name, method)
+            rule = spec[block.name]
+            summaries.append(summarize(sp, block.name, block.numel, reg,
+                                       str(rule) if isinstance(rule, Relative) else None))
+        for sm in summaries:
+            enforce(sm, method, self.hessian_mode, self.raise_on_indefinite, stacklevel=4)
+        return summaries
+
+    def _commit_regularization(self, summaries: list[dict[str, Any]]) -> None:
+        """Record the resolved values (``info["fit"]``, ``info["curvature"]``) and let the
+        method derive its lambda-dependent state."""
+        rule = self.regularization_rule or {}
+        for d in self.info["fit"]:
+            name = d.get("block") if isinstance(d, dict) else None
+            if name in self._regularization:
+                d["regularization"] = self._regularization[name]
+                if rule.get(name):
+                    d["regularization_rule"] = rule[name]
+        for i, block in enumerate(self.blocks):
+            self._after_regularization(i, block, self._regularization[block.name])
+        self.info["curvature"] = self._curvature_report(summaries)
+
+    def _curvature_report(self, summaries: list[dict[str, Any]]) -> dict[str, Any]:
+        flags = [s["indefinite"] for s in summaries]
+        bad = [s for s in summaries if s["indefinite"] is True]
+        return {
+            "method": type(self).__name__,
+            "hessian": self.hessian_mode,
+            "indefinite": True if bad else (False if flags and all(f is False for f in flags)
+                                            else None),
+            "advice": advice(bad[0], type(self).__name__, self.hessian_mode) if bad else None,
+            "blocks": summaries,
+        }
+
+    def _after_regularization(self, index: int, block: ParamBlock, reg: float) -> None:
+        """Hook: derive lambda-dependent fitted state of block ``index`` (default: none)."""
 
     @property
     def projector(self) -> GradientProjector | None:
@@ -247,15 +396,21 @@ class InfluenceModel:
 
     def config(self) -> dict[str, Any]:
         """Plain-data description of the method and its parameters (for stores and
-        fingerprints); with ``projection=`` it includes the projector's configuration."""
+        fingerprints); with ``projection=`` it includes the projector's configuration. With
+        relative damping, ``regularization`` holds the resolved floats after :meth:`fit` (the
+        rule before) and ``regularization_rule`` the rule."""
         cfg = {
             "method": type(self).__name__,
             "hessian": self.hessian_mode,
-            "regularization": dict(self.regularization),
+            "regularization": {k: str(v) if isinstance(v, Relative) else v
+                               for k, v in self.regularization.items()},
             "blocks": {b.name: list(b.names) for b in self.blocks},
             "layers": None if self.layers is None else list(self.layers),
             **self._extra_config(),
         }
+        rule = self.regularization_rule
+        if rule is not None:  # absolute configurations (and fingerprints) stay as they were
+            cfg["regularization_rule"] = rule
         if self.projector is not None:
             cfg["projection"] = self.projector.config()
         return cfg
@@ -274,11 +429,112 @@ class InfluenceModel:
         if self.validates_fit_data:
             validate_fit_data(self.grads, data)
         self.info["fit"] = []
-        state = self._fit_blocks(data)
+        self.info["curvature"] = None
+        self._pending_spectra: dict[int, Spectrum] = {}
+        try:
+            state = self._fit_blocks(data)
+            spectra = [self._block_spectrum(i, block, state[i], data)
+                       for i, block in enumerate(self.blocks)]
+        finally:
+            del self._pending_spectra
+        regs = self._resolve_damping(self._damping, spectra)
+        summaries = self._check_curvature(spectra, regs, self._damping)
         self.n_fit = n
         self._state = state
+        self._spectra = spectra
+        self._regularization = regs  # type: ignore[assignment]
         self._fit_data = data if self.needs_data_to_precondition else None
+        self._commit_regularization(summaries)
         return self
+
+    # ------------------------------------------------------------------ diagnostics
+    def _block_spectrum(self, index: int, block: ParamBlock, state: Mapping[str, Any],
+                        data: DataLike) -> Spectrum | None:
+        """Hook: what the fit learned about the spectrum of block ``index``. Default: the
+        :class:`Spectrum` a ``_fit_block`` left in ``self._pending_spectra[index]``, else
+        nothing known (positive semi-definite by construction for the Gauss-Newton matrix)."""
+        pending = getattr(self, "_pending_spectra", {}).get(index)
+        return pending if pending is not None else self._unknown_spectrum(block)
+
+    def _estimate_spectrum(self, index: int, block: ParamBlock, spectrum: Spectrum | None,
+                           data: DataLike, probes: int, steps: int) -> Spectrum | None:
+        """Hook of :meth:`diagnostics`: complete ``spectrum`` with data passes (default: a
+        Lanczos estimate where nothing is known)."""
+        if spectrum is not None and (spectrum.eigenvalues is not None
+                                     or spectrum.ritz is not None):
+            return spectrum
+        return self._lanczos_spectrum(index, block, data, probes=probes, steps=steps)
+
+    def _spectrum_estimate_if_needed(self, index: int, block: ParamBlock, data: DataLike
+                                     ) -> Spectrum:
+        """For methods without a stored spectrum (CG, LiSSA): the Lanczos estimate when the
+        fit needs it (``hessian="exact"``: the indefinite check; relative damping: its
+        resolution), else nothing known (estimated later by :meth:`diagnostics`)."""
+        rule = self._damping[block.name]
+        if self.hessian_mode == "exact" or isinstance(rule, Relative):
+            mean = isinstance(rule, Relative) and rule.of == "mean"
+            spec = self._lanczos_spectrum(index, block, data,
+                                          probes=PROBES if mean else FIT_PROBES)
+            for d in self.info["fit"]:
+                if d.get("block") == block.name:
+                    d["diagnostic_passes"] = spec.extra["lanczos_steps"]
+            return spec
+        return self._unknown_spectrum(block)
+
+    def _unknown_spectrum(self, block: ParamBlock) -> Spectrum:
+        return Spectrum("none", block.numel, psd=self.hessian_mode == "gauss-newton",
+                        eps=float(torch.finfo(self.grads.dtype).eps))
+
+    def _diagnostics_rng(self, index: int):
+        return numpy_rng(int(getattr(self, "seed", 0)), index, DIAGNOSTICS_KEY)
+
+    def _lanczos_spectrum(self, index: int, block: ParamBlock, data: DataLike, *,
+                          probes: int = PROBES, steps: int = STEPS) -> Spectrum:
+        """Seeded Lanczos estimate of a block's spectrum from curvature products over
+        ``data`` (``steps`` data passes of ``probes`` vectors;
+        :func:`~dvl_ooc.influence.diagnostics.lanczos_spectrum`)."""
+        dtype = self.grads.dtype
+
+        def matvec(Q: torch.Tensor) -> torch.Tensor:
+            return self.grads.hvp(Q.to(dtype), data, block, self.hessian_mode)
+
+        ritz, weights, calls = lanczos_spectrum(
+            matvec, block.numel, steps=steps, probes=probes,
+            rng=self._diagnostics_rng(index), device=self.grads.device)
+        return Spectrum("lanczos estimate", block.numel, ritz=ritz, weights=weights,
+                        psd=self.hessian_mode == "gauss-newton",
+                        eps=float(torch.finfo(dtype).eps),
+                        extra={"lanczos_steps": calls, "probes": int(ritz.shape[0])})
+
+    def diagnostics(self, data: DataLike | None = None, *, estimate: bool = True,
+                    probes: int = PROBES, steps: int = STEPS) -> dict[str, Any]:
+        """Curvature diagnostics per block as plain data (JSON-able; the format and what
+        every method knows: :mod:`dvl_ooc.influence.diagnostics`): top eigenvalue, smallest
+        eigenvalue or a certified bound, negative share and mass, whether ``H + lambda I`` is
+        indefinite, its condition number, the effective rank ``sum w / (w + lambda)``, and
+        the approximation error of low-rank models.
+
+        What ``fit`` measured costs nothing. With ``estimate`` (default) and data (``data``,
+        or the fit data a CG / LiSSA model keeps attached), what needs data passes is added
+        and kept: a seeded Lanczos estimate (``steps`` passes of ``probes`` vectors) for
+        blocks without a spectrum, EK-FAC's error against the Gauss-Newton block."""
+        if self._state is None:
+            raise NotFittedError(
+                f"{type(self).__name__} is not fitted; call .fit(train_data) first")
+        spectra = list(self._spectra) if self._spectra is not None else [
+            None for _ in self.blocks]
+        src = data if data is not None else self._fit_data
+        if estimate and src is not None:
+            for i, block in enumerate(self.blocks):
+                spectra[i] = self._estimate_spectrum(i, block, spectra[i], src, probes, steps)
+            self._spectra = spectra
+        rule = self.regularization_rule or {}
+        summaries = [summarize(sp, b.name, b.numel, float(self._regularization[b.name]),
+                               rule.get(b.name)) for b, sp in zip(self.blocks, spectra)]
+        self.info["curvature"] = self._curvature_report(summaries)
+        import copy
+
+        return copy.deepcopy(self.info["curvature"])
 
     def _fit_bytes(self, block: ParamBlock) -> int:
         """Estimated peak working memory (bytes) of fitting one block; 0 when it is small by
@@ -308,7 +564,7 @@ class InfluenceModel:
 
     def _fit_blocks(self, data: DataLike) -> list[dict[str, torch.Tensor]]:
         """The fitted state of every block (default: ``_fit_block`` block by block)."""
-        return [self._fit_block(i, block, data, self.regularization[block.name])
+        return [self._fit_block(i, block, data, self._fit_reg(block.name))
                 for i, block in enumerate(self.blocks)]
 
     def attach_data(self, data: DataLike) -> InfluenceModel:
@@ -325,11 +581,20 @@ class InfluenceModel:
         d["_fit_data"] = None
         return d
 
+    def __setstate__(self, d: dict[str, Any]) -> None:
+        if "regularization" in d:  # pickled before regularization became a property
+            d["_regularization"] = d.pop("regularization")
+        d.setdefault("_damping", dict(d["_regularization"]))
+        d.setdefault("_spectra", None)
+        d.setdefault("raise_on_indefinite", False)
+        self.__dict__.update(d)
+
     def _fit_block(
         self, index: int, block: ParamBlock, data: DataLike, reg: float
     ) -> dict[str, torch.Tensor]:
         """Estimate the curvature state of block ``index``; record diagnostics in
-        ``self.info["fit"]``."""
+        ``self.info["fit"]``. ``reg`` is the block's absolute regularization, or NaN when it
+        is relative (resolved from the spectrum after the fit): do not use it then."""
         raise NotImplementedError
 
     def _precondition_block(
@@ -432,18 +697,38 @@ class InfluenceModel:
 
     # ------------------------------------------------------------------ state
     def state(self) -> dict[str, Any]:
-        """Data-free fitted state: configuration and curvature tensors (no model weights)."""
+        """Data-free fitted state: configuration and curvature tensors (no model weights),
+        and what the fit measured about the spectra (for :meth:`diagnostics`)."""
         self._check_fitted()
-        return {"config": self.config(), "n_fit": self.n_fit, "blocks": self._state}
+        spectra = None if self._spectra is None else [
+            None if sp is None else dataclasses.asdict(sp) for sp in self._spectra]
+        return {"config": self.config(), "n_fit": self.n_fit, "blocks": self._state,
+                "spectra": spectra}
 
     def load_state(self, state: Mapping[str, Any]) -> InfluenceModel:
-        """Restore a state produced by :meth:`state` (the configuration must match)."""
+        """Restore a state produced by :meth:`state` (the configuration must match; a model
+        built with relative damping takes the resolved values of the state when the rule is
+        the same)."""
         mine, theirs = self.config(), state["config"]
+        relative = self.regularization_rule is not None
+        if relative and mine.get("regularization_rule") == theirs.get("regularization_rule"):
+            mine = {**mine, "regularization": theirs.get("regularization")}
         if mine != theirs:
             diff = {k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k)}
             raise InputError(f"state was fitted with a different configuration: {sorted(diff)}")
         self._state = [dict(s) for s in state["blocks"]]
         self.n_fit = state["n_fit"]
+        if relative:
+            self._regularization = {k: float(v)  # type: ignore[assignment]
+                                    for k, v in theirs["regularization"].items()}
+        spectra = state.get("spectra")
+        self._spectra = None if spectra is None else [
+            None if sp is None else Spectrum(**sp) for sp in spectra]
+        rule = self.regularization_rule or {}
+        summaries = [summarize(sp, b.name, b.numel, float(self._regularization[b.name]),
+                               rule.get(b.name))
+                     for b, sp in zip(self.blocks, self._spectra or [None] * len(self.blocks))]
+        self.info["curvature"] = self._curvature_report(summaries)
         return self
 
     def save(self, path: str) -> None:

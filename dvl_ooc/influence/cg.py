@@ -48,9 +48,19 @@ pixels give near-zero diagonal entries that it over-amplifies); it is meant for 
 parameters.
 
 CG needs A = H_b + lambda I positive definite. The exact Hessian of a non-convex model is
-indefinite: a direction with p^T A p <= 0 raises :class:`NegativeCurvatureError`; use
-``hessian="gauss-newton"`` (the default) or a larger ``regularization``. Random probes and
-sketches of block ``i`` use ``dvl_ooc.seeding`` streams keyed ``(seed, i)``.
+indefinite. With ``hessian="exact"`` the fit estimates each block's spectrum by a seeded
+Lanczos run (20 data passes of 2 vectors; 4 for ``Relative(..., of="mean")``,
+:mod:`dvl_ooc.influence.diagnostics`) and applies the indefinite policy of every method: a Ritz
+value below ``-lambda`` (never below the true smallest eigenvalue, so it proves indefiniteness)
+gives an :class:`~dvl_ooc.exceptions.IndefiniteCurvatureWarning`, or
+:class:`~dvl_ooc.exceptions.IndefiniteCurvatureError` with ``raise_on_indefinite=True``. A solve
+that still meets a direction with p^T A p <= 0 raises :class:`NegativeCurvatureError` (CG
+cannot continue). Use ``hessian="gauss-newton"`` (the default) or a larger ``regularization``.
+The same estimate resolves relative damping (``Relative(1e-3)``: the top Ritz value;
+``of="mean"``: the Hutchinson trace of the Lanczos start vectors); with the Gauss-Newton matrix
+and absolute damping the fit runs no estimate, and :meth:`diagnostics` runs it over the
+attached fit data on its first call. Random probes and sketches of block ``i`` use
+``dvl_ooc.seeding`` streams keyed ``(seed, i)``; the diagnostics ``(seed, i, 2)``.
 """
 
 from __future__ import annotations
@@ -76,6 +86,7 @@ from ..grads import HessianMode, LossFn, ModelGradients, ParamBlock, ProjectedGr
 from ..seeding import numpy_rng, torch_generator
 from .base import InfluenceModel
 from .base import validate_fit_data as validate_fit_data  # re-export (moved to base)
+from .diagnostics import Spectrum
 from .sketch import nystroem_sketch  # re-export: the one Nystroem sketch lives in sketch.py
 
 __all__ = ["CgInfluence", "gauss_newton_diagonal", "hutchinson_diagonal", "nystroem_sketch"]
@@ -204,6 +215,8 @@ class CgInfluence(InfluenceModel):
         seed: seed of the random sketches and probes (streams ``(seed, block index)``).
         raise_on_nonconvergence: raise :class:`ConvergenceError` instead of warning with
             :class:`ConvergenceWarning` when ``max_iter`` is reached.
+        raise_on_indefinite: refuse (at fit) an ``H + lambda I`` that the Lanczos estimate
+            shows indefinite instead of warning (module docstring).
 
     After each :meth:`precondition`, ``info["solve"]`` holds per block the number of
     iterations, the largest relative residual and how many columns converged.
@@ -234,6 +247,7 @@ class CgInfluence(InfluenceModel):
         seed: int = 0,
         raise_on_nonconvergence: bool = False,
         projection: Any = None,
+        raise_on_indefinite: bool = False,
         **deprecated: Any,
     ) -> None:
         old = renamed_arguments(CgInfluence.__init__, deprecated,
@@ -242,7 +256,7 @@ class CgInfluence(InfluenceModel):
         max_iter, solver = old.get("max_iter", max_iter), old.get("solver", solver)
         super().__init__(model, loss, regularization=regularization, blocks=blocks,
                          hessian=hessian, layers=layers, micro_batch_size=micro_batch_size,
-                         projection=projection)
+                         projection=projection, raise_on_indefinite=raise_on_indefinite)
         if not (rtol >= 0 and atol >= 0) or (rtol == 0 and atol == 0):
             raise InputError("need rtol >= 0 and atol >= 0, not both 0")
         if max_iter < 1:
@@ -352,6 +366,10 @@ class CgInfluence(InfluenceModel):
             _finite_or_raise(s, "the Nystroem sketch")
             return {"nystroem_basis": U, "nystroem_eigenvalues": s}
         return {}
+
+    def _block_spectrum(self, index: int, block: ParamBlock, state: Mapping[str, Any],
+                        data: DataLike) -> Spectrum | None:
+        return self._spectrum_estimate_if_needed(index, block, data)
 
     def _preconditioner_fn(self, i: int, reg: float):
         """``v (k, p) -> M^-1 v`` for block ``i``, or None."""

@@ -108,6 +108,15 @@ the corrected eigenvalues.
 State: per layer ``Q_A`` (``d_a^2``), ``Q_S`` (``d_out^2``), ``Lambda`` (``d_out d_a``) and the
 two Kronecker spectra, float64; independent of the number of training samples and of ``rank``.
 
+Diagnostics and damping: ``Lambda`` is the whole spectrum of the EK-FAC curvature (positive
+semi-definite by construction, so ``Lambda + lambda > 0`` for ``lambda > 0``; a zero
+``Lambda + lambda`` is a :class:`~dvl_ooc.exceptions.RegularizationError`), and with
+``fisher="ggn"`` ``mean(Lambda)`` is exactly ``trace / p`` of the layer's Gauss-Newton block.
+``regularization=Relative(0.1, of="mean")`` is kronfluence's heuristic (``0.1 x`` the mean
+eigenvalue, per layer); ``Relative(1e-3)`` takes ``1e-3 x max(Lambda)``. :meth:`diagnostics`
+with data adds the error of the EK-FAC model against the layer's Gauss-Newton block on
+``probes`` seeded vectors (one pass per layer).
+
 Limitations: only ``Linear`` and ``Conv2d`` (``groups=1``, zero padding) parameters may be
 attributed; with ``layers=None`` any other trainable parameter (norm affine, bare
 ``nn.Parameter``) raises :class:`~dvl_ooc.exceptions.UnsupportedModelError`: freeze it with
@@ -130,7 +139,6 @@ from ..exceptions import (
     InputError,
     NonFiniteError,
     NoTrainableParametersError,
-    RegularizationError,
     UnsupportedModelError,
 )
 from ..grads import LossFn, ParamBlock
@@ -138,6 +146,7 @@ from ..grads.functional import output_hessian_factors, select_parameters
 from ..layers import LayerCapture, kind_of
 from ..seeding import torch_generator
 from .base import InfluenceModel
+from .diagnostics import Spectrum, operator_error, probe_vectors
 
 __all__ = ["EkfacInfluence"]
 
@@ -339,6 +348,8 @@ class EkfacInfluence(InfluenceModel):
             of :meth:`config` (stores and fingerprints), not of the fitted state: a state
             fitted with one rank loads into a model with another, and ``rank`` may be changed
             on a fitted model.
+        raise_on_indefinite: refuse a non-positive ``Lambda + lambda`` instead of warning
+            (cannot happen with ``lambda >= 0``: ``Lambda`` is a sum of squares).
 
     Attributes:
         info: as in :class:`~dvl_ooc.influence.base.InfluenceModel`, plus
@@ -365,6 +376,7 @@ class EkfacInfluence(InfluenceModel):
         micro_batch_size: int = 64,
         projection: Any = None,
         rank: int | None = None,
+        raise_on_indefinite: bool = False,
     ) -> None:
         if projection is not None:
             raise InputError(
@@ -396,7 +408,8 @@ class EkfacInfluence(InfluenceModel):
         self.seed = int(seed)
         super().__init__(model, loss, regularization=regularization, blocks=mapping,
                          hessian=hessian, layers=layers,  # type: ignore[arg-type]
-                         micro_batch_size=micro_batch_size)
+                         micro_batch_size=micro_batch_size,
+                         raise_on_indefinite=raise_on_indefinite)
         self.info["ignored_parameters"] = _ignored_parameters(
             model, [n for b in self.blocks for n in b.names])
 
@@ -538,18 +551,14 @@ class EkfacInfluence(InfluenceModel):
                 "second; use a deterministic data source"
             )
         state = []
-        for ly, block in zip(self._layers, self.blocks):
+        eps = float(torch.finfo(self.grads.dtype).eps)
+        for i, (ly, block) in enumerate(zip(self._layers, self.blocks)):
             L = lam[ly.module] / n
             if not bool(torch.isfinite(L).all()):
                 raise NonFiniteError(f"non-finite eigenvalues for layer {block.name!r}")
-            reg = self.regularization[block.name]
-            floor = 1e-12 * max(1.0, float(L.max()))
-            if float((L + reg).min()) <= floor:
-                raise RegularizationError(
-                    f"Lambda + lambda is singular for block {block.name!r} (min eigenvalue "
-                    f"{float(L.min()):.3g}, lambda {reg:.3g}); pass a positive regularization, "
-                    "e.g. 1e-3 times the largest eigenvalue"
-                )
+            # Lambda + lambda singular / not positive: checked by InfluenceModel.fit
+            self._pending_spectra[i] = Spectrum("ek-fac", block.numel, eigenvalues=L,
+                                                complete=True, psd=True, eps=eps)
             (wa, QA), (ws, QS) = eig[ly.module]
             state.append({"A_eigenvectors": QA, "S_eigenvectors": QS, "eigenvalues": L,
                           "A_eigenvalues": wa, "S_eigenvalues": ws})
@@ -557,6 +566,21 @@ class EkfacInfluence(InfluenceModel):
                                      "d_out": ly.d_out, "min_eigenvalue": float(L.min()),
                                      "max_eigenvalue": float(L.max()), "data_passes": 2})
         return state
+
+    def _estimate_spectrum(self, index: int, block: ParamBlock, spectrum: Spectrum | None,
+                           data: DataLike, probes: int, steps: int) -> Spectrum | None:
+        """:meth:`diagnostics` with data: the error of the EK-FAC curvature against the
+        layer's Gauss-Newton block on ``probes`` seeded Gaussian vectors (one data pass)."""
+        if spectrum is None or spectrum.error is not None:
+            return spectrum
+        Z = probe_vectors(block.numel, probes, self._diagnostics_rng(index), self.grads.device)
+        Z = Z.to(self.grads.dtype).to(_F64)
+        HZ = self.grads.hvp(Z.to(self.grads.dtype), data, block, "gauss-newton").to(_F64)
+        lam = self._state[index]["eigenvalues"]  # type: ignore[index]
+        spectrum.error = operator_error(Z, HZ, self._apply_block(index, Z, lam).to(_F64),
+                                        "||H z - H_ekfac z|| / ||H z|| on seeded Gaussian z "
+                                        "(H: the layer's Gauss-Newton block)")
+        return spectrum
 
     # ------------------------------------------------------------------ preconditioning
     def _apply_combined(self, i: int, g: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -31,6 +31,16 @@ Divergence: ||x_j|| <= (j + 1) ||g|| holds whenever ||I - A_B/s|| <= 1 for every
 violation (or a non-finite iterate) proves that s is too small for some minibatch curvature, or
 that A is indefinite; :class:`DivergenceError` is raised then.
 
+Indefinite curvature and relative damping: with ``hessian="exact"`` (or a relative
+``regularization``) the fit estimates each block's spectrum by a seeded Lanczos run (20 data
+passes of 2 vectors, 4 for ``of="mean"``; :mod:`dvl_ooc.influence.diagnostics`) and applies
+the indefinite policy of every method
+(:class:`~dvl_ooc.exceptions.IndefiniteCurvatureWarning`, or
+:class:`~dvl_ooc.exceptions.IndefiniteCurvatureError` with ``raise_on_indefinite=True``); the
+same estimate resolves ``Relative(1e-3)`` (top Ritz value) or ``Relative(c, of="mean")``. The
+scale is derived from the resolved lambda (``scale_factor * (|top| + lambda)``) after the
+resolution, and again when ``regularization`` is assigned on a fitted model.
+
 Regularisation: lambda > 0 is required. The mean loss of an over-parametrised model has a null
 space (e.g. softmax logits are shift-invariant), along which the undamped series grows linearly
 and never converges; negative exact-Hessian eigenvalues need lambda > -lambda_min(H).
@@ -68,6 +78,7 @@ from ..grads import HessianMode, LossFn, ModelGradients, ParamBlock
 from ..seeding import torch_generator
 from .base import InfluenceModel
 from .cg import _check_solve_memory, _hvp_bytes
+from .diagnostics import Spectrum
 
 __all__ = ["LissaInfluence", "top_eigenvalue"]
 
@@ -161,6 +172,8 @@ class LissaInfluence(InfluenceModel):
             ``max_iter`` steps, without a convergence warning.
         raise_on_nonconvergence: raise :class:`ConvergenceError` instead of warning with
             :class:`ConvergenceWarning` when ``max_iter`` steps do not meet the tolerance.
+        raise_on_indefinite: refuse (at fit) an ``H + lambda I`` that the Lanczos estimate
+            shows indefinite instead of warning.
         rhs_chunk: iterate at most this many right-hand sides together (bounds the ``k x p``
             work matrices; every chunk costs its own data passes and sees the same seeded
             minibatches). ``None``: all at once. :meth:`precondition` estimates the work
@@ -195,13 +208,14 @@ class LissaInfluence(InfluenceModel):
         raise_on_nonconvergence: bool = False,
         projection: Any = None,
         rhs_chunk: int | None = None,
+        raise_on_indefinite: bool = False,
         **deprecated: Any,
     ) -> None:
         max_iter = renamed_arguments(LissaInfluence.__init__, deprecated, {"depth": "max_iter"},
                                      {"max_iter": max_iter}).get("max_iter", max_iter)
         super().__init__(model, loss, regularization=regularization, blocks=blocks,
                          hessian=hessian, layers=layers, micro_batch_size=micro_batch_size,
-                         projection=projection)
+                         projection=projection, raise_on_indefinite=raise_on_indefinite)
         if max_iter < 1:
             raise InputError(f"max_iter must be >= 1, got {max_iter}")
         if scale is not None and not (math.isfinite(scale) and scale > 0):
@@ -267,17 +281,32 @@ class LissaInfluence(InfluenceModel):
     def _fit_block(
         self, index: int, block: ParamBlock, data: DataLike, reg: float
     ) -> dict[str, torch.Tensor]:
-        """The scale of block ``index`` (given, or from the estimated top eigenvalue)."""
+        """The top eigenvalue of block ``index`` (unless ``scale`` is given); the scale itself
+        is set by :meth:`_after_regularization` once lambda is resolved."""
         if self.scale is not None:
             self.info["fit"].append({"block": block.name, "scale": self.scale,
                                      "top_eigenvalue": None})
             return {"scale": torch.tensor(self.scale, dtype=torch.float64)}
         top = top_eigenvalue(self.grads, data, block, self.hessian_mode,
                              generator=torch_generator(self.seed, index))
-        s = self.scale_factor * (top + reg)
-        self.info["fit"].append({"block": block.name, "scale": s, "top_eigenvalue": top})
-        return {"scale": torch.tensor(s, dtype=torch.float64),
+        self.info["fit"].append({"block": block.name, "scale": None, "top_eigenvalue": top})
+        return {"scale": torch.tensor(math.nan, dtype=torch.float64),
                 "top_eigenvalue": torch.tensor(top, dtype=torch.float64)}
+
+    def _block_spectrum(self, index: int, block: ParamBlock, state: Mapping[str, Any],
+                        data: DataLike) -> Spectrum | None:
+        return self._spectrum_estimate_if_needed(index, block, data)
+
+    def _after_regularization(self, index: int, block: ParamBlock, reg: float) -> None:
+        """``scale = scale_factor * (|top| + lambda)`` with the resolved lambda."""
+        st = self._state[index]  # type: ignore[index]
+        if self.scale is not None or "top_eigenvalue" not in st:
+            return
+        s = self.scale_factor * (float(st["top_eigenvalue"]) + reg)
+        st["scale"] = torch.tensor(s, dtype=torch.float64)
+        for d in self.info["fit"]:
+            if d.get("block") == block.name:
+                d["scale"] = s
 
     # ------------------------------------------------------------------ precondition
     def _precondition_block(

@@ -16,8 +16,18 @@ result equals Direct with the same curvature. ``eps`` is the machine epsilon of 
 Positive semi-definiteness: the Nystroem approximation assumes ``H_b >= 0``. The Gauss-Newton
 matrix (``hessian="gauss-newton"``, the default of every method) is PSD for convex losses and
 is the natural choice. With ``hessian="exact"`` and a non-convex model, negative curvature is
-clipped to 0 (the shift ``nu`` is raised past the smallest eigenvalue of the core) and an
-:class:`~dvl_ooc.exceptions.IndefiniteCurvatureWarning` is emitted.
+clipped to 0 (the shift ``nu`` is raised past the smallest eigenvalue of the core;
+``info["fit"]`` records ``clipped_negative_curvature``). The smallest eigenvalue of the core
+``Omega^T H Omega`` is never below that of ``H``: when it is below ``-lambda``, ``H + lambda I``
+is certainly indefinite and the fit applies the indefinite policy of every method
+(:class:`~dvl_ooc.exceptions.IndefiniteCurvatureWarning`, or
+:class:`~dvl_ooc.exceptions.IndefiniteCurvatureError` with ``raise_on_indefinite=True``).
+
+Diagnostics at no extra data pass: ``probes`` (4) seeded Gaussian vectors ``z`` (stream
+``(seed, block index, 2)``) are multiplied in the sketch pass, giving the approximation error
+``||H z - U diag(Lambda) U^T z|| / ||H z||`` and a deflated Hutchinson estimate of
+``trace(H_b)`` (the ``"mean"`` of ``Relative(..., of="mean")``); the top of ``Lambda`` is the
+``"top"``. See :mod:`dvl_ooc.influence.diagnostics`.
 
 Cost: one data pass with k curvature-vector products per sample and block (cf. Lanczos: one
 pass per product); ``O(p_b k^2)`` float64 linear algebra. State: ``p_b * k`` basis entries.
@@ -39,6 +49,7 @@ from ..data import DataLike
 from ..grads import HessianMode, LossFn, ParamBlock
 from ..seeding import numpy_rng
 from .base import InfluenceModel
+from .diagnostics import PROBES, Spectrum, low_rank_error, probe_vectors
 from .sketch import check_dtype, nystroem_sketch, resolve_ranks
 
 __all__ = ["NystroemSketchInfluence"]
@@ -54,6 +65,7 @@ class NystroemSketchInfluence(InfluenceModel):
         hessian: ``"gauss-newton"`` (default, PSD) or ``"exact"`` (see the module docstring).
         seed: seed of the Gaussian test matrices (stream ``(seed, block index)``).
         state_dtype: dtype of the stored basis (``torch.float64`` default).
+        raise_on_indefinite: refuse an indefinite ``H + lambda I`` instead of warning.
     """
 
     requires_positive_regularization = True
@@ -73,10 +85,11 @@ class NystroemSketchInfluence(InfluenceModel):
         state_dtype: torch.dtype = torch.float64,
         micro_batch_size: int = 64,
         projection: Any = None,
+        raise_on_indefinite: bool = False,
     ) -> None:
         super().__init__(model, loss, regularization=regularization, blocks=blocks,
                          hessian=hessian, layers=layers, micro_batch_size=micro_batch_size,
-                         projection=projection)
+                         projection=projection, raise_on_indefinite=raise_on_indefinite)
         self.ranks = resolve_ranks(rank, self.blocks)
         self.seed = int(seed)
         self.state_dtype = check_dtype(state_dtype)
@@ -93,12 +106,22 @@ class NystroemSketchInfluence(InfluenceModel):
     def _fit_block(
         self, index: int, block: ParamBlock, data: DataLike, reg: float
     ) -> dict[str, torch.Tensor]:
+        # the diagnostic probes (their own stream: Omega is unchanged) ride in the sketch pass
+        Z = probe_vectors(block.numel, PROBES, self._diagnostics_rng(index), self.grads.device)
+        Z = Z.to(self.grads.dtype).to(torch.float64)  # exactly the vectors multiplied
         U, lam, info = nystroem_sketch(
             self.grads, data, block, self.hessian_mode, self.ranks[block.name],
-            numpy_rng(self.seed, index), warn_indefinite=True, owner=type(self).__name__,
-            return_info=True,
+            numpy_rng(self.seed, index), return_info=True, probes=Z,
         )
+        err, trace = low_rank_error(Z, info.pop("HZ"), U, lam)
         self.info["fit"].append({"block": block.name, **info})
+        self._pending_spectra[index] = Spectrum(
+            "nystroem sketch", block.numel, eigenvalues=lam,
+            complete=info["rank"] == block.numel and not info["clipped_negative_curvature"],
+            psd=self.hessian_mode == "gauss-newton",
+            eps=float(torch.finfo(self.grads.dtype).eps),
+            min_estimate=info["core_min_eigenvalue"], top_is_exact=False, trace=trace,
+            error=err, extra={"clipped_negative_curvature": info["clipped_negative_curvature"]})
         return {"eigenvalues": lam, "eigenvectors": U.to(self.state_dtype).contiguous()}
 
     def _precondition_block(

@@ -4,7 +4,9 @@
   block's curvature, used by :class:`~dvl_ooc.influence.NystroemSketchInfluence` (as the model)
   and by :class:`~dvl_ooc.influence.CgInfluence` (as its ``preconditioner="nystroem"``).
 * :func:`block_krylov_eigs`: top eigenpairs by block Lanczos (ArnoldiInfluence).
-* rank / dtype validation and the shifted-spectrum check of the low-rank models.
+* rank / dtype validation and the shifted-spectrum check of the low-rank models (the checks
+  themselves now live in :mod:`dvl_ooc.influence.diagnostics`, applied by
+  :meth:`InfluenceModel.fit <dvl_ooc.influence.base.InfluenceModel.fit>` for every method).
 
 A low-rank model keeps, per block ``b``, an orthonormal basis ``V_b`` (``p_b x k_b``) and
 eigenvalues ``w_b`` of the curvature restricted to it. Random test matrices come from
@@ -15,7 +17,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -23,16 +24,10 @@ import numpy as np
 import torch
 
 from ..data import DataLike
-from ..exceptions import (
-    IndefiniteCurvatureWarning,
-    InputError,
-    NonFiniteError,
-    RegularizationError,
-)
+from ..exceptions import InputError, NonFiniteError
 from ..grads import HessianMode, ModelGradients, ParamBlock
 
-__all__ = ["block_krylov_eigs", "check_dtype", "check_shifted", "nystroem_sketch",
-           "resolve_ranks"]
+__all__ = ["block_krylov_eigs", "check_dtype", "nystroem_sketch", "resolve_ranks"]
 
 
 def _as_rank(r: object, what: str) -> int:
@@ -78,9 +73,8 @@ def nystroem_sketch(
     rank: int,
     rng: np.random.Generator | torch.Generator,
     *,
-    warn_indefinite: bool = False,
-    owner: str = "nystroem_sketch",
     return_info: bool = False,
+    probes: torch.Tensor | None = None,
 ) -> Any:
     """Rank-``rank`` Nystroem approximation ``U diag(s) U^T`` of a block's curvature.
 
@@ -94,21 +88,35 @@ def nystroem_sketch(
     ``Omega`` is rounded to the model dtype before the product, so the float64 ``Omega`` used
     afterwards is exactly the one multiplied. If ``Omega^T Y_nu`` is not positive definite (the
     exact Hessian of a non-convex model is indefinite) the shift is raised past the smallest
-    eigenvalue of the core (by 1 % and another ``nu``) and negative curvature is clipped to 0.
-    With ``warn_indefinite`` that emits an :class:`IndefiniteCurvatureWarning` (the sketch *is*
-    the model: NystroemSketchInfluence); without, the clipping is silent (the sketch is only a
-    preconditioner, a PSD approximation is all it needs: CgInfluence).
+    eigenvalue of the core (by 1 % and another ``nu``) and negative curvature is clipped to 0
+    (recorded as ``clipped_negative_curvature``). The smallest eigenvalue of the core
+    ``Omega^T H Omega`` (a Rayleigh-Ritz value, never below the smallest eigenvalue of ``H``)
+    is returned as ``core_min_eigenvalue``: below ``-lambda`` it proves that ``H + lambda I``
+    is indefinite (NystroemSketchInfluence's fit then applies the indefinite policy; for CG's
+    preconditioner a PSD approximation is all that is needed).
+
+    ``probes`` (``(r, p)`` vectors ``Z``, e.g. seeded Gaussians) are multiplied in the same
+    data pass; ``H Z`` (float64) is then ``info["HZ"]`` (for
+    :func:`~dvl_ooc.influence.diagnostics.low_rank_error`).
 
     Returns ``U (p, k)`` and ``s (k,)`` in float64 on the model's device (``k = min(rank, p)``),
-    and with ``return_info`` also a dict (rank, shift, clipped_negative_curvature, data_passes).
+    and with ``return_info`` also a dict (rank, shift, clipped_negative_curvature,
+    core_min_eigenvalue, data_passes; HZ with ``probes``).
     """
     p = block.numel
     k = min(int(rank), p)
     dtype, device = grads.dtype, grads.device
     f64 = torch.float64
-    G = torch.from_numpy(_as_numpy_rng(rng).standard_normal((p, k)))
+    gen = _as_numpy_rng(rng)
+    G = torch.from_numpy(gen.standard_normal((p, k)))
     Omega = torch.linalg.qr(G)[0].to(device=device, dtype=dtype)
-    Y = grads.hvp(Omega.T.contiguous(), data, block, mode).T.to(f64)
+    HZ = None
+    if probes is not None:
+        Zd = probes.to(device=device, dtype=dtype)
+        YZ = grads.hvp(torch.cat([Omega.T, Zd]).contiguous(), data, block, mode).to(f64)
+        Y, HZ = YZ[:k].T, YZ[k:]
+    else:
+        Y = grads.hvp(Omega.T.contiguous(), data, block, mode).T.to(f64)
     Omega = Omega.to(f64)
     if not bool(torch.isfinite(Y).all()):
         raise NonFiniteError(
@@ -121,59 +129,25 @@ def nystroem_sketch(
     M = 0.5 * (M + M.T)
     OtO = Omega.T @ Omega
     clipped = False
+    min_eig = float(torch.linalg.eigvalsh(M)[0])  # Omega orthonormal: >= lambda_min(H)
     L, fail = torch.linalg.cholesky_ex(M + nu * OtO)
     if int(fail) != 0:
-        min_eig = float(torch.linalg.eigvalsh(M)[0])
         clipped = True
         nu = nu + max(0.0, -min_eig) * 1.01 + nu
         L, fail = torch.linalg.cholesky_ex(M + nu * OtO)
         if int(fail) != 0:  # pragma: no cover - defensive
             raise NonFiniteError(f"Nystroem sketch of block {block.name!r} is degenerate")
-        if warn_indefinite:
-            warnings.warn(
-                f"{owner}: the curvature of block {block.name!r} is indefinite (min eigenvalue "
-                f"of the sketch {min_eig:.3g}); the Nystroem approximation clips negative "
-                "curvature to 0. Use hessian='gauss-newton' (PSD) for a faithful approximation",
-                IndefiniteCurvatureWarning,
-                stacklevel=4,
-            )
     Y_nu = Y + nu * Omega
     B = torch.linalg.solve_triangular(L, Y_nu.T, upper=False).T  # Y_nu L^{-T}
     U, S, _ = torch.linalg.svd(B, full_matrices=False)
     s = torch.clamp(S * S - nu, min=0.0)
     if not return_info:
         return U, s
-    info = {"rank": k, "shift": nu, "clipped_negative_curvature": clipped, "data_passes": 1}
+    info: dict[str, Any] = {"rank": k, "shift": nu, "clipped_negative_curvature": clipped,
+                            "core_min_eigenvalue": min_eig, "data_passes": 1}
+    if HZ is not None:
+        info["HZ"] = HZ
     return U, s, info
-
-
-def check_shifted(w: torch.Tensor, reg: float, block: str, method: str) -> None:
-    """Raise if ``w + reg`` is (numerically) zero; warn if it is negative.
-
-    A negative ``w + reg`` means ``H + lambda I`` is indefinite: its inverse exists, but the
-    quadratic form ``<(H + lambda I)^{-1} g_t, g_r>`` no longer has the meaning of a damped
-    Newton step. Both are fixed by ``hessian="gauss-newton"`` (positive semi-definite) or a
-    larger ``regularization``.
-    """
-    if w.numel() == 0:
-        return
-    shifted = w + reg
-    scale = max(1.0, float(w.abs().max()))
-    if bool((shifted.abs() <= 1e-12 * scale).any()):
-        raise RegularizationError(
-            f"{method}: H + lambda I is singular in block {block!r} (an eigenvalue equals "
-            f"-lambda = {-reg:.3g}); use hessian='gauss-newton' or a larger regularization"
-        )
-    neg = int((shifted < 0).sum())
-    if neg:
-        warnings.warn(
-            f"{method}: {neg} eigenvalue(s) of block {block!r} are below -lambda (min "
-            f"{float(w.min()):.3g}, lambda {reg:.3g}): H + lambda I is indefinite and those "
-            "directions get negative weight; use hessian='gauss-newton' or a larger "
-            "regularization",
-            IndefiniteCurvatureWarning,
-            stacklevel=4,
-        )
 
 
 def _orth_against(W: torch.Tensor, Q: torch.Tensor | None) -> torch.Tensor:

@@ -297,6 +297,16 @@ class TracInCP(InfluenceModel):
         self.n_fit = 0
         return self
 
+    def diagnostics(self, data: DataLike | None = None, **_: Any) -> dict[str, Any]:
+        """TracIn has no curvature (identity preconditioner): the report says so, in the
+        format of :meth:`InfluenceModel.diagnostics` (no blocks, never indefinite)."""
+        self._check_fitted()
+        self.info["curvature"] = {"method": type(self).__name__, "hessian": "identity",
+                                  "indefinite": False, "advice": None, "blocks": [],
+                                  "note": "no curvature: identity preconditioner over "
+                                          f"{len(self.checkpoints)} checkpoint(s)"}
+        return dict(self.info["curvature"])
+
     def gradients(self, x: Any, y: Any) -> torch.Tensor:
         """``[sqrt(eta_k) P_k^T grad l(w_k, z)]_k`` concatenated over checkpoints, ``(n, K d)``
         (with ``projection=``: the projector's features of each checkpoint)."""

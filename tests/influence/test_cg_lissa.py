@@ -255,7 +255,8 @@ def test_pickle_is_data_free_and_needs_attach(mlp_problem):
     for small, big in zip(_models(P, lam), _models(P, lam)):
         small.fit((P.x_train[:100], P.y_train[:100]))
         big.fit((P.x_train, P.y_train))
-        assert len(pickle.dumps(big)) == len(pickle.dumps(small))
+        # data-free: the same size up to the plain-data diagnostics (numbers, one message)
+        assert abs(len(pickle.dumps(big)) - len(pickle.dumps(small))) < 2048
         expected = big.precondition(P.g_test[:5])
         clone = pickle.loads(pickle.dumps(big))
         with pytest.raises(NotFittedError, match="attach_data"):
