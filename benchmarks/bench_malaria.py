@@ -133,6 +133,7 @@ def agreement(args: argparse.Namespace, first: Path) -> list[tuple[str, dict[str
     import zarr
 
     from dvl_ooc import DirectInfluence, EkfacInfluence
+    from dvl_ooc.influence import Relative
 
     torch.set_num_threads(2)
     n_te, n_tr = args.agreement
@@ -145,23 +146,18 @@ def agreement(args: argparse.Namespace, first: Path) -> list[tuple[str, dict[str
     yr = torch.as_tensor(split["y_train"][:n_tr])
     out = []
 
-    def rel(m: Any, damping: float) -> dict[str, float]:
-        return {b.name: damping * float(s["eigenvalues"].max())
-                for b, s in zip(m.blocks, m.state()["blocks"])}
-
     # EK-FAC: compressed test factors vs the full preconditioned gradient (whole network)
     t = time.perf_counter()
-    full = EkfacInfluence(model, F.cross_entropy, layers="supported", regularization=1e-8,
+    damp = Relative(args.damping, of="top")
+    full = EkfacInfluence(model, F.cross_entropy, layers="supported", regularization=damp,
                           micro_batch_size=32).fit((xr, yr))
-    reg = rel(full, args.damping)
-    full.regularization = full._resolve_regularization(reg)
     ref = full.influences(xt, yt, xr, yr).numpy()
     print(f"  EK-FAC uncompressed on {n_te} x {n_tr}: {time.perf_counter() - t:.0f} s",
           flush=True)
     for r in args.agreement_ranks:
-        m = EkfacInfluence(model, F.cross_entropy, layers="supported", regularization=reg,
+        m = EkfacInfluence(model, F.cross_entropy, layers="supported", regularization=damp,
                            rank=r, micro_batch_size=32)
-        m.load_state(full.state() | {"config": m.config()})
+        m.load_state(full.state())
         T = m.test_features(m.gradients(xt, yt))
         est = m.tile(T, m.train_features(m.gradients(xr, yr))).numpy()
         out.append((f"EK-FAC rank {r} vs full", _corr(est, ref)))
@@ -170,17 +166,14 @@ def agreement(args: argparse.Namespace, first: Path) -> list[tuple[str, dict[str
     head = [n for n in names if n.endswith("fc")][-1:]
     bn = [n for n in names if n.endswith("bn2")][-1:]
     layers = bn + head
-    exact = DirectInfluence(model, F.cross_entropy, layers=layers, regularization=1e-8,
+    exact = DirectInfluence(model, F.cross_entropy, layers=layers, regularization=damp,
                             micro_batch_size=64).fit((xr, yr))
-    reg = rel(exact, args.damping)
-    exact.regularization = exact._resolve_regularization(reg)
     ref = exact.influences(xt, yt, xr, yr).numpy()
     p = exact.grads.num_params
     for k in args.agreement_ks:
         m = DirectInfluence(model, F.cross_entropy, layers=layers, micro_batch_size=64,
-                            regularization=1e-8,
+                            regularization=damp,
                             projection=dict(k_in=k, k_out=k, dense_dim=4 * k, seed=0)).fit((xr, yr))
-        m.regularization = m._resolve_regularization(rel(m, args.damping))
         est = m.influences(xt, yt, xr, yr).numpy()
         out.append((f"Direct k={k} vs exact Direct on {layers} (p={p})", _corr(est, ref)))
     return out

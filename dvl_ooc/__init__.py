@@ -2,11 +2,11 @@
 
 from . import exceptions, valuation
 from ._compat import install_module_aliases
-from .calculator import DaskInfluenceCalculator, SequentialInfluenceCalculator
+from .calculator import DaskInfluenceCalculator, InfluencePlan, SequentialInfluenceCalculator
 from .data import ImageFolder, IndexedDataset
 from .exceptions import DvlOocError
 from .grads import ModelGradients, resolve_blocks
-from .influence import DirectInfluence, InfluenceModel
+from .influence import DirectInfluence, InfluenceModel, Relative
 from .influence.arnoldi import ArnoldiInfluence
 from .influence.cg import CgInfluence
 from .influence.ekfac import EkfacInfluence
@@ -31,11 +31,13 @@ __all__ = [
     "EkfacInfluence",
     "GradientProjector",
     "InfluenceModel",
+    "InfluencePlan",
     "InfluenceStore",
     "LayerCapture",
     "LissaInfluence",
     "ModelGradients",
     "NystroemSketchInfluence",
+    "Relative",
     "SequentialInfluenceCalculator",
     "__version__",
     "exceptions",

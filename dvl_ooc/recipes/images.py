@@ -312,7 +312,7 @@ def _load_checkpoint(job: ImagesJob, n_classes: int, in_channels: int) -> Any:
     return model
 
 
-def _make_influence(job: ImagesJob, model: Any, reg: float | dict[str, float]) -> Any:
+def _make_influence(job: ImagesJob, model: Any, reg: Any) -> Any:
     import torch.nn.functional as F
 
     from .. import influence as inf
@@ -329,19 +329,6 @@ def _make_influence(job: ImagesJob, model: Any, reg: float | dict[str, float]) -
                                            seed=job.seed, projection=proj, **common)
     kw = dict(common, layers=job.layers if job.layers is not None else "supported")
     return inf.EkfacInfluence(model, F.cross_entropy, rank=job.rank, **kw)
-
-
-def _relative_damping(m: Any, damping: float) -> dict[str, float]:
-    """``damping * largest eigenvalue`` per curvature block, from the fitted state."""
-    out = {}
-    for block, st in zip(m.blocks, m.state()["blocks"]):
-        w = st.get("eigenvalues")
-        top = float(w.max()) if w is not None and w.numel() else 0.0
-        if not top > 0:
-            raise InputError(f"block {block.name!r} has no positive curvature eigenvalue; "
-                             "pass an absolute regularization through the Python API")
-        out[block.name] = damping * top
-    return out
 
 
 # ------------------------------------------------------------------------------- the job
@@ -458,6 +445,7 @@ def _run_stages(job: ImagesJob, state: _State, keys: dict[str, str], ds: Any, pa
 
     from ..calculator import DaskInfluenceCalculator
     from ..demo.resnet import ResNet18, count_parameters, train_resnet
+    from ..influence import Relative
     from ..query import query_quantiles, query_self_influence
     from ..runtime import format_bytes, progress
 
@@ -540,12 +528,10 @@ def _run_stages(job: ImagesJob, state: _State, keys: dict[str, str], ds: Any, pa
     done = state.done("fit", key)
     if done is None:
         state.drop_after("fit", _ORDER)
-        m = _make_influence(job, model.to(local), 1e-8)
+        m = _make_influence(job, model.to(local), Relative(job.damping, of="top"))
         nf = n_tr if job.fit_samples is None else min(job.fit_samples, n_tr)
         m.fit((x_tr if nf == n_tr else _Rows(x_tr, nf), y_tr[:nf]))
-        # the fitted curvature does not depend on lambda: set it relative to the spectrum
-        reg = _relative_damping(m, job.damping)
-        m.regularization = m._resolve_regularization(reg)
+        reg = dict(m.regularization)  # resolved per block from the fitted spectrum
         tmp = inf_file.with_suffix(".tmp")
         torch.save({"blocks": m.state(), "regularization": reg}, tmp)
         os.replace(tmp, inf_file)
@@ -553,7 +539,7 @@ def _run_stages(job: ImagesJob, state: _State, keys: dict[str, str], ds: Any, pa
                             seconds=time.perf_counter() - t)
     blob = torch.load(inf_file, map_location="cpu", weights_only=False)
     model.cpu()  # shipped to the workers from the CPU (each moves it to its device once)
-    m = _make_influence(job, model, blob["regularization"]).load_state(blob["blocks"])
+    m = _make_influence(job, model, Relative(job.damping, of="top")).load_state(blob["blocks"])
     times["fit"] = time.perf_counter() - t
     k_test, k_train = m.feature_dims()
     lam = list(done["regularization"].values())
