@@ -103,3 +103,8 @@ class IndefiniteCurvatureError(RegularizationError):
     """``H + lambda I`` is indefinite (curvature eigenvalues below ``-lambda``) and the model
     was asked to refuse (``raise_on_indefinite=True``); use the Gauss-Newton matrix or a
     regularisation above the measured ``|lambda_min|``."""
+
+
+class UnfinishedStoreError(StoreNotFoundError):
+    """A store whose creation has not finished (interrupted, or in progress in another run):
+    never read as a valid store; a mode="a" run with the same parameters finishes it."""

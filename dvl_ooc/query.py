@@ -26,8 +26,11 @@ Results are labelled xarray objects (coordinates ``train`` / ``test`` indices an
 be saved into the store as ``<store>/queries/<name>`` (a Zarr group; reopen with
 :func:`load_query` or ``xarray.open_zarr(store, group="queries/<name>")``).
 
+Every query reads a store wherever it lives: a local path, an fsspec URL (``s3://...``) with
+``storage_options=``, a Zarr store object, or an open :class:`~dvl_ooc.store.InfluenceStore`.
+
 Adding a query touches this module only: write the function (store first, keywords after, and
-``allow_incomplete=`` / ``save=`` like the others) and declare it once with
+``allow_incomplete=`` / ``save=`` / ``storage_options=`` like the others) and declare it once with
 :func:`register_query`, giving its command-line options, how they map to the function's keywords
 and how its result prints as a table. ``dvl-ooc query STORE <name>`` is generated from
 :data:`QUERIES`. Per-class reductions (``same_label=True``) go through :func:`_per_label`.
@@ -37,7 +40,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -80,9 +83,18 @@ _QUANTILE_METHODS = (
 )
 
 
-def open_store(store: StoreLike, *, allow_incomplete: bool = False) -> InfluenceStore:
-    """Open (or pass through) an influence store; refuse an incomplete one unless allowed."""
-    src = store if isinstance(store, InfluenceStore) else InfluenceStore.open(store)
+def _open(store: StoreLike, storage_options: Mapping[str, Any] | None) -> InfluenceStore:
+    if isinstance(store, InfluenceStore):
+        return store
+    return InfluenceStore.open(store, storage_options=storage_options)
+
+
+def open_store(store: StoreLike, *, allow_incomplete: bool = False,
+               storage_options: Mapping[str, Any] | None = None) -> InfluenceStore:
+    """Open (or pass through) an influence store (a local path, an fsspec URL with
+    ``storage_options``, a Zarr store object or an :class:`InfluenceStore`); refuse an
+    incomplete one unless allowed."""
+    src = _open(store, storage_options)
     if not allow_incomplete and not src.is_complete:
         done = len(src.done_tiles())
         raise IncompleteStoreError(
@@ -308,11 +320,13 @@ def query_quantiles(
     scheduler: str | None = None,
     allow_incomplete: bool = False,
     save: str | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> xr.DataArray:
     """Per training point, the ``q``-quantile(s) of its influences over the test points.
 
     Args:
-        store: path or :class:`~dvl_ooc.store.InfluenceStore`.
+        store: local path, fsspec URL, Zarr store object or
+            :class:`~dvl_ooc.store.InfluenceStore`.
         q: one quantile or a sequence, each in [0, 1].
         same_label: only over test points with the same label as the training point
             (training points of a class with no test point get NaN).
@@ -322,6 +336,7 @@ def query_quantiles(
         scheduler: Dask scheduler name (default: the current one).
         allow_incomplete: work on a partly computed store (missing tiles are NaN and give NaN).
         save: if given, also write the result to ``<store>/queries/<save>``.
+        storage_options: fsspec options when ``store`` is a URL (``endpoint_url``, ``key``...).
 
     Returns:
         ``DataArray`` with dims ``("quantile", "train")`` (``("train",)`` for a scalar ``q``),
@@ -330,7 +345,8 @@ def query_quantiles(
     if method not in _QUANTILE_METHODS:
         raise InputError(f"unknown quantile method {method!r}; use one of {_QUANTILE_METHODS}")
     qa, scalar = _check_q(q)
-    src = open_store(store, allow_incomplete=allow_incomplete)
+    src = open_store(store, allow_incomplete=allow_incomplete,
+                     storage_options=storage_options)
     tl, rl = _labels(src, same_label)
 
     def fn(strip: np.ndarray, s: int, e: int) -> np.ndarray:
@@ -423,6 +439,7 @@ def query_topk(
     scheduler: str | None = None,
     allow_incomplete: bool = False,
     save: str | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> xr.Dataset:
     """Per test point, the ``k`` most helpful (largest influence) and ``k`` most harmful
     (smallest) training points.
@@ -433,7 +450,8 @@ def query_topk(
     ``harmful_influence``. Missing values (incomplete stores) are never selected; when fewer
     than ``k`` values are known the rest is position -1 and value NaN.
     """
-    src = open_store(store, allow_incomplete=allow_incomplete)
+    src = open_store(store, allow_incomplete=allow_incomplete,
+                     storage_options=storage_options)
     n_test, n_train = src.shape
     if not isinstance(k, int | np.integer) or k < 1:
         raise InputError(f"k must be a positive integer, got {k!r}")
@@ -503,13 +521,15 @@ def query_mean(
     scheduler: str | None = None,
     allow_incomplete: bool = False,
     save: str | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> xr.DataArray:
     """Per training point, the mean (``reduce="mean"``) or sum (``"sum"``) of its influences
     over all (or same-label) test points, accumulated in float64. Missing tiles of an incomplete
     store (``allow_incomplete=True``) are skipped (NaN-ignoring reduction)."""
     if reduce not in ("mean", "sum"):
         raise InputError(f"reduce must be 'mean' or 'sum', got {reduce!r}")
-    src = open_store(store, allow_incomplete=allow_incomplete)
+    src = open_store(store, allow_incomplete=allow_incomplete,
+                     storage_options=storage_options)
     tl, rl = _labels(src, same_label)
     red = (np.nanmean if reduce == "mean" else np.nansum) if allow_incomplete else (
         np.mean if reduce == "mean" else np.sum)
@@ -558,13 +578,15 @@ def query_self_influence(
     ascending: bool = False,
     allow_incomplete: bool = False,
     save: str | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> xr.Dataset:
     """Training points ranked by their stored self-influence (largest first by default).
 
     Returns a ``Dataset`` over ``train`` (in ranked order) with ``self_influence``, ``rank``
     (0 = first) and ``position`` (column in the store). NaN values (not computed) rank last.
     """
-    src = open_store(store, allow_incomplete=allow_incomplete)
+    src = open_store(store, allow_incomplete=allow_incomplete,
+                     storage_options=storage_options)
     if src.self_influence is None:
         raise StoreError(
             "this store has no self-influence; compute it with "
@@ -603,30 +625,33 @@ def _save(src: InfluenceStore, name: str, ds: xr.Dataset) -> None:
 
     if not _NAME.match(name) or name in (".", ".."):
         raise InputError(f"query name {name!r} must be letters, digits, '_', '-' or '.'")
-    zarr.open_group(str(src.path), mode="a").require_group("queries")
+    zs = src.location.zarr_store(read_only=False)  # the store's own location, writable
+    zarr.open_group(store=zs, mode="a").require_group("queries")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # consolidated metadata is not in the spec
-        ds.to_zarr(str(src.path), group=f"queries/{name}", mode="w", consolidated=True)
+        ds.to_zarr(zs, group=f"queries/{name}", mode="w", consolidated=True)
 
 
-def saved_queries(store: StoreLike) -> list[str]:
+def saved_queries(store: StoreLike, *,
+                  storage_options: Mapping[str, Any] | None = None) -> list[str]:
     """Names of the query results saved in a store."""
     import zarr
 
-    src = store if isinstance(store, InfluenceStore) else InfluenceStore.open(store)
+    src = _open(store, storage_options)
     try:
-        g = zarr.open_group(str(src.path), mode="r", path="queries", use_consolidated=False)
+        g = zarr.open_group(store=src.store, mode="r", path="queries", use_consolidated=False)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError):
         return []
     return sorted(g.group_keys())
 
 
-def load_query(store: StoreLike, name: str) -> xr.Dataset:
+def load_query(store: StoreLike, name: str, *,
+               storage_options: Mapping[str, Any] | None = None) -> xr.Dataset:
     """Load a query result saved with ``save=name`` (fully into memory)."""
-    src = store if isinstance(store, InfluenceStore) else InfluenceStore.open(store)
+    src = _open(store, storage_options)
     if name not in saved_queries(src):
         raise StoreNotFoundError(f"no saved query {name!r} in {src.path}; "
                                  f"saved: {saved_queries(src)}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        return xr.open_zarr(str(src.path), group=f"queries/{name}").load()
+        return xr.open_zarr(src.store, group=f"queries/{name}").load()

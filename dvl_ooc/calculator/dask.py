@@ -3,16 +3,19 @@
 Shipping: the fitted model (data-free: CG/LiSSA drop their fit data when pickled) is scattered
 once to every worker (``broadcast=True``) and prepared (device, attached fit data) once per
 worker (:func:`dvl_ooc.calculator.tasks._prepared`); inputs reach the workers as described in
-:mod:`dvl_ooc.calculator.inputs`. Column tasks write their tiles straight into the store, so the
-store path must be reachable by every worker. Clusters started here come from
+:mod:`dvl_ooc.calculator.inputs`. Column tasks open the store themselves (from its location: a
+local path, an fsspec URL with its storage options, or a pickled Zarr store object; no data
+goes through the scheduler) and write their tiles straight into it, so the store must be
+reachable by every worker: a local path on one machine (or a shared file system), object
+storage (``s3://...``) for a cluster of machines. Clusters started here come from
 :func:`dvl_ooc.runtime.local_cluster` (which refuses to spawn workers from a script without an
 ``if __name__ == "__main__":`` guard).
 """
 
 from __future__ import annotations
 
-import os
 import uuid
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -136,7 +139,8 @@ class DaskInfluenceCalculator(_Base):
         return self._model_future, self._fit_future
 
     def _graph(self, te: _Input, tr: _Input, tc: int, rc: int, groups, todo_or_all,
-               path: str | None, dtype: str, fingerprint: str | None = None):
+               where: Any, dtype: str, fingerprint: str | None = None,
+               expect: dict[str, Any] | None = None):
         import dask
 
         model_f, fit_f = self._ship(fingerprint)
@@ -151,14 +155,14 @@ class DaskInfluenceCalculator(_Base):
         out = []
         for j, rows, want, si in todo_or_all:
             fl = [feats[i] if w else None for i, w in zip(rows, want)]
-            if path is None:
+            if where is None:
                 out.append(dask.delayed(_column_block_task, pure=True)(
                     model_f, self._token, self.device, fit_f, r_src[j], fl, dtype,
                     dask_key_name=f"influence-column-{rows[0]}-{j}-{self._token}"))
             else:
                 out.append(dask.delayed(_column_task, pure=True)(
-                    model_f, self._token, self.device, fit_f, r_src[j], fl, path, j, rows,
-                    want, si, dtype,
+                    model_f, self._token, self.device, fit_f, r_src[j], fl, where, j, rows,
+                    want, si, dtype, expect,
                     dask_key_name=f"write-column-{rows[0]}-{j}-{uuid.uuid4().hex}"))
         return out
 
@@ -187,14 +191,17 @@ class DaskInfluenceCalculator(_Base):
                            for a, b in rb])
         return da.block(blocks).rechunk((tc, rc))
 
-    def to_zarr(self, path: str | os.PathLike, x_test: Any, y_test: Any, x: Any, y: Any, *,
+    def to_zarr(self, path: Any, x_test: Any, y_test: Any, x: Any, y: Any, *,
                 test_chunk: int | None = None, train_chunk: int | None = None,
                 mode: str = "a", self_influence: bool = False, progress: bool = True,
                 compressor: Any = None, dtype: Any = "float32", test_index: Any = None,
                 train_index: Any = None, test_names: Any = None, train_names: Any = None,
+                storage_options: Mapping[str, Any] | None = None,
                 **deprecated: Any) -> InfluenceStore:
         """Create, resume or replace the influence store at ``path`` and compute its missing
-        tiles.
+        tiles. ``path``: a local path, an fsspec URL (``s3://bucket/run.zarr``) with
+        ``storage_options`` (fsspec's, e.g. ``endpoint_url``, ``key``, ``secret``), or a Zarr
+        store object; every worker must reach it (see :mod:`dvl_ooc.store`).
 
         ``mode``: ``"a"`` (default) creates the store or resumes one made with the same
         parameters (``StoreMismatchError`` when they differ, data untouched); ``"w-"`` raises
@@ -220,12 +227,14 @@ class DaskInfluenceCalculator(_Base):
         mode = _write_mode("DaskInfluenceCalculator.to_zarr", mode, deprecated)
         te, tr = self._prepare_inputs(x_test, y_test, x, y)
         plan = self._plan(te, tr, test_chunk, train_chunk, dtype=dtype,
-                          self_influence=self_influence, path=path, mode=mode)
+                          self_influence=self_influence, path=path, mode=mode,
+                          storage_options=storage_options)
         tc, rc, groups = plan.test_chunk, plan.train_chunk, plan.test_groups
         store = self._create_store(path, te, tr, tc, rc, mode=mode,
                                    self_influence=self_influence, compressor=compressor,
                                    dtype=dtype, test_index=test_index, train_index=train_index,
-                                   test_names=test_names, train_names=train_names)
+                                   test_names=test_names, train_names=train_names,
+                                   storage_options=storage_options)
         todo = self._todo(store, groups, self_influence)
         self._reset_info(plan)
         if not todo:
@@ -242,8 +251,9 @@ class DaskInfluenceCalculator(_Base):
         futures: list[Any] = []
         try:
             for batch in batches:
-                cols = self._graph(te, tr, tc, rc, groups, batch, str(store.path),
-                                   store.attrs["dtype"], store.attrs["fingerprint"])
+                cols = self._graph(te, tr, tc, rc, groups, batch, store.location,
+                                   store.attrs["dtype"], store.attrs["fingerprint"],
+                                   store.params())
                 futures = self.client.compute(cols)
                 for fut in as_completed(futures):
                     st = fut.result()

@@ -76,7 +76,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -310,12 +310,12 @@ class _Base:
 
     def plan(self, x_test: Any, y_test: Any, x: Any, y: Any, *, test_chunk: int | None = None,
              train_chunk: int | None = None, dtype: Any = "float32",
-             self_influence: bool = False, path: str | os.PathLike | None = None,
-             mode: str = "a") -> InfluencePlan:
+             self_influence: bool = False, path: Any = None, mode: str = "a",
+             storage_options: Mapping[str, Any] | None = None) -> InfluencePlan:
         """The plan of a run with these arguments, computed without computing anything: tile
         shape, test groups, the cost-model counts and the per-task memory estimate (see
-        :mod:`dvl_ooc.calculator.plan`). ``path`` and ``mode``: those of a ``to_zarr`` run
-        (a store resumed with mode "a" keeps its chunking).
+        :mod:`dvl_ooc.calculator.plan`). ``path``, ``mode`` and ``storage_options``: those of
+        a ``to_zarr`` run (a store resumed with mode "a" keeps its chunking).
 
         Raises:
             MemoryBudgetError: an explicit chunk (or a resumed store's) does not fit the bounds,
@@ -323,16 +323,22 @@ class _Base:
         """
         te, tr = self._prepare_inputs(x_test, y_test, x, y)
         return self._plan(te, tr, test_chunk, train_chunk, dtype=dtype,
-                          self_influence=self_influence, path=path, mode=mode)
+                          self_influence=self_influence, path=path, mode=mode,
+                          storage_options=storage_options)
 
     @staticmethod
-    def _stored_chunks(path: str | os.PathLike | None, mode: str, n_test: int, n_train: int
+    def _stored_chunks(path: Any, mode: str, n_test: int, n_train: int,
+                       storage_options: Mapping[str, Any] | None = None
                        ) -> tuple[int, int] | None:
         """The chunking of the store a mode-"a" run at ``path`` would resume, if any."""
-        if path is None or mode != "a" or not (Path(path) / "zarr.json").is_file():
+        if path is None or mode != "a":
             return None
+        if isinstance(path, (str, os.PathLike)) and "://" not in os.fspath(path) and \
+                not (Path(path) / "zarr.json").is_file():
+            return None  # local fast path: nothing there
         try:
-            old = InfluenceStore.open(path, mode="r")
+            old = InfluenceStore.open(path, mode="r", storage_options=storage_options,
+                                      allow_unfinished=True)
         except StoreError:
             return None
         if old.shape != (n_test, n_train):
@@ -360,7 +366,8 @@ class _Base:
 
     def _plan(self, te: _Input, tr: _Input, test_chunk: Any, train_chunk: Any, *,
               dtype: Any = "float32", self_influence: bool = False,
-              path: str | os.PathLike | None = None, mode: str = "a") -> InfluencePlan:
+              path: Any = None, mode: str = "a",
+              storage_options: Mapping[str, Any] | None = None) -> InfluencePlan:
         fb = format_bytes
         m = self.model
         k_test, k_train = self._feature_dims()
@@ -379,7 +386,7 @@ class _Base:
                       if bound == self.max_test_feature_bytes else f"half of {budget_name}")
         d_te, xs_te = te.sample_size()
         d_tr, xs_tr = tr.sample_size()
-        stored = self._stored_chunks(path, mode, te.n, tr.n)
+        stored = self._stored_chunks(path, mode, te.n, tr.n, storage_options)
         notes: list[str] = []
 
         def source(arg: Any, which: int) -> tuple[int, str]:
@@ -507,10 +514,11 @@ class _Base:
             tile_multiply_adds=te.n * tr.n * int(k_train), notes=notes, test_groups=groups,
         )
 
-    def _create_store(self, path: str | os.PathLike, te: _Input, tr: _Input, tc: int, rc: int,
+    def _create_store(self, path: Any, te: _Input, tr: _Input, tc: int, rc: int,
                       *, mode: str, self_influence: bool, compressor: Any, dtype: Any,
                       test_index: Any, train_index: Any, test_names: Any = None,
-                      train_names: Any = None) -> InfluenceStore:
+                      train_names: Any = None,
+                      storage_options: Mapping[str, Any] | None = None) -> InfluenceStore:
         m = self.model
         return InfluenceStore.create(
             path, n_test=te.n, n_train=tr.n, test_chunk=tc, train_chunk=rc,
@@ -519,6 +527,7 @@ class _Base:
             test_index=test_index, train_index=train_index, test_labels=te.labels(),
             train_labels=tr.labels(), test_names=test_names, train_names=train_names,
             self_influence=self_influence, compressor=compressor, mode=mode,
+            storage_options=storage_options,
         )
 
     @staticmethod

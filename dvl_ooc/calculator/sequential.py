@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import os
 import uuid
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -90,25 +91,29 @@ class SequentialInfluenceCalculator(_Base):
                            for j, (a, b) in enumerate(rb)])
         return da.block(blocks).rechunk((tc, rc))
 
-    def to_zarr(self, path: str | os.PathLike, x_test: Any, y_test: Any, x: Any, y: Any, *,
+    def to_zarr(self, path: Any, x_test: Any, y_test: Any, x: Any, y: Any, *,
                 test_chunk: int | None = None, train_chunk: int | None = None,
                 mode: str = "a", self_influence: bool = False, progress: bool = True,
                 compressor: Any = None, dtype: Any = "float32", test_index: Any = None,
                 train_index: Any = None, test_names: Any = None, train_names: Any = None,
+                storage_options: Mapping[str, Any] | None = None,
                 **deprecated: Any) -> InfluenceStore:
-        """Compute the missing tiles into the store at ``path``; see
+        """Compute the missing tiles into the store at ``path`` (a local path, an fsspec URL
+        with ``storage_options``, or a Zarr store object); see
         :meth:`DaskInfluenceCalculator.to_zarr <dvl_ooc.calculator.DaskInfluenceCalculator.to_zarr>`
         (same arguments, write modes, chunk choice and store). One test group's features are
         held at a time."""
         mode = _write_mode("SequentialInfluenceCalculator.to_zarr", mode, deprecated)
         te, tr = self._prepare_inputs(x_test, y_test, x, y)
         plan = self._plan(te, tr, test_chunk, train_chunk, dtype=dtype,
-                          self_influence=self_influence, path=path, mode=mode)
+                          self_influence=self_influence, path=path, mode=mode,
+                          storage_options=storage_options)
         tc, rc = plan.test_chunk, plan.train_chunk
         store = self._create_store(path, te, tr, tc, rc, mode=mode,
                                    self_influence=self_influence, compressor=compressor,
                                    dtype=dtype, test_index=test_index, train_index=train_index,
-                                   test_names=test_names, train_names=train_names)
+                                   test_names=test_names, train_names=train_names,
+                                   storage_options=storage_options)
         todo = self._todo(store, plan.test_groups, self_influence)
         self._reset_info(plan)
         if not todo:
@@ -127,7 +132,8 @@ class SequentialInfluenceCalculator(_Base):
                               for i in need if i not in feats})
             st = _column_task(m, self._token, None, None, tr.local(*rb[j]),
                               [feats.get(i) if w else None for i, w in zip(rows, want)],
-                              str(path), j, rows, want, si, store.attrs["dtype"])
+                              store.location, j, rows, want, si, store.attrs["dtype"],
+                              store.params())
             self._record(st)
             bar.update(len(st.tiles))
         bar.close()

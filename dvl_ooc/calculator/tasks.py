@@ -136,15 +136,26 @@ def _column_tiles(m: InfluenceModel, xy: tuple[Any, Any], feats: Sequence[Any],
         yield k, tile
 
 
-def _column_task(model: Any, token: str, device: str | None, fit_data: Any,
-                 xy: tuple[Any, Any], feats: list[np.ndarray], path: str, j: int,
-                 rows: list[int], want: list[bool], self_inf: bool, dtype: str) -> _ColumnStats:
-    """Write the missing tiles of tile column ``j`` (test chunks ``rows``) to the store."""
-    import zarr
+def _open_for_writing(where: Any, expect: dict[str, Any] | None) -> InfluenceStore:
+    """The store, opened by the worker itself from its location (local path, URL with storage
+    options, or Zarr store object); refuses to write into a store whose parameters are not
+    ``expect`` (replaced under the running job). A creation still being finished by a
+    cooperating run with the same parameters is fine."""
+    store = InfluenceStore.open(where, mode="r+", allow_unfinished=expect is not None)
+    if expect is not None:
+        store.check_params(expect)
+    return store
 
+
+def _column_task(model: Any, token: str, device: str | None, fit_data: Any,
+                 xy: tuple[Any, Any], feats: list[np.ndarray], where: Any, j: int,
+                 rows: list[int], want: list[bool], self_inf: bool, dtype: str,
+                 expect: dict[str, Any] | None = None) -> _ColumnStats:
+    """Write the missing tiles of tile column ``j`` (test chunks ``rows``) into the store at
+    ``where`` (see :func:`_open_for_writing`)."""
     m = _prepared(model, token, device, fit_data)
     st = _ColumnStats(_worker_id(), os.getpid(), j)
-    store = InfluenceStore.open(path, mode="r+")
+    store = _open_for_writing(where, expect)
     arr = store.influences
     sel = [f for f, w in zip(feats, want) if w]
     todo = [i for i, w in zip(rows, want) if w]
@@ -153,8 +164,7 @@ def _column_task(model: Any, token: str, device: str | None, fit_data: Any,
         if k < 0:
             if tile is not None:
                 rs = store.tile_slices(0, j)[1]
-                zarr.open_array(store=path, path="self_influence", mode="r+",
-                                config={"write_empty_chunks": True})[rs] = tile
+                store.self_influence[rs] = tile  # type: ignore[index]
                 st.self_influence = True
         else:
             arr[store.tile_slices(todo[k], j)] = tile
