@@ -254,12 +254,15 @@ def _cmd_info(args: argparse.Namespace) -> None:
         "fingerprint": a.get("fingerprint"),
         "config": a.get("config"),
         "saved_queries": saved_queries(s),
+        "curvature": a.get("diagnostics"),
     }
     if args.json:
         print(json.dumps(info))
         return
     w = max(len(k) for k in info)
     for k, v in info.items():
+        if k == "curvature":
+            continue
         if k == "config":
             v = json.dumps(v, sort_keys=True)
         elif k in ("shape", "chunks"):
@@ -267,6 +270,32 @@ def _cmd_info(args: argparse.Namespace) -> None:
         elif k == "complete_percent":
             v = f"{v}%"
         print(f"{k.replace('_', ' '):<{w}}  {v}")
+    if info["curvature"]:
+        _print_curvature(info["curvature"])
+
+
+def _print_curvature(d: dict[str, Any]) -> None:
+    """The model's curvature diagnostics, one row per block (``model.diagnostics()``)."""
+
+    def val(b: dict[str, Any], key: str, kind: str | None = None) -> str:
+        v = b.get(key)
+        if v is None:
+            return "-"
+        k = b.get(kind or "", "")
+        mark = {"estimate": "~", "lower bound": ">=", "lower_bound": ">="}.get(k, "")
+        return mark + format_cell(v)
+
+    rows = [[b.get("block"), b.get("size"), val(b, "regularization"),
+             val(b, "top_eigenvalue", "top_kind"), val(b, "min_eigenvalue", "min_kind"),
+             val(b, "condition_number", "condition_kind"),
+             val(b, "effective_rank", "effective_rank_kind"),
+             "yes" if b.get("indefinite") else "no", val(b, "approximation_error")]
+            for b in d.get("blocks", [])]
+    print(f"\ncurvature ({d.get('method')}, {d.get('hessian')}; ~ estimate, >= lower bound):")
+    print(_table(["block", "size", "lambda", "top eig", "min eig", "cond(H+lI)", "eff. rank",
+                  "indefinite", "approx. err"], rows))
+    if d.get("advice"):
+        print(f"advice: {d['advice']}")
 
 
 def _query_subcommands(q: argparse.ArgumentParser) -> None:

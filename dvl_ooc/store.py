@@ -461,6 +461,7 @@ class InfluenceStore:
         mode: str = "a",
         version: str | None = None,
         storage_options: Mapping[str, Any] | None = None,
+        diagnostics: Mapping[str, Any] | None = None,
         **deprecated: Any,
     ) -> InfluenceStore:
         """Create a store, or reopen an existing one for resuming, according to ``mode``.
@@ -520,6 +521,8 @@ class InfluenceStore:
             "dtype": dtype.name,
             "data_fingerprint": data_fingerprint,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            # the model's curvature diagnostics (informational, not matched on resume)
+            "diagnostics": None if diagnostics is None else dict(diagnostics),
         })
         if loc.local is not None:
             _check_writable(loc.local)
