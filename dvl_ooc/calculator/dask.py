@@ -1,10 +1,19 @@
 """The plan of :mod:`dvl_ooc.calculator.plan` as a Dask task graph on a cluster.
 
-Shipping: the fitted model (data-free: CG/LiSSA drop their fit data when pickled) is scattered
-once to every worker (``broadcast=True``) and prepared (device, attached fit data) once per
-worker (:func:`dvl_ooc.calculator.tasks._prepared`); inputs reach the workers as described in
-:mod:`dvl_ooc.calculator.inputs`. Column tasks open the store themselves (from its location: a
-local path, an fsspec URL with its storage options, or a pickled Zarr store object; no data
+Shipping: the fitted model (data-free: CG/LiSSA drop their fit data when pickled) is the
+literal of one task ``dvl-model-<token>`` (submitted once per calculator and model fingerprint;
+workers fetch its result from one another) and prepared (device, attached fit data) once per
+worker (:func:`dvl_ooc.calculator.tasks._prepared`); fit data likewise; inputs reach the
+workers as described in :mod:`dvl_ooc.calculator.inputs`.
+
+Faults: nothing the graph needs is ``scatter``-ed, so every intermediate result (model, input
+chunks, test features) can be recomputed by the scheduler from its task. A worker process that
+dies mid-run (SIGKILL, out of memory, a lost machine) costs only its running column task, which
+Dask reruns elsewhere (its tiles are rewritten whole, with identical bytes); the run completes
+and the store equals an uninterrupted run. A task whose workers die ``allowed-failures`` times
+(Dask's setting, default 3) fails the run (``KilledWorker``); a rerun with ``mode="a"`` resumes
+it, computing only the missing tiles. Column tasks open the store themselves (from its location: a
+local path, an fsspec URL with its storage options, or a pickled Zarr store object; no tile
 goes through the scheduler) and write their tiles straight into it, so the store must be
 reachable by every worker: a local path on one machine (or a shared file system), object
 storage (``s3://...``) for a cluster of machines. Clusters started here come from
@@ -24,7 +33,7 @@ from ..influence.base import InfluenceModel
 from ..runtime import local_cluster
 from ..runtime import progress as progress_bar
 from ..store import InfluenceStore, _write_mode
-from .inputs import _Input
+from .inputs import _hold, _Input
 from .plan import _BUDGET_FRACTION, _DEFAULT_MAX_TEST_BYTES, _Base, _bounds
 from .tasks import TorchWarmup, _column_block_task, _column_task, _test_features_task
 
@@ -99,7 +108,7 @@ class DaskInfluenceCalculator(_Base):
             self.client.close()
             if self.cluster is not None:
                 self.cluster.close()
-        self._model_future = None
+        self._model_future = self._fit_future = None
 
     def __enter__(self) -> DaskInfluenceCalculator:
         return self
@@ -124,17 +133,21 @@ class DaskInfluenceCalculator(_Base):
 
     # -------------------------------------------------------------- shipping
     def _ship(self, fp: str | None = None) -> tuple[Any, Any]:
-        """Scatter the fitted (data-free) model, and fit data if needed, once to every worker.
-        A new token per fingerprint makes workers re-prepare after the model changed."""
+        """Submit the fitted (data-free) model, and fit data if needed, as tasks holding them
+        (recomputable after a lost worker, unlike scattered data, which dies with the worker
+        holding it). A new token per fingerprint makes workers re-prepare after the model
+        changed."""
         fp = fp or self.model.fingerprint()
         if self._model_future is None or self._shipped_fp != fp:
             self._token = uuid.uuid4().hex
-            self._model_future = self.client.scatter(self.model, broadcast=True, hash=False)
+            self._model_future = self.client.submit(_hold, self.model, pure=False,
+                                                    key=f"dvl-model-{self._token}")
             self._shipped_fp = fp
             fit = None
             if self.model.needs_data_to_precondition:
                 fit = self.fit_data if self.fit_data is not None else self.model._fit_data
-                fit = self.client.scatter(fit, broadcast=True, hash=False)
+                fit = self.client.submit(_hold, fit, pure=False,
+                                         key=f"dvl-fit-data-{self._token}")
             self._fit_future = fit
         return self._model_future, self._fit_future
 

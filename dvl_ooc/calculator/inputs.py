@@ -6,20 +6,25 @@ fingerprint of the data (recorded in the store so that a resume with other data 
 and the chunk ``[start, stop)`` of samples, read either in this process (:meth:`_Input.local`)
 or by the workers (:meth:`_Input.remote`).
 
-Sources and how they reach the workers:
+Sources and how they reach the workers (every chunk is a task of the graph, so that the
+scheduler can recompute it on another worker when the worker holding it dies; nothing is
+``scatter``-ed, since scattered data lost with its worker cannot be recovered):
 
-* NumPy arrays / torch tensors / array-likes: converted with :func:`dvl_ooc.data.to_numpy` and
-  scattered once per chunk;
+* NumPy arrays / torch tensors / array-likes: converted with :func:`dvl_ooc.data.to_numpy`;
+  each chunk ``[start, stop)`` is a literal of one graph task (it travels client -> scheduler
+  -> one worker, and the scheduler keeps it until the tasks that need it are done: for inputs
+  larger than the scheduler's memory, use Zarr or Dask arrays);
 * Dask arrays: enter the task graph as their blocks (rechunked to the requested bounds);
 * Zarr arrays: read by the workers themselves (``a[start:stop]``), nothing is shipped;
 * a ``torch.utils.data.Dataset`` of ``(x, y)`` pairs (or a ``DataLoader``, whose dataset is
-  used): pickled once to every worker and indexed by ranges, collated with
-  ``default_collate``.
+  used): one graph task holds the pickled Dataset (fetched from worker to worker), indexed by
+  ranges, collated with ``default_collate``.
 """
 
 from __future__ import annotations
 
 import hashlib
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -72,6 +77,11 @@ def _read_dataset(ds: Dataset, start: int, stop: int) -> tuple[torch.Tensor, tor
 
 def _pair(x: Any, y: Any) -> tuple[Any, Any]:
     return x, y
+
+
+def _hold(obj: Any) -> Any:
+    """A graph task whose result is its literal argument (data the scheduler can recompute)."""
+    return obj
 
 
 def _sample_rows(n: int, k: int = 32) -> np.ndarray:
@@ -189,23 +199,28 @@ class _Input:
         return out[0], out[1]
 
     def remote(self, client: Any, bounds: Sequence[tuple[int, int]]) -> list[Any]:
-        """One Dask-resolvable object per chunk that evaluates to ``(x_chunk, y_chunk)``."""
+        """One Dask delayed object per chunk that evaluates to ``(x_chunk, y_chunk)``; each is
+        computed by a task of the graph (recomputable after a lost worker, see the module
+        docstring). ``client`` is unused (kept for other adapters)."""
         import dask
 
         if not bounds:
             return []
+        tag = f"{self.what.replace(' ', '-')}-{uuid.uuid4().hex}"
         if self.kind_x == "dataset":
-            ds_f = client.scatter(self.x, broadcast=True, hash=False)
-            return [dask.delayed(_read_dataset, pure=True)(ds_f, a, b) for a, b in bounds]
+            ds_d = dask.delayed(_hold, pure=False)(self.x, dask_key_name=f"dataset-{tag}")
+            return [dask.delayed(_read_dataset, pure=False)(
+                ds_d, a, b, dask_key_name=f"input-{a}-{b}-{tag}") for a, b in bounds]
         sides = []
         for a, k in ((self.x, self.kind_x), (self.y, self.kind_y)):
-            if k == "array":
-                sides.append(client.scatter([a[s:e] for s, e in bounds], hash=False))
+            if k == "array":  # literal slices, joined into one task per chunk below
+                sides.append([a[s:e] for s, e in bounds])
             elif k == "zarr":
                 sides.append([dask.delayed(_read_zarr, pure=True)(a, s, e) for s, e in bounds])
             else:
                 sides.append(_dask_blocks(a, bounds))
-        return [dask.delayed(_pair, pure=True)(xs, ys) for xs, ys in zip(*sides)]
+        return [dask.delayed(_pair, pure=False)(xs, ys, dask_key_name=f"input-{s}-{e}-{tag}")
+                for (s, e), xs, ys in zip(bounds, *sides)]
 
 
 def _dask_blocks(a: Any, bounds: Sequence[tuple[int, int]]) -> list[Any]:

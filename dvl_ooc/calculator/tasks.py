@@ -9,6 +9,10 @@ Tasks (each a plain function, importable on spawned workers):
   chunk of the store; returns a :class:`_ColumnStats`;
 * :func:`_column_block_task` - the same tile column, returned in memory (lazy arrays).
 
+Reproducibility: inputs and test features that arrive from another worker are first copied into
+aligned memory (:func:`_aligned`), so that a tile's bytes do not depend on which worker computed
+what (the same store, byte for byte, whichever way the tasks were spread or rerun).
+
 State: the fitted model arrives scattered (data-free pickle) and is prepared once per worker
 and calculator token by :func:`_prepared` (a deep copy moved to the worker's device, with the fit
 data attached for methods that precondition with it), kept in the module-level ``_CACHE``
@@ -83,8 +87,28 @@ def _worker_id() -> str:
         return f"local-{os.getpid()}"
 
 
+_ALIGN = 64  # bytes: torch's CPU allocator alignment
+
+
+def _aligned(a: Any) -> Any:
+    """``a`` itself, or a copy in fresh 64-byte aligned memory when ``a`` is a CPU NumPy array
+    or tensor whose data is not. BLAS kernels (matmul, linear layers) round differently for
+    other alignments, and data that arrives from another worker is deserialized at arbitrary
+    offsets: without this the same tile can differ in its last bits from run to run."""
+    if isinstance(a, np.ndarray) and a.size and a.ctypes.data % _ALIGN:
+        buf = np.empty(a.nbytes + _ALIGN, np.uint8)
+        off = (-buf.ctypes.data) % _ALIGN
+        out = buf[off:off + a.nbytes].view(a.dtype).reshape(a.shape)
+        out[...] = a
+        return out
+    if (isinstance(a, torch.Tensor) and a.device.type == "cpu" and a.numel()
+            and a.data_ptr() % _ALIGN):
+        return a.clone(memory_format=torch.contiguous_format)
+    return a
+
+
 def _features(model: InfluenceModel, xy: tuple[Any, Any], side: str) -> torch.Tensor:
-    x, y = xy
+    x, y = (_aligned(a) for a in xy)
     g = model.gradients(x, y)
     return model.test_features(g) if side == "test" else model.train_features(g)
 
@@ -118,7 +142,7 @@ def _column_tiles(m: InfluenceModel, xy: tuple[Any, Any], feats: Sequence[Any],
     """Train features of one chunk once, then yield ``(k, tile)`` for each test feature block
     (first ``(-1, self-influence chunk or None)``)."""
     t0 = time.perf_counter()
-    x, y = xy
+    x, y = (_aligned(a) for a in xy)
     g = m.gradients(x, y).detach()
     R = m.train_features(g).detach()
     s = None
@@ -129,7 +153,7 @@ def _column_tiles(m: InfluenceModel, xy: tuple[Any, Any], feats: Sequence[Any],
     yield -1, s
     for k, T in enumerate(feats):
         t0 = time.perf_counter()
-        T = as_tensor(T, device=R.device)
+        T = as_tensor(_aligned(T), device=R.device)
         with torch.no_grad():
             tile = m.tile(T, R).cpu().numpy().astype(dtype, copy=False)
         st.t_matmul += time.perf_counter() - t0
