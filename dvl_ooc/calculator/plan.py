@@ -83,7 +83,7 @@ from typing import Any
 
 import numpy as np
 
-from ..exceptions import InputError, MemoryBudgetError, NotFittedError, StoreError
+from ..exceptions import DvlOocError, InputError, MemoryBudgetError, NotFittedError, StoreError
 from ..influence.base import InfluenceModel
 from ..runtime import available_memory, format_bytes
 from ..store import InfluenceStore
@@ -520,6 +520,10 @@ class _Base:
                       train_names: Any = None,
                       storage_options: Mapping[str, Any] | None = None) -> InfluenceStore:
         m = self.model
+        try:  # what fit measured (no data passes); informational, not matched on resume
+            diagnostics = m.diagnostics(estimate=False)
+        except (DvlOocError, AttributeError):
+            diagnostics = None
         return InfluenceStore.create(
             path, n_test=te.n, n_train=tr.n, test_chunk=tc, train_chunk=rc,
             method=type(m).__name__, config=m.config(), fingerprint=m.fingerprint(),
@@ -527,7 +531,7 @@ class _Base:
             test_index=test_index, train_index=train_index, test_labels=te.labels(),
             train_labels=tr.labels(), test_names=test_names, train_names=train_names,
             self_influence=self_influence, compressor=compressor, mode=mode,
-            storage_options=storage_options,
+            storage_options=storage_options, diagnostics=diagnostics,
         )
 
     @staticmethod

@@ -186,3 +186,32 @@ def test_a_new_query_and_command_are_one_registration_each(store, capsys):
         cli.COMMANDS.pop("hello", None)
     assert main(["hello"]) == 2
     capsys.readouterr()
+
+
+def test_info_prints_the_models_curvature_diagnostics(tmp_path, capsys):
+    import torch
+    import torch.nn.functional as F
+
+    from dvl_ooc import DirectInfluence, Relative, SequentialInfluenceCalculator
+    from dvl_ooc.store import InfluenceStore
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2))
+    x, y = torch.randn(30, 4), torch.randint(0, 2, (30,))
+    m = DirectInfluence(net, F.cross_entropy, regularization=Relative(1e-2), blocks="layer")
+    m.fit((x, y))
+    path = tmp_path / "s.zarr"
+    SequentialInfluenceCalculator(m).to_zarr(path, x[:6], y[:6], x, y, progress=False)
+    d = InfluenceStore.open(path).attrs["diagnostics"]
+    want = m.diagnostics(estimate=False)
+    assert [b["block"] for b in d["blocks"]] == [b["block"] for b in want["blocks"]]
+    for got, ref in zip(d["blocks"], want["blocks"]):
+        assert got["top_eigenvalue"] == pytest.approx(ref["top_eigenvalue"])
+        assert got["regularization"] == pytest.approx(1e-2 * ref["top_eigenvalue"])
+    assert main(["info", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "curvature (DirectInfluence" in out
+    for b in want["blocks"]:
+        assert f"{b['top_eigenvalue']:.4g}"[:4] in out
+    assert main(["info", str(path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["curvature"]["blocks"][0]["top_kind"] == "exact"
