@@ -60,8 +60,13 @@ class S3Server:
 
 
 @contextlib.contextmanager
-def s3_server(bucket: str = BUCKET) -> Iterator[S3Server]:
-    """Start the server, create ``bucket``, yield the :class:`S3Server`, stop it."""
+def s3_server(bucket: str | None = None) -> Iterator[S3Server]:
+    """Start the server, create ``bucket`` (default: a fresh ``dvl-ooc-test-<random>``: moto's
+    state is global to the process, so buckets of an earlier server in the same test run
+    still exist), yield the :class:`S3Server`, stop it."""
+    import uuid
+
+    bucket = bucket or f"{BUCKET}-{uuid.uuid4().hex[:8]}"
     pytest.importorskip("moto.server", reason="needs moto[server] (the test extras)")
     pytest.importorskip("s3fs", reason="needs s3fs (the test extras)")
     srv = S3Server(bucket)
