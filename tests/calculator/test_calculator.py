@@ -168,8 +168,9 @@ def test_sequential_lazy_array_on_threads_matches_memory(mlp_problem, method):
     if method == "direct":
         m = DirectInfluence(p.model, p.loss, regularization=lam, hessian="gauss-newton")
     else:
+        # the race is in the shared model's functional calls, not in convergence: few steps
         m = LissaInfluence(p.model, p.loss, regularization=lam, hessian="gauss-newton",
-                           max_iter=40, rtol=None)
+                           max_iter=10, rtol=None)
     m.fit((p.x_train, p.y_train))
     mem = m.influences(p.x_test, p.y_test, p.x_train, p.y_train).numpy()
     xt, yt, x, y = _data(p)
