@@ -128,3 +128,35 @@ def test_images_bad_folders(tmp_path, capsys):
     assert info.paths[3] in err
     assert not (tmp_path / "o2" / "influences.zarr").exists()
     assert not (tmp_path / "o2" / "job.json").exists()
+
+
+def test_checkpoint_forms(tmp_path):
+    """A state dict of the recipe's ResNet18 or any pickled nn.Module (e.g. a torchvision
+    model) is accepted; a state dict of another shape is refused with what to pass."""
+    import torch
+
+    from dvl_ooc.demo.resnet import ResNet18
+    from dvl_ooc.exceptions import InputError
+    from dvl_ooc.recipes.images import ImagesJob, _load_checkpoint
+
+    net = ResNet18(2, 2, 3, "imagenet", mean=[0.5] * 3, std=[0.2] * 3, seed=1).eval()
+    x = torch.rand(3, 3, 16, 16)
+    sd = tmp_path / "sd.pt"
+    torch.save(net.state_dict(), sd)
+    job = ImagesJob(root=str(tmp_path), out=str(tmp_path / "o"), size=16, width=2,
+                    checkpoint=str(sd))
+    got = _load_checkpoint(job, 2, 3)
+    torch.testing.assert_close(got(x), net(x))
+    other = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(),
+                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                torch.nn.Linear(4, 2)).eval()
+    whole = tmp_path / "module.pt"
+    torch.save(other, whole)
+    job.checkpoint, job.mean, job.std = str(whole), [0.5] * 3, [0.25] * 3
+    got = _load_checkpoint(job, 2, 3)  # normalisation put in front of the user's module
+    torch.testing.assert_close(got(x), other((x - 0.5) / 0.25))
+    job.checkpoint, job.mean, job.std, job.width = str(sd), None, None, 4
+    with pytest.raises(InputError, match="--width"):
+        _load_checkpoint(job, 2, 3)
+    with pytest.raises(InputError, match=r"expected \(3,\) logits"):
+        _load_checkpoint(ImagesJob(root=".", out=".", size=16, checkpoint=str(whole)), 3, 3)
