@@ -59,6 +59,7 @@ from .exceptions import (
 from .store import InfluenceStore
 
 __all__ = [
+    "DETECTION_FRACTIONS",
     "QUERIES",
     "Option",
     "QuerySpec",
@@ -71,6 +72,7 @@ __all__ = [
     "query_self_influence",
     "query_topk",
     "register_query",
+    "detection_rates",
     "saved_queries",
 ]
 
@@ -655,3 +657,21 @@ def load_query(store: StoreLike, name: str, *,
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         return xr.open_zarr(src.store, group=f"queries/{name}").load()
+
+
+#: the fractions of most suspicious points that reports count known wrong labels in
+DETECTION_FRACTIONS = (0.10, 0.15, 0.20)
+
+
+def detection_rates(order: Any, known: Any, fractions: Any = DETECTION_FRACTIONS
+                    ) -> dict[str, dict[str, Any]]:
+    """Known wrong labels among the first fractions of ``order`` (indices, most suspicious
+    first): ``{"10%": {"flagged", "found", "recall"}, ...}`` with recall = found / known."""
+    order, known = np.asarray(order), np.asarray(known, dtype=bool)
+    n, nk = len(order), int(known.sum())
+    out = {}
+    for f in fractions:
+        m = int(round(f * n))
+        found = int(known[order[:m]].sum())
+        out[f"{round(f * 100)}%"] = {"flagged": m, "found": found, "recall": found / max(nk, 1)}
+    return out

@@ -28,19 +28,6 @@ import numpy as np
 
 __all__ = ["run_demo"]
 
-FRACTIONS = (0.10, 0.15, 0.20)
-
-
-def _detect(order: np.ndarray, flipped: np.ndarray) -> dict[str, Any]:
-    """Flipped labels among the first 10/15/20 % of ``order`` (most suspicious first)."""
-    n, nf = len(order), int(flipped.sum())
-    out = {}
-    for f in FRACTIONS:
-        m = int(round(f * n))
-        found = int(flipped[order[:m]].sum())
-        out[f"{round(f * 100)}%"] = {"flagged": m, "found": found,
-                                     "recall": found / max(nf, 1)}
-    return out
 
 
 def _train(x, y, *, seed: int, epochs: int, width: int, hidden: int):
@@ -131,7 +118,8 @@ def run_demo(
 
     from ..calculator import DaskInfluenceCalculator
     from ..influence import DirectInfluence
-    from ..query import query_quantiles, query_self_influence
+    from ..query import DETECTION_FRACTIONS as FRACTIONS
+    from ..query import detection_rates, query_quantiles, query_self_influence
     from .datasets import load_digits_split
     from .nets import accuracy
 
@@ -208,11 +196,13 @@ def run_demo(
 
         by_pct = np.argsort(np.where(np.isfinite(score), score, np.inf), kind="stable")
         det = {
-            "same-label 25th percentile (lowest first)": _detect(by_pct, d.flipped),
-            "25th percentile over all test points": _detect(
+            "same-label 25th percentile (lowest first)": detection_rates(by_pct, d.flipped),
+            "25th percentile over all test points": detection_rates(
                 np.argsort(q25_all, kind="stable"), d.flipped),
-            "self-influence (highest first)": _detect(np.argsort(-si, kind="stable"), d.flipped),
-            "self-influence (lowest first)": _detect(np.argsort(si, kind="stable"), d.flipped),
+            "self-influence (highest first)": detection_rates(np.argsort(-si, kind="stable"),
+                                                              d.flipped),
+            "self-influence (lowest first)": detection_rates(np.argsort(si, kind="stable"),
+                                                             d.flipped),
             "random ranking (expected)": {
                 f"{round(f * 100)}%": {"flagged": int(round(f * n)),
                                        "found": round(f * nf, 1), "recall": f}

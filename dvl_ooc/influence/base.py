@@ -92,19 +92,25 @@ Damping = float | str | Relative
 _PROJECTION_KEYS = ("k_in", "k_out", "dense_dim", "seed", "dtype")
 
 
+def check_projector(projection: GradientProjector, model: nn.Module,
+                    layers: Sequence[str] | None) -> None:
+    """A given projector must be built on ``model``, with the same ``layers`` if given."""
+    if projection.model is not model:
+        raise InputError("projection: the GradientProjector was built for another model; "
+                         "build it on this model, or pass a dict of its arguments")
+    if layers is not None:
+        want = [layers] if isinstance(layers, str) else list(layers)
+        if want != projection.layers:
+            raise InputError(
+                f"layers={want} differs from the projector's layers={projection.layers}; "
+                "pass layers= to the GradientProjector only (or a dict as projection=)")
+
+
 def _projector(model: nn.Module, projection: GradientProjector | Mapping[str, Any],
                layers: Sequence[str] | None, micro_batch_size: int) -> GradientProjector:
     """The :class:`GradientProjector` of ``projection=`` (a projector, or its arguments)."""
     if isinstance(projection, GradientProjector):
-        if projection.model is not model:
-            raise InputError("projection: the GradientProjector was built for another model; "
-                             "build it on this model, or pass a dict of its arguments")
-        if layers is not None:
-            want = [layers] if isinstance(layers, str) else list(layers)
-            if want != projection.layers:
-                raise InputError(
-                    f"layers={want} differs from the projector's layers={projection.layers}; "
-                    "pass layers= to the GradientProjector only (or a dict as projection=)")
+        check_projector(projection, model, layers)
         return projection
     if not isinstance(projection, Mapping):
         raise InputError("projection must be None, a GradientProjector or a dict of its "

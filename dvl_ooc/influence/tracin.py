@@ -73,7 +73,7 @@ from ..exceptions import InputError
 from ..grads import MODEL_LOCK, LossFn, ProjectedGradients
 from ..layers.projection import GradientProjector
 from ..seeding import torch_generator
-from .base import InfluenceModel, _projector
+from .base import InfluenceModel, _projector, check_projector
 
 __all__ = ["TracInCP"]
 
@@ -356,15 +356,7 @@ def _copy_projector(projection: GradientProjector | Mapping[str, Any], original:
     depend only on the seed, the sizes and the module layout, so they are the same)."""
     if not isinstance(projection, GradientProjector):
         return _projector(model, projection, layers, micro_batch_size)
-    if projection.model is not original:
-        raise InputError("projection: the GradientProjector was built for another model; "
-                         "build it on this model, or pass a dict of its arguments")
-    if layers is not None:
-        want = [layers] if isinstance(layers, str) else list(layers)
-        if want != projection.layers:
-            raise InputError(
-                f"layers={want} differs from the projector's layers={projection.layers}; "
-                "pass layers= to the GradientProjector only (or a dict as projection=)")
+    check_projector(projection, original, layers)
     return GradientProjector(
         model, layers=projection.layers, k_in=projection.k_in, k_out=projection.k_out,
         dense_dim=projection.dense_dim, seed=projection.seed, dtype=projection.dtype,

@@ -69,7 +69,13 @@ from torch import nn
 
 from ..data import as_tensor, check_xy
 from ..exceptions import InputError, NonFiniteError, UnsupportedModelError
-from ..grads.functional import MODEL_LOCK, LossFn, ModelGradients, select_parameters
+from ..grads.functional import (
+    MODEL_LOCK,
+    LossFn,
+    ModelGradients,
+    check_batchnorm_eval,
+    select_parameters,
+)
 from ..seeding import torch_generator
 from .base import LAYER_KINDS, LayerKind
 
@@ -399,18 +405,7 @@ class GradientProjector:
 
     # ------------------------------------------------------------------ projection of samples
     def _check_model(self) -> None:
-        for name, mod in self.model.named_modules():
-            if isinstance(mod, _BatchNorm):
-                if mod.training:
-                    raise UnsupportedModelError(
-                        f"{type(mod).__name__} {name!r} is in training mode: batch statistics "
-                        "couple the samples of a batch, so per-sample gradients are not "
-                        "defined; call model.eval() first")
-                if mod.running_mean is None or mod.running_var is None:
-                    raise UnsupportedModelError(
-                        f"{type(mod).__name__} {name!r} has track_running_stats=False and uses "
-                        "batch statistics even in eval mode; per-sample gradients are not "
-                        "defined for it")
+        check_batchnorm_eval(self.model)
 
     def project(self, x: Any, y: Any, loss: LossFn | None = None) -> torch.Tensor:
         """Projected per-sample gradients of ``loss(model(x_i), y_i)``, ``(n, feature_dim)``

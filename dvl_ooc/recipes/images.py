@@ -64,7 +64,6 @@ __all__ = ["METHODS", "ImagesJob", "run_images"]
 #: influence methods of the recipe (the iterative CG / LiSSA solve per test point and are
 #: left to the Python API at this scale)
 METHODS = ("direct", "arnoldi", "nystroem", "ekfac")
-FRACTIONS = (0.10, 0.15, 0.20)
 _STATE = "job.json"
 
 
@@ -265,16 +264,6 @@ def _known_flips(root: Path, paths: list[str], train_idx: np.ndarray,
     return (mask, " + ".join(src)) if src else (None, "")
 
 
-def _detect(order: np.ndarray, flipped: np.ndarray) -> dict[str, Any]:
-    n, nf = len(order), int(flipped.sum())
-    out = {}
-    for f in FRACTIONS:
-        m = int(round(f * n))
-        found = int(flipped[order[:m]].sum())
-        out[f"{round(f * 100)}%"] = {"flagged": m, "found": found, "recall": found / max(nf, 1)}
-    return out
-
-
 def _load_checkpoint(job: ImagesJob, n_classes: int, in_channels: int) -> Any:
     import torch
     from torch import nn
@@ -446,7 +435,8 @@ def _run_stages(job: ImagesJob, state: _State, keys: dict[str, str], ds: Any, pa
     from ..calculator import DaskInfluenceCalculator
     from ..demo.resnet import ResNet18, count_parameters, train_resnet
     from ..influence import Relative
-    from ..query import query_quantiles, query_self_influence
+    from ..query import DETECTION_FRACTIONS as FRACTIONS
+    from ..query import detection_rates, query_quantiles, query_self_influence
     from ..runtime import format_bytes, progress
 
     out = Path(job.out)
@@ -598,8 +588,9 @@ def _run_stages(job: ImagesJob, state: _State, keys: dict[str, str], ds: Any, pa
     det = None
     if known is not None:
         nf = int(known.sum())
-        det = {"lowest same-label 25th percentile": _detect(order, known),
-               "highest self-influence": _detect(np.argsort(-si, kind="stable"), known),
+        det = {"lowest same-label 25th percentile": detection_rates(order, known),
+               "highest self-influence": detection_rates(np.argsort(-si, kind="stable"),
+                                                         known),
                "random (expected)": {f"{round(f * 100)}%": {"recall": f} for f in FRACTIONS}}
         say(f"  known wrong labels ({src}): {nf}; found among the most suspicious:")
         for name, r in det.items():
