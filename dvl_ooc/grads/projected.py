@@ -74,6 +74,10 @@ from .functional import (
 __all__ = ["ProjectedGradients"]
 
 
+#: rows per update of the explicit projected Gauss-Newton matrix (see ``hessian``)
+_GRAM_ROWS = 1024
+
+
 def _check_mode(mode: str) -> None:
     if mode == "exact":
         raise InputError(
@@ -237,10 +241,21 @@ class ProjectedGradients(BatchSource):
         k = block.numel
         H = torch.zeros(k, k, dtype=torch.float64, device=self.device)
         n = 0
+        # rows are gathered into blocks of >= _GRAM_ROWS before each update: one rank-m update
+        # reads and writes all k^2 entries, so tiny updates (a micro-batch) are memory-bound
+        rows: list[torch.Tensor] = []
+        held = 0
         for F in self._factor_features(data, block):
-            Fm = F.reshape(-1, k)
-            H += Fm.T @ Fm
+            rows.append(F.reshape(-1, k))
+            held += rows[-1].shape[0]
             n += F.shape[0]
+            if held >= _GRAM_ROWS:
+                B = torch.cat(rows)
+                H.addmm_(B.T, B)
+                rows, held = [], 0
+        if rows:
+            B = torch.cat(rows)
+            H.addmm_(B.T, B)
         if n == 0:
             raise InputError("no samples in the fit data")
         H = 0.5 * (H + H.T) / n
