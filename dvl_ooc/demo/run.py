@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -170,8 +171,13 @@ def run_demo(
         level = nanny.level
         nanny.setLevel(logging.ERROR)
         try:
-            with DaskInfluenceCalculator(inf, n_workers=n_workers, threads_per_worker=1,
-                                         dashboard_address=None) as calc:
+            # the digits (22 MiB) travel in the task graph, which makes Dask advise against
+            # large graphs: right for big data (use Zarr there), noise for this report
+            with warnings.catch_warnings(), DaskInfluenceCalculator(
+                    inf, n_workers=n_workers, threads_per_worker=1,
+                    dashboard_address=None) as calc:
+                warnings.filterwarnings("ignore", message="Sending large graph",
+                                        category=UserWarning)
                 store = calc.to_zarr(store_path, d.x_test, d.y_test, d.x_train, d.y_train,
                                      test_chunk=n_test, train_chunk=max(64, -(-n // 8)),
                                      mode="w", self_influence=True, progress=False)
