@@ -497,9 +497,7 @@ def _run_stages(job: ImagesJob, state: _State, keys: dict[str, str], ds: Any, pa
             del x_np
             how = f"trained ResNet18(width={job.width}, stem={job.stem!r}) for {job.epochs} epochs"
         model.eval().cpu()
-        tmp = model_file.with_suffix(".tmp")
-        torch.save(model, tmp)
-        os.replace(tmp, model_file)
+        _save_atomic(model, model_file)
         acc_tr = _accuracy(model, x_tr, y_tr)
         acc_te = _accuracy(model, x_te, y_te)
         done = state.finish("train", key, how=how, parameters=count_parameters(model),
@@ -522,9 +520,7 @@ def _run_stages(job: ImagesJob, state: _State, keys: dict[str, str], ds: Any, pa
         nf = n_tr if job.fit_samples is None else min(job.fit_samples, n_tr)
         m.fit((x_tr if nf == n_tr else _Rows(x_tr, nf), y_tr[:nf]))
         reg = dict(m.regularization)  # resolved per block from the fitted spectrum
-        tmp = inf_file.with_suffix(".tmp")
-        torch.save({"blocks": m.state(), "regularization": reg}, tmp)
-        os.replace(tmp, inf_file)
+        _save_atomic({"blocks": m.state(), "regularization": reg}, inf_file)
         done = state.finish("fit", key, n_fit=nf, regularization=reg,
                             seconds=time.perf_counter() - t)
     blob = torch.load(inf_file, map_location="cpu", weights_only=False)
@@ -611,6 +607,16 @@ def _run_stages(job: ImagesJob, state: _State, keys: dict[str, str], ds: Any, pa
         "suspects_csv": str(out / "suspects.csv"), "pictures": pics,
         "memory": {},
     }
+
+
+def _save_atomic(obj: Any, path: Path) -> None:
+    """``torch.save`` to a temporary file renamed into place: an interrupted stage never
+    leaves a half-written file that a rerun would load."""
+    import torch
+
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
 
 
 def _accuracy(model: Any, x: Any, y: np.ndarray) -> float:
