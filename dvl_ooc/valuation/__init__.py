@@ -49,6 +49,7 @@ from .stopping import (
 )
 from .tmc import TMCShapleyValuation
 from .torch_utility import TorchBatchUtility
+from .training import TrainingConfig
 from .utility import ModelUtility, TorchEstimator
 
 __all__ = [
@@ -77,6 +78,7 @@ __all__ = [
     "TMCShapleyValuation",
     "TorchBatchUtility",
     "TorchEstimator",
+    "TrainingConfig",
     "TruncationPolicy",
     "UniformSampler",
     "ValuationResult",
