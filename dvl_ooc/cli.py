@@ -3,12 +3,16 @@
     dvl-ooc demo [--out DIR] [--quick] [--seed N] [--workers N]
     dvl-ooc images ROOT --out DIR [--method M] [--k K] [--width W] [--epochs E] [--workers N]
                    [--cluster local|cuda|ADDRESS] [--checkpoint FILE] [--flip-train F] ...
-    dvl-ooc info STORE [--json]
+    dvl-ooc info STORE [--json] [--storage-options JSON]
     dvl-ooc query STORE quantile [--q 0.25 ...] [--same-label] [--method M] [--desc]
     dvl-ooc query STORE topk [--k K] [--test I ...]
     dvl-ooc query STORE mean [--sum] [--same-label] [--desc]
     dvl-ooc query STORE self [--ascending]
 
+STORE is a local path or an fsspec URL (``s3://bucket/run.zarr``); ``--storage-options`` (info
+and every query, before or after the query name) gives
+fsspec's options for a URL as JSON, e.g. ``'{"endpoint_url": "http://host:9000", "key": "...",
+"secret": "..."}'`` (credentials may instead come from the environment, e.g. ``AWS_*``).
 Every query takes ``--limit N`` (rows shown; 0 = all), ``--json`` (machine-readable output on
 stdout), ``--save NAME`` (store the result in ``STORE/queries/NAME``) and ``--allow-incomplete``.
 Errors are one line on stderr and a non-zero exit status (2: bad arguments, 1: anything else).
@@ -148,6 +152,22 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     run_demo(args.out, quick=args.quick, seed=args.seed, n_workers=args.workers)
 
 
+def _storage_options(v: str) -> dict[str, Any]:
+    """``--storage-options``: a JSON object (fsspec's options for a store URL)."""
+    try:
+        d = json.loads(v)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e}") from e
+    if not isinstance(d, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {type(d).__name__}")
+    return d
+
+
+_STORAGE_HELP = ("fsspec options for a STORE URL as a JSON object, e.g. "
+                 "'{\"endpoint_url\": \"http://host:9000\", \"key\": \"...\", "
+                 "\"secret\": \"...\"}'")
+
+
 def _floats(v: str) -> list[float]:
     try:
         return [float(t) for t in v.replace(",", " ").split()]
@@ -229,12 +249,13 @@ def _cmd_images(args: argparse.Namespace) -> None:
 @command("info", help="shape, chunks, parameters and completeness of a store", arguments=[
     option("store"),
     option("--json", action="store_true", help="print JSON"),
+    option("--storage-options", type=_storage_options, metavar="JSON", help=_STORAGE_HELP),
 ])
 def _cmd_info(args: argparse.Namespace) -> None:
     from .query import saved_queries
     from .store import InfluenceStore
 
-    s = InfluenceStore.open(args.store)
+    s = InfluenceStore.open(args.store, storage_options=args.storage_options)
     done, n = len(s.done_tiles()), s.n_tiles
     a = s.attrs
     info = {
@@ -301,6 +322,8 @@ def _print_curvature(d: dict[str, Any]) -> None:
 def _query_subcommands(q: argparse.ArgumentParser) -> None:
     """``query STORE <name>``: one subcommand per registered query (:data:`QUERIES`)."""
     q.add_argument("store")
+    q.add_argument("--storage-options", type=_storage_options, metavar="JSON",
+                   help=_STORAGE_HELP, default=None)
     qs = q.add_subparsers(dest="query", required=True, parser_class=_Parser,
                           metavar="{" + ",".join(QUERIES) + "}")
     for spec in QUERIES.values():
@@ -313,14 +336,19 @@ def _query_subcommands(q: argparse.ArgumentParser) -> None:
         a.add_argument("--save", metavar="NAME", help="also save the result in STORE/queries/NAME")
         a.add_argument("--allow-incomplete", action="store_true",
                        help="query a partly computed store (missing values are NaN)")
+        # also accepted after the query name (a default here would hide the one given before)
+        a.add_argument("--storage-options", type=_storage_options, metavar="JSON",
+                       help=_STORAGE_HELP, default=argparse.SUPPRESS)
 
 
 @command("query", help="quantiles, top-k, mean/sum or self-influence ranking",
          configure=_query_subcommands)
 def _cmd_query(args: argparse.Namespace) -> None:
     spec = QUERIES[args.query]
+    # (passed only when given: a registered query without the keyword still serves local paths)
+    so = {} if args.storage_options is None else {"storage_options": args.storage_options}
     res = spec.function(args.store, **spec.keywords(args),
-                        allow_incomplete=args.allow_incomplete, save=args.save)
+                        allow_incomplete=args.allow_incomplete, save=args.save, **so)
     _emit(args, *spec.table(res, args))
     if args.save and not args.json:
         print(f"saved as {args.store}/queries/{args.save}")

@@ -108,3 +108,24 @@ class IndefiniteCurvatureError(RegularizationError):
 class UnfinishedStoreError(StoreNotFoundError):
     """A store whose creation has not finished (interrupted, or in progress in another run):
     never read as a valid store; a mode="a" run with the same parameters finishes it."""
+
+
+class JobSerializationError(DvlOocError, TypeError):
+    """The state a valuation sends to its workers (utility, data, sampler) cannot be pickled;
+    raised on the driver before any task is sent, naming the attribute that fails."""
+
+
+class ClusterStalledError(DvlOocError, RuntimeError):
+    """A distributed run made no progress (no task of it running or finishing) for longer than
+    its stall timeout: no worker can run its tasks, or their inputs were lost."""
+
+
+class StoreUnavailableError(StoreError, ConnectionError):
+    """A store could not be reached (object storage down, network lost) after the storage
+    client's own retries: tiles written before are kept (each whole or absent); rerun the same
+    call with ``mode="a"`` once the store is back to compute only the missing tiles."""
+
+
+class StoreFullError(StoreError, OSError):
+    """The disk or quota of a store is full (``ENOSPC`` / ``EDQUOT``): tiles written before are
+    kept (each whole or absent); free space and rerun with ``mode="a"`` to resume."""

@@ -16,8 +16,10 @@ Layout (a Zarr v3 group, readable by ``xarray.open_zarr(url, storage_options=...
   Each chunk is one *tile* written whole by exactly one task; ``fill_value=NaN`` and
   ``write_empty_chunks=True`` so every written tile leaves a key ``influences/c/i/j``.
   **A tile is done iff its key exists.** Single chunk writes are atomic: on object storage an
-  object appears whole or not at all; Zarr's ``LocalStore`` (zarr >= 3.1, as required) writes a
-  temporary ``*.partial`` file and renames it, and partial files are never counted.
+  object appears whole or not at all; Zarr's ``LocalStore`` (zarr >= :data:`MIN_ZARR_ATOMIC`
+  = 3.1.3, checked before a local store is written) writes a temporary ``*.partial`` file and
+  renames it, and partial files are never counted. URLs are opened without fsspec's listings
+  cache (other processes add tiles all the time).
 * ``test`` / ``train`` (int64 sample indices, dimension coordinates) and, when labels are one
   scalar per sample, ``test_label`` / ``train_label`` (non-dimension coordinates).
 * optional ``self_influence`` ``(n_train,)`` chunked like the train axis, fill NaN.
@@ -53,6 +55,13 @@ be run while another run uses the store; as a guard, each column task checks the
 parameters (:meth:`InfluenceStore.check_params`) before writing and fails rather than write
 into a store replaced under it.
 
+Faults. A full disk or quota raises :class:`~dvl_ooc.exceptions.StoreFullError`, a store that
+cannot be reached (after the storage client's own retries: botocore retries a refused
+connection for ~10 s by default, ``storage_options={"config_kwargs": {"retries": ...}}`` sets
+it) :class:`~dvl_ooc.exceptions.StoreUnavailableError`, from the client or from a worker's
+task, each naming the store and saying that a ``mode="a"`` rerun resumes
+(:func:`store_io_errors`); tiles already written are whole, and kept.
+
 Finding the done tiles lists the store's keys once into a set (``O(#tiles)``; local disk: one
 directory walk; fsspec: one recursive listing, paginated by the server), never
 ``Array.nchunks_initialized`` (quadratic in the chunk count).
@@ -60,13 +69,16 @@ directory walk; fsspec: one recursive listing, paginated by the server), never
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import errno
 import json
 import os
+import re
 import shutil
 import threading
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -74,15 +86,19 @@ import numpy as np
 import zarr
 
 from .exceptions import (
+    DvlOocError,
     InputError,
     StoreError,
     StoreExistsError,
+    StoreFullError,
     StoreMismatchError,
     StoreNotFoundError,
+    StoreUnavailableError,
     UnfinishedStoreError,
 )
 
-__all__ = ["FORMAT", "MATCH_FIELDS", "WRITE_MODES", "InfluenceStore", "make_codecs"]
+__all__ = ["FORMAT", "MATCH_FIELDS", "MIN_ZARR_ATOMIC", "WRITE_MODES", "InfluenceStore",
+           "make_codecs", "store_io_errors"]
 
 FORMAT = 1
 ATTR = "dvl_ooc"
@@ -96,6 +112,92 @@ MATCH_FIELDS = (
 _RUNTIME = {"write_empty_chunks": True}
 #: write modes of influence stores: create or resume, create only, replace
 WRITE_MODES = ("a", "w-", "w")
+#: the first zarr release whose ``LocalStore`` writes every key atomically (a temporary
+#: ``<key>.<uuid>.partial`` file, then ``os.replace``; zarr-python PR #3412, issue #3411, in
+#: 3.1.3 of 2025-09-18; 3.1.2 and earlier open the key itself and write into it). Local stores
+#: rely on it: a chunk file is whole or absent, so "a tile is done iff its chunk exists".
+MIN_ZARR_ATOMIC = "3.1.3"
+
+
+def _version_tuple(v: str) -> tuple[int, ...]:
+    m = re.match(r"(\d+)\.(\d+)(?:\.(\d+))?", v)
+    return tuple(int(g or 0) for g in m.groups()) if m else (0,)
+
+
+def _check_atomic_local_writes() -> None:
+    """``StoreError`` unless the installed zarr writes local chunks atomically
+    (:data:`MIN_ZARR_ATOMIC`); checked before any local store is written."""
+    if _version_tuple(zarr.__version__) < _version_tuple(MIN_ZARR_ATOMIC):
+        raise StoreError(
+            f"zarr {zarr.__version__} writes local chunk files in place (a killed or failing "
+            f"write leaves a half-written tile that counts as done); dvl_ooc needs zarr >= "
+            f"{MIN_ZARR_ATOMIC} for local stores (atomic writes): pip install -U "
+            f"'zarr>={MIN_ZARR_ATOMIC}'")
+
+
+#: exception classes (module, name) that mean "the store's server could not be reached"
+_UNREACHABLE = {
+    ("botocore.exceptions", "ConnectionError"),  # EndpointConnectionError, ConnectTimeout...
+    ("botocore.exceptions", "HTTPClientError"),  # ConnectionClosedError, ReadTimeoutError...
+    ("aiohttp.client_exceptions", "ClientConnectionError"),  # refused, reset, disconnected
+    ("aiohttp.client_exceptions", "ServerTimeoutError"),
+    ("fsspec.exceptions", "FSTimeoutError"),
+    ("requests.exceptions", "ConnectionError"),
+    ("google.auth.exceptions", "TransportError"),
+}
+_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+def _chain(e: BaseException | None) -> Iterator[BaseException]:
+    """``e`` and the exceptions it was raised from (as a traceback shows them)."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ if e.__cause__ is not None else (
+            None if e.__suppress_context__ else e.__context__)
+
+
+def _mapped_io_error(where: str, doing: str, e: BaseException) -> StoreError | None:
+    """:class:`StoreFullError` for a full disk or quota, :class:`StoreUnavailableError` for an
+    unreachable store (connection refused, reset, timed out: after the storage client's own
+    retries), ``None`` for anything else. Both messages name the store and say how to resume."""
+    for c in _chain(e):
+        if isinstance(c, DvlOocError):
+            return None
+        if isinstance(c, OSError) and c.errno in _FULL:
+            return StoreFullError(
+                f"no space left for the store at {where!r} while {doing} ({type(c).__name__}: "
+                f"{c}): the disk or quota is full. Tiles written before are kept (each is whole "
+                "or absent); free space (or choose a location with room) and rerun the same "
+                "call with mode='a': only the missing tiles are computed")
+        if isinstance(c, (ConnectionError, TimeoutError)) or any(
+                (k.__module__, k.__name__) in _UNREACHABLE for k in type(c).__mro__):
+            return StoreUnavailableError(
+                f"the store at {where!r} is unreachable while {doing} ({type(c).__name__}: {c}), "
+                "after the storage client's retries. Tiles written before are kept (each object "
+                "is whole or absent); once the store is reachable again, rerun the same call "
+                "with mode='a': only the missing tiles are computed. (Longer outages can be "
+                "ridden out by the client's retries, e.g. for S3 storage_options="
+                "{'config_kwargs': {'retries': {'max_attempts': 10, 'mode': 'standard'}}}.)")
+    return None
+
+
+@contextlib.contextmanager
+def store_io_errors(where: str, doing: str) -> Iterator[None]:
+    """Re-raise a full disk/quota as :class:`~dvl_ooc.exceptions.StoreFullError` and an
+    unreachable store as :class:`~dvl_ooc.exceptions.StoreUnavailableError` (naming the store
+    ``where``, what was being done, and that a ``mode="a"`` rerun resumes); anything else
+    propagates unchanged."""
+    try:
+        yield
+    except DvlOocError:
+        raise
+    except Exception as e:
+        mapped = _mapped_io_error(where, doing, e)
+        if mapped is None:
+            raise
+        raise mapped from e
 
 
 def _write_mode(owner: str, mode: str, deprecated: dict[str, Any]) -> str:
@@ -140,6 +242,9 @@ def _jsonable(v: Any) -> Any:
     return json.loads(json.dumps(v, default=str))
 
 
+_PROBE = ".dvl_ooc_probe_"
+
+
 def _check_writable(path: Path) -> None:
     """Fail early with ``StoreError`` unless a store can be written at ``path`` (real probe:
     permission bits do not stop root, read-only file systems do)."""
@@ -147,10 +252,14 @@ def _check_writable(path: Path) -> None:
         if path.exists() and not path.is_dir():
             raise StoreError(f"{str(path)!r} is a file, not a store directory; choose another path")
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".dvl_ooc_probe_{os.getpid()}"
+        # unique per process and thread: runs at once on one location each probe their own
+        probe = path / f"{_PROBE}{os.getpid()}-{threading.get_ident()}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
+        mapped = _mapped_io_error(str(path), "checking that the store can be written", e)
+        if mapped is not None:
+            raise mapped from e
         raise StoreError(
             f"cannot write a store at {str(path)!r} ({type(e).__name__}: {e}); choose a path in "
             "a writable directory"
@@ -246,13 +355,20 @@ class _Location:
         from zarr.storage import FsspecStore, LocalStore
 
         if isinstance(self.target, Store):
+            if self.local is not None and not read_only:
+                _check_atomic_local_writes()
             if self.target.read_only == read_only or not hasattr(self.target, "with_read_only"):
                 return self.target
             return self.target.with_read_only(read_only)
         if self.local is not None:
+            if not read_only:
+                _check_atomic_local_writes()
             return LocalStore(self.local, read_only=read_only)
+        # no listings cache: other processes (the workers, a second run) add tiles all the time,
+        # and a cached listing made s3fs answer "not found" for them (read back as NaN)
+        options = {"use_listings_cache": False, **self.storage_options}
         try:
-            return FsspecStore.from_url(self.target, storage_options=self.storage_options or None,
+            return FsspecStore.from_url(self.target, storage_options=options,
                                         read_only=read_only)
         except (ImportError, ValueError, TypeError) as e:
             raise StoreError(f"cannot open the store URL {self.target!r}: {e} (an s3:// URL "
@@ -281,7 +397,9 @@ def _contents(loc: _Location, zs: Any) -> tuple[bool, bool]:
         if p.exists() and not p.is_dir():
             raise StoreError(f"{str(p)!r} is a file, not a store directory; choose another path")
         has_meta = (p / "zarr.json").is_file()
-        return has_meta, has_meta or (p.is_dir() and any(p.iterdir()))
+        # another run's writability probe is not content
+        return has_meta, has_meta or (p.is_dir() and any(
+            not q.name.startswith(_PROBE) for q in p.iterdir()))
     try:
         has_meta = bool(_sync(zs.exists("zarr.json")))
         if has_meta:
@@ -292,8 +410,9 @@ def _contents(loc: _Location, zs: Any) -> tuple[bool, bool]:
     except FileNotFoundError:
         return False, False
     except OSError as e:
-        raise StoreError(f"cannot read the store location {loc.display!r} "
-                         f"({type(e).__name__}: {e})") from e
+        mapped = _mapped_io_error(loc.display, "reading the store location", e)
+        raise (mapped or StoreError(f"cannot read the store location {loc.display!r} "
+                                    f"({type(e).__name__}: {e})")) from e
 
 
 def _params(meta: Mapping[str, Any]) -> dict[str, Any]:
@@ -414,6 +533,9 @@ class InfluenceStore:
         try:
             group = zarr.open_group(store=zs, mode=mode, zarr_format=3, use_consolidated=False)
         except Exception as e:  # noqa: BLE001 - anything unreadable is "not a store"
+            mapped = _mapped_io_error(loc.display, "opening the store", e)
+            if mapped is not None:  # unreachable is not "not a store"
+                raise mapped from e
             if isinstance(e, (FileNotFoundError, zarr.errors.GroupNotFoundError)):
                 raise StoreNotFoundError(
                     f"no dvl_ooc influence store at {loc.display!r} (no zarr.json); {hint}"
@@ -431,7 +553,9 @@ class InfluenceStore:
                 f"or in progress in another run; started {meta.get('created')}); rerun the "
                 "computation with mode='a' and the same parameters to finish it, or mode='w' "
                 "to replace it")
-        if ARRAY not in group:
+        with store_io_errors(loc.display, "opening the store"):
+            has_array = ARRAY in group
+        if not has_array:
             raise StoreNotFoundError(
                 f"{loc.display!r} is a dvl_ooc group without an {ARRAY!r} array")
         return cls(loc, group)
@@ -526,95 +650,100 @@ class InfluenceStore:
         })
         if loc.local is not None:
             _check_writable(loc.local)
-        zs = loc.zarr_store(read_only=False)
-        has_meta, has_any = _contents(loc, zs)
-        claim = _lock_bytes(meta, test_index, train_index)
-        lock = _read_lock(loc, zs) if has_any else None
-        if has_any and not has_meta and lock is None:
-            raise StoreError(
-                f"{loc.display!r} exists and is not a Zarr store; refusing to touch it "
-                "(remove it yourself or choose another location)"
-            )
-        if (has_meta or lock is not None) and mode == "w-":
-            raise StoreExistsError(
-                f"a Zarr store exists at {loc.display!r} and mode='w-' creates only; pass "
-                "mode='a' to resume it, mode='w' to replace it, or choose another location"
-            )
-        build = dict(loc=loc, zs=zs, meta=meta, claim=claim, n_test=n_test, n_train=n_train,
-                     test_chunk=test_chunk, train_chunk=train_chunk, dtype=dtype,
-                     codecs=codecs, test_index=test_index, train_index=train_index,
-                     test_labels=test_labels, train_labels=train_labels, names=names,
-                     self_influence=self_influence)
-        if mode == "a" and has_meta:
-            try:
-                old = cls.open(loc, mode="r+", allow_unfinished=True)
-            except StoreNotFoundError as e:
-                if lock is None:
-                    raise StoreMismatchError(
-                        f"{loc.display!r} holds a Zarr store that is not a dvl_ooc influence "
-                        "store; pass mode='w' to replace it") from e
-                old = None  # our creation, interrupted before its first array
-            if old is not None:
-                diff = [k for k in MATCH_FIELDS if old.attrs.get(k) != meta[k]]
-                if not np.array_equal(old.test_index, test_index):
-                    diff.append("test_index")
-                if not np.array_equal(old.train_index, train_index):
-                    diff.append("train_index")
-                for key, values in names.items():
-                    stored = old._read1d(key)
-                    if values is not None and stored is not None and not np.array_equal(
-                            np.asarray(stored.tolist(), dtype=str), values):
-                        diff.append(key)
-                unfinished = old.attrs.get("state", "complete") != "complete"
-                if diff:
-                    detail = "; ".join(
-                        f"{k}: stored {old.attrs.get(k)!r} != requested {meta.get(k)!r}"
-                        for k in diff if k in meta
-                    )
-                    what = ("has an unfinished creation with different parameters"
-                            if unfinished else "was created with different parameters")
-                    raise StoreMismatchError(
-                        f"the store at {loc.display!r} {what} "
-                        f"({', '.join(diff)}){': ' + detail if detail else ''}. Pass "
-                        "mode='w' to replace it, or choose another location"
-                    )
-                if not unfinished:
-                    if self_influence and old.self_influence is None:
-                        old._create_self_influence(compressor)
-                        _consolidate(zs)
-                        old = cls.open(loc, mode="r+")
-                    return old
-            # same parameters, creation not finished (interrupted, or running elsewhere): finish
-            return cls._build(**build)
-        if mode == "w" and (has_meta or lock is not None):
-            try:
-                if loc.local is not None:
-                    shutil.rmtree(loc.local)
-                else:
-                    _sync(zs.delete_dir(""))
-                    if lock is not None and _read_lock(loc, zs) is not None:
-                        _sync(zs.delete(LOCK))
-            except OSError as e:
-                raise StoreError(f"cannot replace the store at {loc.display!r}: {e}") from e
-        if loc.local is None:
-            return cls._build(**build)
-        # local disk: build aside and rename into place (atomic on POSIX); the store appears
-        # whole, and of two runs racing to create it the second rename fails
-        p = loc.local
-        tmp = p.parent / f".{p.name}.creating-{os.getpid()}-{threading.get_ident()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:
-            cls._build(**{**build, "loc": _Location(tmp), "zs": _Location(tmp).zarr_store(
-                read_only=False)})
-            p.mkdir(parents=True, exist_ok=True)
-            os.replace(tmp, p)  # onto the empty directory
-        except OSError as e:
+        with store_io_errors(loc.display, "creating the store"):
+            zs = loc.zarr_store(read_only=False)
+            has_meta, has_any = _contents(loc, zs)
+            claim = _lock_bytes(meta, test_index, train_index)
+            lock = _read_lock(loc, zs) if has_any else None
+            if has_any and not has_meta and lock is None:
+                raise StoreError(
+                    f"{loc.display!r} exists and is not a Zarr store; refusing to touch it "
+                    "(remove it yourself or choose another location)"
+                )
+            if (has_meta or lock is not None) and mode == "w-":
+                raise StoreExistsError(
+                    f"a Zarr store exists at {loc.display!r} and mode='w-' creates only; pass "
+                    "mode='a' to resume it, mode='w' to replace it, or choose another location"
+                )
+            build = dict(loc=loc, zs=zs, meta=meta, claim=claim, n_test=n_test, n_train=n_train,
+                         test_chunk=test_chunk, train_chunk=train_chunk, dtype=dtype,
+                         codecs=codecs, test_index=test_index, train_index=train_index,
+                         test_labels=test_labels, train_labels=train_labels, names=names,
+                         self_influence=self_influence)
+            if mode == "a" and has_meta:
+                try:
+                    old = cls.open(loc, mode="r+", allow_unfinished=True)
+                except StoreNotFoundError as e:
+                    if lock is None:
+                        raise StoreMismatchError(
+                            f"{loc.display!r} holds a Zarr store that is not a dvl_ooc influence "
+                            "store; pass mode='w' to replace it") from e
+                    old = None  # our creation, interrupted before its first array
+                if old is not None:
+                    diff = [k for k in MATCH_FIELDS if old.attrs.get(k) != meta[k]]
+                    if not np.array_equal(old.test_index, test_index):
+                        diff.append("test_index")
+                    if not np.array_equal(old.train_index, train_index):
+                        diff.append("train_index")
+                    for key, values in names.items():
+                        stored = old._read1d(key)
+                        if values is not None and stored is not None and not np.array_equal(
+                                np.asarray(stored.tolist(), dtype=str), values):
+                            diff.append(key)
+                    unfinished = old.attrs.get("state", "complete") != "complete"
+                    if diff:
+                        detail = "; ".join(
+                            f"{k}: stored {old.attrs.get(k)!r} != requested {meta.get(k)!r}"
+                            for k in diff if k in meta
+                        )
+                        what = ("has an unfinished creation with different parameters"
+                                if unfinished else "was created with different parameters")
+                        raise StoreMismatchError(
+                            f"the store at {loc.display!r} {what} "
+                            f"({', '.join(diff)}){': ' + detail if detail else ''}. Pass "
+                            "mode='w' to replace it, or choose another location"
+                        )
+                    if not unfinished:
+                        if self_influence and old.self_influence is None:
+                            old._create_self_influence(compressor)
+                            _consolidate(zs)
+                            old = cls.open(loc, mode="r+")
+                        return old
+                # same parameters, creation not finished (interrupted, or running elsewhere): finish
+                return cls._build(**build)
+            if mode == "w" and (has_meta or lock is not None):
+                try:
+                    if loc.local is not None:
+                        shutil.rmtree(loc.local)
+                    else:
+                        _sync(zs.delete_dir(""))
+                        if lock is not None and _read_lock(loc, zs) is not None:
+                            _sync(zs.delete(LOCK))
+                except OSError as e:
+                    raise (_mapped_io_error(loc.display, "replacing the store", e) or StoreError(
+                        f"cannot replace the store at {loc.display!r}: {e}")) from e
+            if loc.local is None:
+                return cls._build(**build)
+            # local disk: build aside and rename into place (atomic on POSIX); the store appears
+            # whole, and of two runs racing to create it the second rename fails
+            p = loc.local
+            tmp = p.parent / f".{p.name}.creating-{os.getpid()}-{threading.get_ident()}"
             shutil.rmtree(tmp, ignore_errors=True)
-            if (p / "zarr.json").is_file() and mode != "w":
-                # another run created it meanwhile: resume it if the parameters match
-                return cls.create(store, **{**kwargs, "mode": "a"})
-            raise StoreError(f"cannot write the store at {loc.display!r}: {e}") from e
-        return cls.open(loc, mode="r+")
+            try:
+                cls._build(**{**build, "loc": _Location(tmp), "zs": _Location(tmp).zarr_store(
+                    read_only=False)})
+                p.mkdir(parents=True, exist_ok=True)
+                os.replace(tmp, p)  # onto the empty directory
+            except DvlOocError:  # (StoreFullError is an OSError too)
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            except OSError as e:
+                shutil.rmtree(tmp, ignore_errors=True)
+                if (p / "zarr.json").is_file() and mode != "w":
+                    # another run created it meanwhile: resume it if the parameters match
+                    return cls.create(store, **{**kwargs, "mode": "a"})
+                raise StoreError(f"cannot write the store at {loc.display!r}: {e}") from e
+            return cls.open(loc, mode="r+")
 
     @classmethod
     def _build(cls, *, loc: _Location, zs: Any, meta: dict[str, Any], claim: bytes,
@@ -630,6 +759,9 @@ class InfluenceStore:
         try:
             got = _claim(loc, zs, claim)
         except OSError as e:
+            mapped = _mapped_io_error(loc.display, "writing the creation claim", e)
+            if mapped is not None:
+                raise mapped from e
             raise StoreError(f"cannot write the store at {loc.display!r}: "
                              f"{type(e).__name__}: {e}") from e
         if got != claim:
@@ -679,10 +811,20 @@ class InfluenceStore:
             _consolidate(zs)
             group = zarr.open_group(store=zs, mode="r+", zarr_format=3)
             group.attrs.update({ATTR: {**meta, "state": "complete"}})
+            if loc.local is None:
+                # a cooperating run's consolidation (a read-modify-write of the root metadata)
+                # may have read the state before this flip and written it back after: the last
+                # write of every run is a consolidation after its own flip, so the store ends
+                # "complete" once every cooperating creation has finished
+                _consolidate(zs)
         except OSError as e:
+            mapped = _mapped_io_error(loc.display, "creating the store", e)
+            if mapped is not None:
+                raise mapped from e
             raise StoreError(f"cannot write the store at {loc.display!r}: "
                              f"{type(e).__name__}: {e}") from e
-        return cls.open(loc, mode="r+")
+        # (a cooperating creation may show "creating" for a moment: this one has finished)
+        return cls.open(loc, mode="r+", allow_unfinished=True)
 
     def check_params(self, expected: Mapping[str, Any]) -> None:
         """Raise ``StoreMismatchError`` unless the store's parameters (:data:`MATCH_FIELDS`)
@@ -711,7 +853,8 @@ class InfluenceStore:
     def influences(self) -> zarr.Array:
         """The ``(n_test, n_train)`` Zarr array (writes of whole chunks keep keys for resume)."""
         mode = "r" if self.group.store.read_only else "r+"
-        return zarr.open_array(store=self.group.store, path=ARRAY, mode=mode, config=_RUNTIME)
+        return zarr.open_array(store=self.group.store, path=ARRAY, mode=mode, config=_RUNTIME,
+                               zarr_format=3)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -769,7 +912,8 @@ class InfluenceStore:
         if SELF not in self.group:
             return None
         mode = "r" if self.group.store.read_only else "r+"
-        return zarr.open_array(store=self.group.store, path=SELF, mode=mode, config=_RUNTIME)
+        return zarr.open_array(store=self.group.store, path=SELF, mode=mode, config=_RUNTIME,
+                               zarr_format=3)
 
     def _chunk_keys(self, name: str, ndim: int) -> set[tuple[int, ...]]:
         """Chunk indices of array ``name`` whose key exists: one listing of the store's keys
@@ -780,7 +924,8 @@ class InfluenceStore:
         out: set[tuple[int, ...]] = set()
         prefix = f"{name}/c/"
         try:
-            keys = _sync(_alist(self.group.store.list_prefix(prefix)))
+            with store_io_errors(self.path, "listing the done tiles"):
+                keys = _sync(_alist(self.group.store.list_prefix(prefix)))
         except FileNotFoundError:
             return out
         for k in keys:

@@ -35,7 +35,7 @@ import torch
 from ..data import as_tensor
 from ..exceptions import NotFittedError
 from ..influence.base import InfluenceModel
-from ..store import InfluenceStore
+from ..store import InfluenceStore, store_io_errors
 
 __all__: list[str] = []
 
@@ -176,11 +176,16 @@ def _column_task(model: Any, token: str, device: str | None, fit_data: Any,
                  rows: list[int], want: list[bool], self_inf: bool, dtype: str,
                  expect: dict[str, Any] | None = None) -> _ColumnStats:
     """Write the missing tiles of tile column ``j`` (test chunks ``rows``) into the store at
-    ``where`` (see :func:`_open_for_writing`)."""
+    ``where`` (see :func:`_open_for_writing`). A full disk or quota raises
+    :class:`~dvl_ooc.exceptions.StoreFullError`, an unreachable store (after the storage
+    client's retries) :class:`~dvl_ooc.exceptions.StoreUnavailableError`: each names the store
+    and says that a ``mode="a"`` rerun resumes; tiles are whole or absent either way."""
     m = _prepared(model, token, device, fit_data)
     st = _ColumnStats(_worker_id(), os.getpid(), j)
-    store = _open_for_writing(where, expect)
-    arr = store.influences
+    name = getattr(where, "display", str(where))
+    with store_io_errors(name, f"opening it to write tile column {j}"):
+        store = _open_for_writing(where, expect)
+        arr = store.influences
     sel = [f for f, w in zip(feats, want) if w]
     todo = [i for i, w in zip(rows, want) if w]
     for k, tile in _column_tiles(m, xy, sel, np.dtype(dtype), self_inf, st):
@@ -188,10 +193,12 @@ def _column_task(model: Any, token: str, device: str | None, fit_data: Any,
         if k < 0:
             if tile is not None:
                 rs = store.tile_slices(0, j)[1]
-                store.self_influence[rs] = tile  # type: ignore[index]
+                with store_io_errors(name, f"writing the self-influence of train chunk {j}"):
+                    store.self_influence[rs] = tile  # type: ignore[index]
                 st.self_influence = True
         else:
-            arr[store.tile_slices(todo[k], j)] = tile
+            with store_io_errors(name, f"writing tile {(todo[k], j)}"):
+                arr[store.tile_slices(todo[k], j)] = tile
             st.tiles.append((todo[k], j))
         st.t_write += time.perf_counter() - t0
     st.t_end = time.time()

@@ -158,7 +158,9 @@ class InRunShapley:
         combined: one forward/backward over ``[train; validation]`` (see the module docstring;
             first order only; the validation rows run in the model's current mode, all at once;
             ``.grad`` allclose instead of bit-identical).
-        store: ``None`` (in memory) or a directory for a Zarr v3 array.
+        store: ``None`` (in memory) or where the Zarr v3 array lives: a local directory, an
+            fsspec URL (``s3://bucket/scores.zarr``) or a Zarr store object.
+        storage_options: fsspec options for a ``store`` URL (``endpoint_url``, ``key``...).
         mode: ``"w-"`` (new store; an existing one raises :class:`StoreExistsError`),
             ``"w"`` (replace an existing score store) or ``"a"`` (resume accumulating).
         flush_every: steps between flushes of the on-disk store.
@@ -190,7 +192,7 @@ class InRunShapley:
         per_validation_point: bool = False,
         second_order: bool = False,
         combined: bool = False,
-        store: str | os.PathLike | None = None,
+        store: str | os.PathLike | Any | None = None,
         mode: Literal["w-", "w", "a"] = "w-",
         flush_every: int = 50,
         sync_every: int | None = None,
@@ -198,6 +200,7 @@ class InRunShapley:
         solver: Method = "auto",
         max_buffer_bytes: int = 256 * 2**20,
         chunk_bytes: int = 8 * 2**20,
+        storage_options: dict[str, Any] | None = None,
         **deprecated: Any,
     ) -> None:
         old = renamed_arguments(InRunShapley.__init__, deprecated,
@@ -258,6 +261,7 @@ class InRunShapley:
         self.store = ScoreStore(
             self.n_train, self.n_val if self.per_validation_point else None, store,
             mode=mode, max_buffer_bytes=max_buffer_bytes, chunk_bytes=chunk_bytes,
+            storage_options=storage_options,
             attributes={"method": "InRunShapley", "n_train": self.n_train,
                         "n_val": self.n_val, "per_validation_point": self.per_validation_point,
                         "second_order": self.second_order, "layers": self.layers},
