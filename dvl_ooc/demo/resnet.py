@@ -22,7 +22,7 @@ imagenet stem and width 64 it is torchvision's ``resnet18(num_classes=2)``: 11,1
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -194,6 +194,7 @@ def train_resnet(
     num_workers: int = 0,
     flip_augment: bool = True,
     progress: bool = False,
+    on_epoch_end: Callable[[int, nn.Module], Any] | None = None,
 ) -> nn.Module:
     """Train with AdamW, a cosine learning-rate decay and cross-entropy; returns the model in
     eval mode (BatchNorm uses its running statistics from then on).
@@ -202,6 +203,11 @@ def train_resnet(
     or a ``Subset`` of it; files are decoded by ``num_workers`` loader processes) or an
     ``(x, y)`` pair. ``flip_augment`` flips each batch horizontally/vertically at random
     (seeded). The shuffling order and augmentations depend only on ``seed``.
+
+    ``on_epoch_end(epoch, model)`` (optional; ``epoch`` counts from 1) is called after every
+    epoch, e.g. to record per-point training losses at checkpoints; the model is handed over
+    as it is (training mode) and put back into training mode afterwards, so the callback may
+    switch it to eval mode but must not change its weights.
     """
     from ..runtime import progress as _progress
 
@@ -214,7 +220,7 @@ def train_resnet(
     g = torch_generator(seed, 1)
     model.train()
     with _progress(progress, total=epochs * len(loader), unit="batch", desc="train") as bar:
-        for _ in range(epochs):
+        for epoch in range(1, epochs + 1):
             for xb, yb in loader:
                 xb, yb = xb.to(device, dtype), yb.to(device).long()
                 if flip_augment:
@@ -228,6 +234,9 @@ def train_resnet(
                 opt.step()
                 sched.step()
                 bar.update(1)
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, model)
+                model.train()
     return model.eval()
 
 

@@ -1,7 +1,7 @@
 """The main job: find mislabelled digits with influence functions, end to end.
 
 1. scikit-learn digits (8x8 images, no download), a fixed fraction of training labels flipped;
-2. train a small CNN on the noisy labels;
+2. train a small CNN on the noisy labels, saving 5 checkpoints (evenly spaced epochs);
 3. fit :class:`~dvl_ooc.DirectInfluence` (Gauss-Newton curvature of the mean training loss);
 4. compute the whole ``test x train`` influence matrix with the Dask calculator into
    ``<out>/influences.zarr`` (plus self-influence);
@@ -9,10 +9,18 @@
    ``t`` with the same label (a training point that mostly *hurts* test points of its own
    class is suspicious) with an exact streaming query, and rank by self-influence
    ``<(H + lambda I)^-1 g_r, g_r>`` (large = the model finds the point surprising);
-6. count the flipped labels among the lowest 10 / 15 / 20 % of scores;
-7. drop the flagged points, retrain, compare test accuracy (and a random drop of equal size),
-   averaged over three training seeds;
-8. save pictures (``matplotlib``, Agg backend) and ``report.txt`` / ``report.json``.
+6. the recommended score (:func:`~dvl_ooc.query.mislabel_score`, the best of the scores
+   measured in ``benchmarks/bench_detection.py``): every training point's loss averaged over
+   the checkpoints, ``(1/K) sum_k loss(w_k, z_r)`` (one forward pass per checkpoint: a wrong
+   label keeps a large loss for most of the training run, even when the final network has
+   memorised it); for comparison also the TracIn self-influence over the checkpoints,
+   ``sum_k eta_k ||grad l(w_k, z_r)||^2`` (:class:`~dvl_ooc.influence.TracInCP`), and the
+   final training loss;
+7. count the flipped labels among the most suspicious 10 / 15 / 20 % by every score, with the
+   ROC AUC;
+8. drop the 10 % most suspicious by the recommended score, retrain, compare test accuracy (and
+   a random drop of equal size), averaged over three training seeds;
+9. save pictures (``matplotlib``, Agg backend) and ``report.txt`` / ``report.json``.
 """
 
 from __future__ import annotations
@@ -31,9 +39,14 @@ __all__ = ["run_demo"]
 
 
 
-def _train(x, y, *, seed: int, epochs: int, width: int, hidden: int):
+def _train(x, y, *, seed: int, epochs: int, width: int, hidden: int,
+           checkpoints: list | None = None, n_checkpoints: int = 5):
     """Adam with a cosine learning-rate decay to 0: the final weights (and so the accuracy
-    comparisons of the report) vary little with the seed and the training subset."""
+    comparisons of the report) vary little with the seed and the training subset.
+
+    With a list ``checkpoints``, appends ``(state_dict, learning rate)`` after
+    ``n_checkpoints`` evenly spaced epochs (the last one: the final model), the rate being the
+    mean over that epoch's steps (the weights of TracIn)."""
     import torch
     import torch.nn.functional as F
 
@@ -46,19 +59,43 @@ def _train(x, y, *, seed: int, epochs: int, width: int, hidden: int):
     opt = torch.optim.Adam(model.parameters(), lr=1e-2, weight_decay=1e-3)
     steps = epochs * -(-len(xt) // 64)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    at = set(np.unique(np.linspace(1, epochs, n_checkpoints).round().astype(int)).tolist())
     model.train()
-    for _ in range(epochs):
+    for ep in range(1, epochs + 1):
         perm = torch.randperm(len(xt), generator=g)
+        rates = []
         for s in range(0, len(xt), 64):
             idx = perm[s : s + 64]
+            rates.append(opt.param_groups[0]["lr"])
             opt.zero_grad()
             F.cross_entropy(model(xt[idx]), yt[idx]).backward()
             opt.step()
             sched.step()
+        if checkpoints is not None and ep in at:
+            checkpoints.append(({k: v.detach().clone() for k, v in model.state_dict().items()},
+                                float(np.mean(rates))))
     return model.eval()
 
 
-def _pictures(out: Path, d: Any, score: np.ndarray, si: np.ndarray) -> list[str]:
+def _checkpoint_losses(x, y, checkpoints: list, *, width: int, hidden: int) -> np.ndarray:
+    """Per-point cross-entropy of every training point at every checkpoint, ``(K, n)``."""
+    import torch
+    import torch.nn.functional as F
+
+    from .nets import DigitsCNN
+
+    net = DigitsCNN(width=width, hidden=hidden).eval()
+    xt, yt = torch.as_tensor(np.asarray(x)), torch.as_tensor(np.asarray(y)).long()
+    rows = []
+    with torch.no_grad():
+        for state, _ in checkpoints:
+            net.load_state_dict(state)
+            rows.append(F.cross_entropy(net(xt), yt, reduction="none").double().numpy())
+    return np.stack(rows)
+
+
+def _pictures(out: Path, d: Any, score: np.ndarray, si: np.ndarray,
+              rec: np.ndarray) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -86,6 +123,8 @@ def _pictures(out: Path, d: Any, score: np.ndarray, si: np.ndarray) -> list[str]
          "lowest same-label 25th percentile"),
         ("suspicious_by_self_influence.png", np.argsort(-si, kind="stable"),
          "highest self-influence"),
+        ("suspicious_by_recommended.png", np.argsort(-rec, kind="stable"),
+         "recommended: mean training loss over the checkpoints"),
     ):
         fig, axes = plt.subplots(4, 8, figsize=(10, 5.6))
         for ax, r in zip(axes.flat, order[:32]):
@@ -118,9 +157,15 @@ def run_demo(
     import torch.nn.functional as F
 
     from ..calculator import DaskInfluenceCalculator
-    from ..influence import DirectInfluence
+    from ..influence import DirectInfluence, TracInCP
     from ..query import DETECTION_FRACTIONS as FRACTIONS
-    from ..query import detection_rates, query_quantiles, query_self_influence
+    from ..query import (
+        detection_rates,
+        mislabel_score,
+        query_quantiles,
+        query_self_influence,
+        roc_auc,
+    )
     from .datasets import load_digits_split
     from .nets import accuracy
 
@@ -149,7 +194,8 @@ def run_demo(
              f"{100 * nf / n:.0f} %), {n_test} test images; output in {out}/")
 
         t = time.perf_counter()
-        model = _train(d.x_train, d.y_train, seed=seed, **cfg)
+        ckpts: list = []
+        model = _train(d.x_train, d.y_train, seed=seed, checkpoints=ckpts, **cfg)
         acc_before = accuracy(model, d.x_test, d.y_test)
         times["train"] = time.perf_counter() - t
         p = sum(q.numel() for q in model.parameters())
@@ -200,8 +246,28 @@ def run_demo(
              "ranking  "
              f"[{times['queries']:.1f} s]")
 
+        t = time.perf_counter()
+        tracin = TracInCP(model, F.cross_entropy, [c for c, _ in ckpts], [r for _, r in ckpts],
+                          micro_batch_size=256)
+        tsi = tracin.self_influence(x_tr, y_tr).double().numpy()
+        ck_losses = _checkpoint_losses(d.x_train, d.y_train, ckpts, width=cfg["width"],
+                                       hidden=cfg["hidden"])
+        final_loss = ck_losses[-1]  # the last checkpoint is the final model
+        rec = mislabel_score(ck_losses)
+        times["checkpoints"] = time.perf_counter() - t
+        echo(f"  at the {len(ckpts)} checkpoints saved during training: every training point's "
+             "loss (recommended score: its mean) and the TracIn self-influence  "
+             f"[{times['checkpoints']:.1f} s]")
+
         by_pct = np.argsort(np.where(np.isfinite(score), score, np.inf), kind="stable")
+        best = "recommended: mean loss over checkpoints"
+        by_rec = np.argsort(-rec, kind="stable")
         det = {
+            best: detection_rates(by_rec, d.flipped),
+            "training loss, final model": detection_rates(
+                np.argsort(-final_loss, kind="stable"), d.flipped),
+            "TracIn self-influence (highest first)": detection_rates(
+                np.argsort(-tsi, kind="stable"), d.flipped),
             "same-label 25th percentile (lowest first)": detection_rates(by_pct, d.flipped),
             "25th percentile over all test points": detection_rates(
                 np.argsort(q25_all, kind="stable"), d.flipped),
@@ -216,20 +282,31 @@ def run_demo(
         }
         echo("")
         echo(f"  flipped labels found among the most suspicious training points (of {nf}):")
+        auc = {  # oriented: higher = more suspicious
+            best: roc_auc(d.flipped, rec),
+            "training loss, final model": roc_auc(d.flipped, final_loss),
+            "TracIn self-influence (highest first)": roc_auc(d.flipped, tsi),
+            "same-label 25th percentile (lowest first)": roc_auc(d.flipped, -score),
+            "25th percentile over all test points": roc_auc(d.flipped, -q25_all),
+            "self-influence (highest first)": roc_auc(d.flipped, si),
+            "self-influence (lowest first)": roc_auc(d.flipped, -si),
+            "random ranking (expected)": 0.5,
+        }
         echo(f"    {'ranking':<44}" + "".join(f"{'top ' + k:>14}" for k in det[
-            "self-influence (highest first)"]))
+            "self-influence (highest first)"]) + f"{'ROC AUC':>10}")
         for name, r in det.items():
             cells = [f"{v['found']} ({100 * v['recall']:.0f}%)" for v in r.values()]
-            echo(f"    {name:<44}" + "".join(f"{c:>14}" for c in cells))
+            echo(f"    {name:<44}" + "".join(f"{c:>14}" for c in cells)
+                 + f"{auc[name]:>10.3f}")
 
-        # clean: drop the lowest 10 % by the percentile score, retrain; compare with dropping
-        # as many random points. Accuracies are means over training seeds (training noise on
+        # clean: drop the 10 % most suspicious by the recommended score, retrain; compare
+        # with dropping as many random points. Accuracies are means over training seeds (noise on
         # 540 test images is about +-1 %).
         t = time.perf_counter()
         seeds = [seed] if quick else [seed, seed + 1, seed + 2]
         m_drop = int(round(FRACTIONS[0] * n))
         keep = np.ones(n, bool)
-        keep[by_pct[:m_drop]] = False
+        keep[by_rec[:m_drop]] = False
         keep_r = np.ones(n, bool)
         keep_r[np.random.default_rng(seed).choice(n, m_drop, replace=False)] = False
 
@@ -242,14 +319,14 @@ def run_demo(
         times["retrain"] = time.perf_counter() - t
         removed_flipped = int(d.flipped[~keep].sum())
         echo("")
-        echo(f"  dropped the {m_drop} lowest-percentile training points ({removed_flipped} of "
-             f"them flipped) and retrained  [{times['retrain']:.1f} s]")
+        echo(f"  dropped the {m_drop} most suspicious training points (recommended score; "
+             f"{removed_flipped} of them flipped) and retrained  [{times['retrain']:.1f} s]")
         how = f"mean of {len(seeds)} training seeds" if len(seeds) > 1 else "one training seed"
         echo(f"    test accuracy ({how}):  noisy labels {np.mean(accs['before']):.3f}   "
              f"cleaned {np.mean(accs['after_cleaning']):.3f}   "
              f"{m_drop} random points dropped {np.mean(accs['after_random_drop']):.3f}")
 
-        files = _pictures(out, d, score, si)
+        files = _pictures(out, d, score, si, rec)
         times["total"] = time.perf_counter() - t_start
         echo("")
         echo(f"  pictures: {', '.join(str(out / f) for f in files)}")
@@ -263,10 +340,15 @@ def run_demo(
                           "regularization": lam},
             "store": str(store_path),
             "detection": det,
+            "auc": auc,
+            "recommended": {"ranking": best, "score": "mislabel_score(checkpoint_losses)",
+                            "checkpoints": len(ckpts),
+                            "learning_rates": [r for _, r in ckpts],
+                            "recall_top20": det[best]["20%"]["recall"], "auc": auc[best]},
             "recall_lowest20_percentile": recall20,
             "accuracy": {**{k: float(np.mean(v)) for k, v in accs.items()},
                          "per_seed": accs, "seeds": seeds, "dropped": m_drop,
-                         "dropped_flipped": removed_flipped},
+                         "dropped_flipped": removed_flipped, "dropped_by": best},
             "pictures": files,
             "seconds": {k: round(v, 2) for k, v in times.items()},
         }

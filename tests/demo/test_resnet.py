@@ -105,9 +105,24 @@ def test_train_resnet_learns_a_simple_rule():
     x[:, 0] += 0.3 * (2 * y[:, None, None] - 1)  # make the classes easy to separate
     model = resnet_small(width=4, seed=0)
     before = evaluate_accuracy(model, (x, y))
-    train_resnet(model, (x, y), epochs=8, lr=1e-2, batch_size=32, flip_augment=True)
+    seen = []  # the epoch hook: per-point losses at every epoch's end (a checkpoint)
+
+    def losses(m):
+        with torch.no_grad():
+            return F.cross_entropy(m(torch.as_tensor(x)), torch.as_tensor(y),
+                                   reduction="none").numpy()
+
+    def hook(epoch, m):
+        assert m is model and m.training  # handed over in training mode
+        seen.append((epoch, losses(m.eval())))  # may switch to eval: put back by the loop
+
+    train_resnet(model, (x, y), epochs=8, lr=1e-2, batch_size=32, flip_augment=True,
+                 on_epoch_end=hook)
     assert not model.training
     assert evaluate_accuracy(model, (x, y)) >= max(0.9, before)
+    assert [e for e, _ in seen] == list(range(1, 9))
+    np.testing.assert_array_equal(seen[-1][1], losses(model))  # the last: the final weights
+    assert seen[-1][1].mean() < seen[0][1].mean()
 
 
 def test_per_sample_gradients_through_selected_layers():
