@@ -27,13 +27,18 @@ continues where it stopped; nothing finished is recomputed):
    resumable Zarr store ``OUT/influences.zarr`` (with self-influence; the store names every
    image file: coordinates ``test_name`` / ``train_name``).
 6. **query** (chunked, exact): every training image's 25th percentile of influence over the
-   test images of its own label (low = it mostly hurts its own class: a suspect), and its
-   self-influence.
-7. **report**: ``OUT/suspects.csv`` (every training image, most suspicious first: rank, file,
-   label, score, self-influence, flipped), ``report.txt`` / ``report.json`` (stage times, peak
-   memory of the client and of every worker, detection rates when flips are known: injected
-   ones, or ``ROOT/flipped.csv`` of a generated folder), and the pictures
-   ``suspects.png`` (image grid) and ``score_histogram.png``.
+   test images of its own label, and its self-influence.
+7. **report**: ``OUT/suspects.csv`` (every training image, most suspicious first by the
+   recommended wrong-label score, :func:`dvl_ooc.query.mislabel_score`: the image's training
+   loss averaged over up to 5 evenly spaced epochs of training, recorded while training into
+   ``OUT/checkpoint_losses.npy``; with a ``--checkpoint`` model, which has no training run
+   here, its self-influence. Columns: rank, file, label, recommended score, same-label 25th
+   percentile, self-influence, flipped), ``report.txt`` / ``report.json`` (stage times, peak
+   memory of the client and of every worker, detection rates of the three rankings when flips
+   are known: injected ones, or ``ROOT/flipped.csv`` of a generated folder), and the pictures
+   ``suspects.png`` (image grid) and ``score_histogram.png``. The same-label percentile is not
+   the detector (README, "Which recipe finds wrong labels?"); it stays in the store for the
+   question it answers: which training images hurt the test images of their class.
 
 Memory: the client holds the labels, file names, the fitted state and one batch; training
 holds the float16 training cache (``n_train * C * size^2 * 2`` bytes: 0.54 GB for 22k images
@@ -436,7 +441,7 @@ def _run_stages(job: ImagesJob, state: _State, keys: dict[str, str], ds: Any, pa
     from ..demo.resnet import ResNet18, count_parameters, train_resnet
     from ..influence import Relative
     from ..query import DETECTION_FRACTIONS as FRACTIONS
-    from ..query import detection_rates, query_quantiles, query_self_influence
+    from ..query import detection_rates, mislabel_score, query_quantiles, query_self_influence
     from ..runtime import format_bytes, progress
 
     out = Path(job.out)
@@ -479,9 +484,11 @@ def _run_stages(job: ImagesJob, state: _State, keys: dict[str, str], ds: Any, pa
     t = time.perf_counter()
     key = keys["train"]
     model_file = out / "model.pt"
+    losses_file = out / "checkpoint_losses.npy"
     done = state.done("train", key)
     if done is None:
         state.drop_after("train", _ORDER)
+        losses_file.unlink(missing_ok=True)
         if job.checkpoint:
             model = _load_checkpoint(job, C, ch)
             how = f"loaded {job.checkpoint}"
@@ -492,10 +499,20 @@ def _run_stages(job: ImagesJob, state: _State, keys: dict[str, str], ds: Any, pa
             mean, std = (job.mean, job.std) if job.mean is not None else \
                 channel_stats((x_np, y_tr), background=None)
             model = ResNet18(C, job.width, ch, job.stem, mean=mean, std=std, seed=job.seed)
+            ckpt_epochs = _checkpoint_epochs(job.epochs)
+            ckpt_losses: list[np.ndarray] = []
+
+            def record(epoch: int, net: Any) -> None:
+                if epoch in ckpt_epochs:
+                    ckpt_losses.append(_per_point_losses(net.eval(), x_np, y_tr))
+
             train_resnet(model.to(local), (x_np, y_tr), epochs=job.epochs, lr=job.lr,
-                         batch_size=job.batch_size, seed=job.seed, progress=job.progress)
+                         batch_size=job.batch_size, seed=job.seed, progress=job.progress,
+                         on_epoch_end=record)
             del x_np
             how = f"trained ResNet18(width={job.width}, stem={job.stem!r}) for {job.epochs} epochs"
+            if ckpt_losses:
+                _save_atomic_npy(np.stack(ckpt_losses), losses_file)
         model.eval().cpu()
         _save_atomic(model, model_file)
         acc_tr = _accuracy(model, x_tr, y_tr)
@@ -563,28 +580,44 @@ def _run_stages(job: ImagesJob, state: _State, keys: dict[str, str], ds: Any, pa
     si = np.empty(n_tr)
     si[si_ds["position"].values] = si_ds["self_influence"].values
     times["query"] = time.perf_counter() - t
-    order = np.argsort(np.where(np.isfinite(score), score, np.inf), kind="stable")
     say(f"  scored every training image by the 25th percentile of its influence over "
-        f"same-label test images  [{times['query']:.1f} s]")
+        f"same-label test images, and its self-influence  [{times['query']:.1f} s]")
+
+    # the recommended wrong-label score (README "Which recipe finds wrong labels?"): the mean
+    # training loss over the checkpoints saved while training; without them (a --checkpoint
+    # model) the self-influence, which ranks like the final training loss
+    if losses_file.is_file():
+        ckpt = np.load(losses_file)
+        rec = mislabel_score(ckpt)
+        rec_name = (f"mean training loss over {len(ckpt)} checkpoint"
+                    f"{'s' if len(ckpt) != 1 else ''}")
+    else:
+        rec = mislabel_score(self_influence=si)
+        rec_name = "self-influence (no training checkpoints: --checkpoint model)"
+    order = np.argsort(np.where(np.isfinite(rec), -rec, np.inf), kind="stable")
 
     # 7. report ------------------------------------------------------------------------
     known, src = _known_flips(Path(job.root), paths, tr_idx, injected)
     train_paths = [paths[i] for i in tr_idx]
     with open(out / "suspects.csv", "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["rank", "file", "label", "class", "score_q25_same_label", "self_influence"]
+        w.writerow(["rank", "file", "label", "class", "score_recommended",
+                    "score_q25_same_label", "self_influence"]
                    + (["known_flipped"] if known is not None else []))
         for r, j in enumerate(order):
             w.writerow([r + 1, train_paths[j], int(y_tr[j]), ds.classes[int(y_tr[j])],
-                        f"{score[j]:.6g}", f"{si[j]:.6g}"]
+                        f"{rec[j]:.6g}", f"{score[j]:.6g}", f"{si[j]:.6g}"]
                        + ([int(known[j])] if known is not None else []))
-    say(f"  most suspicious first: {out / 'suspects.csv'}; e.g.")
+    say(f"  most suspicious first (recommended score: {rec_name}): {out / 'suspects.csv'}; "
+        "e.g.")
     for j in order[:5]:
-        say(f"    {train_paths[j]}  label {ds.classes[int(y_tr[j])]}  score {score[j]:.3g}")
+        say(f"    {train_paths[j]}  label {ds.classes[int(y_tr[j])]}  score {rec[j]:.3g}")
     det = None
     if known is not None:
         nf = int(known.sum())
-        det = {"lowest same-label 25th percentile": detection_rates(order, known),
+        q_order = np.argsort(np.where(np.isfinite(score), score, np.inf), kind="stable")
+        det = {f"recommended: {rec_name}": detection_rates(order, known),
+               "lowest same-label 25th percentile": detection_rates(q_order, known),
                "highest self-influence": detection_rates(np.argsort(-si, kind="stable"),
                                                          known),
                "random (expected)": {f"{round(f * 100)}%": {"recall": f} for f in FRACTIONS}}
@@ -592,7 +625,7 @@ def _run_stages(job: ImagesJob, state: _State, keys: dict[str, str], ds: Any, pa
         for name, r in det.items():
             say(f"    {name:<36}" + "".join(
                 f"  top {k}: {100 * v['recall']:5.1f}%" for k, v in r.items()))
-    pics = _pictures(out, x_tr, order, score, known, train_paths, y_tr, ds.classes) \
+    pics = _pictures(out, x_tr, order, rec, rec_name, known, train_paths, y_tr, ds.classes) \
         if job.pictures else []
     if pics:
         say(f"  pictures: {', '.join(str(out / p) for p in pics)}")
@@ -617,6 +650,37 @@ def _save_atomic(obj: Any, path: Path) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
+
+
+def _save_atomic_npy(a: np.ndarray, path: Path) -> None:
+    """``np.save`` to a temporary file renamed into place (see :func:`_save_atomic`)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        np.save(fh, a)
+    os.replace(tmp, path)
+
+
+def _checkpoint_epochs(epochs: int, n: int = 5) -> set[int]:
+    """Up to ``n`` evenly spaced epochs (1-based), the last one included, at which every
+    training image's loss is recorded (5 were enough in ``benchmarks/bench_detection.py``)."""
+    if epochs < 1:
+        return set()
+    return {int(e) for e in np.unique(np.linspace(1, epochs, min(n, epochs)).round())}
+
+
+def _per_point_losses(model: Any, x: Any, y: np.ndarray) -> np.ndarray:
+    """Cross-entropy of every row of ``(x, y)`` under ``model`` (eval mode), float64."""
+    import torch
+    import torch.nn.functional as F
+
+    from ..data import iter_batches
+
+    p = next(model.parameters())
+    out = []
+    with torch.no_grad():
+        for xb, yb in iter_batches((x, y), 256, dtype=p.dtype, device=p.device):
+            out.append(F.cross_entropy(model(xb), yb.long(), reduction="none").double().cpu())
+    return torch.cat(out).numpy()
 
 
 def _accuracy(model: Any, x: Any, y: np.ndarray) -> float:
@@ -660,8 +724,8 @@ class _quiet:
         self.log.setLevel(self.level)
 
 
-def _pictures(out: Path, x: Any, order: np.ndarray, score: np.ndarray, known: Any,
-              names: list[str], y: np.ndarray, classes: list[str]) -> list[str]:
+def _pictures(out: Path, x: Any, order: np.ndarray, score: np.ndarray, score_name: str,
+              known: Any, names: list[str], y: np.ndarray, classes: list[str]) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -676,8 +740,8 @@ def _pictures(out: Path, x: Any, order: np.ndarray, score: np.ndarray, known: An
         ax.hist(score[ok & known], bins=bins, alpha=0.8, color="C3", label="known wrong label")
     else:
         ax.hist(score[ok], bins=bins, alpha=0.8, label="training images")
-    ax.axvline(np.quantile(score[ok], 0.2), color="k", ls="--", lw=1, label="lowest 20 %")
-    ax.set_xlabel("25th percentile of influence over same-label test images")
+    ax.axvline(np.quantile(score[ok], 0.8), color="k", ls="--", lw=1, label="highest 20 %")
+    ax.set_xlabel(f"recommended wrong-label score: {score_name}")
     ax.set_ylabel("training images")
     ax.set_yscale("log")
     ax.legend(fontsize=8)
@@ -702,7 +766,7 @@ def _pictures(out: Path, x: Any, order: np.ndarray, score: np.ndarray, known: An
         ax.axis("off")
     for ax in list(axes.flat)[len(top):]:
         ax.axis("off")
-    fig.suptitle("32 most suspicious training images (lowest same-label 25th percentile); "
+    fig.suptitle("32 most suspicious training images (highest recommended score); "
                  "title: file, given label" + ("; red = known wrong label" if known is not None
                                                else ""), fontsize=9)
     fig.tight_layout()

@@ -66,7 +66,23 @@ def test_images_end_to_end(folder, run):
     got = {r["file"]: float(r["score_q25_same_label"]) for r in rows}
     for f, q in ref.items():
         assert got[f] == pytest.approx(q, rel=1e-4, abs=1e-6)
-    assert [float(r["score_q25_same_label"]) for r in rows] == sorted(got.values())
+    # most suspicious first by the recommended score: the mean training loss over the
+    # checkpoints (1 epoch: one checkpoint, the final model), recomputed here from model.pt
+    # and the decoded training images
+    import torch
+    import torch.nn.functional as F
+    import zarr
+
+    net = torch.load(out / "model.pt", map_location="cpu", weights_only=False).eval()
+    xs = torch.as_tensor(np.asarray(zarr.open_group(out / "data.zarr", mode="r")["x_train"]),
+                         dtype=torch.float32)
+    with torch.no_grad():
+        ce = F.cross_entropy(net(xs), torch.as_tensor(rl).long(), reduction="none").numpy()
+    assert np.load(out / "checkpoint_losses.npy").shape == (1, n_tr)
+    rec = {r["file"]: float(r["score_recommended"]) for r in rows}
+    for j, f in enumerate(names):
+        assert rec[f] == pytest.approx(ce[j], rel=1e-4, abs=1e-6)
+    assert [float(r["score_recommended"]) for r in rows] == sorted(rec.values(), reverse=True)
     # labels: the given (possibly flipped on purpose) labels, recorded per file
     paths_train = [s.train_names[j] for j in range(n_tr)]
     for j, f in enumerate(paths_train):
@@ -74,6 +90,8 @@ def test_images_end_to_end(folder, run):
         assert (rl[j] != folder_label) == (j in injected)
     # known wrong labels = injected flips + the folder's flipped.csv, reported per fraction
     assert rep["known_flipped_source"] == "injected flips + ROOT/flipped.csv"
+    assert any(k.startswith("recommended: mean training loss over 1 checkpoint")
+               for k in rep["detection"])
     det = rep["detection"]["lowest same-label 25th percentile"]
     assert set(det) == {"10%", "15%", "20%"}
     assert all(0 <= d["recall"] <= 1 for d in det.values())
