@@ -98,12 +98,23 @@ def check_main_guard(what: str) -> None:
         )
 
 
+#: set in every local worker process: one BLAS/OpenMP thread per task thread
+_ONE_THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
+                   "VECLIB_MAXIMUM_THREADS": "1", "NUMEXPR_NUM_THREADS": "1"}
+
+
 def local_cluster(n_workers: int | None = None, *, threads_per_worker: int = 1,
                   kind: str = "local", what: str = "a local Dask cluster",
                   dashboard_address: str | None = ":0", **kwargs: Any) -> Any:
     """Start a ``LocalCluster`` of worker processes (``kind="local"``) or a
     ``dask_cuda.LocalCUDACluster`` with one GPU per worker (``kind="cuda"``), after
-    :func:`check_main_guard`."""
+    :func:`check_main_guard`.
+
+    Thread pinning: each worker process runs ``threads_per_worker`` tasks at once, so its
+    OpenMP/MKL/OpenBLAS pools get one thread per task (``OMP_NUM_THREADS`` etc. set to 1 in the
+    workers' environment before torch or numpy load; an ``env=`` you pass wins). More would
+    oversubscribe the cores: ``n_workers x threads_per_worker`` tasks already run at once.
+    """
     if kind not in ("local", "cuda"):
         raise InputError(f"cluster must be 'local' or 'cuda', got {kind!r}")
     check_main_guard(what)
@@ -118,6 +129,7 @@ def local_cluster(n_workers: int | None = None, *, threads_per_worker: int = 1,
                                 dashboard_address=dashboard_address, **kwargs)
     from distributed import LocalCluster
 
+    kwargs["env"] = {**_ONE_THREAD_ENV, **(kwargs.get("env") or {})}
     return LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker,
                         processes=True, dashboard_address=dashboard_address, **kwargs)
 

@@ -3,7 +3,9 @@
 A criterion is called between rounds as ``criterion(result, evaluations)`` with the current
 :class:`~dvl_ooc.valuation.result.ValuationResult` and the total number of utility evaluations so
 far, and returns ``True`` to stop. Stateful criteria (time, history, rank correlation) are reset
-at the start of every ``fit``.
+at the start of every ``fit``. A time budget also has a :meth:`~StoppingCriterion.deadline`
+that the driver watches while tasks run (``a | b``: the earlier one; ``a & b``: the later one,
+if both have one).
 
 A criterion is *bounded* when it is guaranteed to fire after finitely many rounds (a budget of
 updates, evaluations, checks or time). Convergence tests (standard error, rank correlation,
@@ -49,6 +51,12 @@ class StoppingCriterion:
     def reset(self) -> None:
         """Forget any state from a previous run."""
 
+    def deadline(self) -> float | None:
+        """The ``time.monotonic()`` at which this criterion fires whatever the result
+        (``None``: none). The driver checks it as each task finishes, not only between
+        rounds, so a time budget is kept to within one task's duration."""
+        return None
+
     def __or__(self, other: StoppingCriterion) -> StoppingCriterion:
         return _Or(self, _check_criterion(other))
 
@@ -79,6 +87,10 @@ class _Or(StoppingCriterion):
         self.a.reset()
         self.b.reset()
 
+    def deadline(self) -> float | None:
+        times = [t for t in (self.a.deadline(), self.b.deadline()) if t is not None]
+        return min(times) if times else None
+
     def __repr__(self) -> str:
         return f"({self.a!r} | {self.b!r})"
 
@@ -91,6 +103,10 @@ class _And(_Or):
     def _check(self, result, evaluations):
         ra, rb = self.a(result, evaluations), self.b(result, evaluations)
         return ra and rb
+
+    def deadline(self) -> float | None:
+        ta, tb = self.a.deadline(), self.b.deadline()
+        return None if ta is None or tb is None else max(ta, tb)
 
     def __repr__(self) -> str:
         return f"({self.a!r} & {self.b!r})"
@@ -156,7 +172,13 @@ class MaxChecks(StoppingCriterion):
 
 
 class MaxTime(StoppingCriterion):
-    """Stop after ``seconds`` of wall-clock time since ``fit`` started."""
+    """Stop after ``seconds`` of wall-clock time since ``fit`` started.
+
+    Honoured within one task's duration: the driver stops as soon as the time is up (or, if no
+    task has finished yet in this ``fit``, when the first one does), cancels the tasks in
+    flight and keeps the samples of the tasks completed in sample order without a gap, so the
+    result (``n_samples``, values) is exactly that of a run stopped at that sample.
+    """
 
     bounded = True
 
@@ -171,6 +193,9 @@ class MaxTime(StoppingCriterion):
 
     def reset(self) -> None:
         self._start = time.monotonic()
+
+    def deadline(self) -> float | None:
+        return self._start + self.seconds
 
 
 class AbsoluteStandardError(StoppingCriterion):

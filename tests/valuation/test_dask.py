@@ -4,6 +4,8 @@ Each method's batch function is pickled by reference and run by spawned workers.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression
@@ -50,8 +52,10 @@ def test_tmc_and_msr_on_two_workers_are_bit_identical_to_sequential(client, smal
     a = seq.fit(x, y).result
     with get_task_stream(client) as ts:
         b = par.fit(x, y).result
-    # 16 permutations in tasks of 2 -> 8 tasks, spread over both worker processes
-    batches = [t for t in ts.data if "run_batch" in str(t.get("key", ""))]
+    # 16 permutations in tasks of 2 -> 8 tasks (keys "run_batch-<token>-<start>-<stop>"),
+    # spread over both worker processes; tasks submitted ahead past the stop are discarded
+    batches = [t for t in ts.data if "run_batch" in str(t.get("key", ""))
+               and int(str(t["key"]).split("-")[-2]) < 16]
     assert len(batches) == 8
     assert len({t["worker"] for t in batches}) == 2
     assert set(par.info) == {"setup_s", "sampling_s", "total_s"}
@@ -81,3 +85,27 @@ def test_own_local_cluster_is_started_and_closed(small_problem):
     seq = TMCShapleyValuation(g, is_done=MaxChecks(1), **kw).fit().result
     par = TMCShapleyValuation(g, is_done=MaxChecks(1), n_workers=2, **kw).fit().result
     assert np.array_equal(seq.values, par.values)
+
+
+def test_maxtime_on_two_workers_stops_within_one_task_and_keeps_a_reproducible_prefix(client):
+    import importlib
+
+    import cloudpickle
+    import valuation_stub_games as stubs
+
+    from dvl_ooc.valuation import InteractionGame, MaxTime
+
+    cloudpickle.register_pickle_by_value(stubs)  # spawned workers cannot import test modules
+    client.run(importlib.import_module, "dvl_ooc.valuation")  # warm workers: not timed here
+    w = np.array([0.5, -1.0, 2.0, 0.25, 1.5])
+    task_s = 5 * 0.04  # one permutation per task, 0.04 s per coalition
+    v = TMCShapleyValuation(stubs.SlowGame(w, delay=0.04), is_done=MaxTime(1.5), seed=2,
+                            batch_size=1, samples_per_round=1000, client=client)
+    t0 = time.perf_counter()
+    res = v.fit().result
+    elapsed = time.perf_counter() - t0
+    assert elapsed <= 1.5 + task_s + 1.0, elapsed  # a round would take 100 s
+    assert 0 < res.n_samples < 1000 and res.evaluations == 2 + 5 * res.n_samples
+    ref = TMCShapleyValuation(InteractionGame(w), is_done=MaxChecks(1), seed=2, batch_size=1,
+                              samples_per_round=res.n_samples).fit().result
+    assert np.array_equal(res.values, ref.values) and np.array_equal(res.stderr, ref.stderr)

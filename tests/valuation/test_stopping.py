@@ -97,3 +97,17 @@ def test_valuation_refuses_a_criterion_that_may_never_fire():
     v = TMCShapleyValuation(g, is_done=AbsoluteStandardError(1e-12) | MaxUpdates(16), seed=0,
                             samples_per_round=8).fit()
     assert v.result.counts.max() == 16
+
+
+def test_deadlines_of_time_budgets_and_their_compositions():
+    t = MaxTime(5.0)
+    t.reset()
+    now = time.monotonic()
+    assert now < t.deadline() <= now + 5.0
+    u = MaxTime(9.0)
+    u.reset()
+    assert MaxUpdates(3).deadline() is None and (MaxUpdates(3) | MinUpdates(2)).deadline() is None
+    assert (t | MaxUpdates(3)).deadline() == t.deadline()  # either fires: the time alone stops
+    assert (t | u).deadline() == t.deadline()
+    assert (t & MaxUpdates(3)).deadline() is None  # both needed: time alone does not stop
+    assert (t & u).deadline() == u.deadline()
