@@ -17,7 +17,10 @@ permutations drop out as they truncate. So no prefix past a truncation point is 
 each permutation stops exactly where a one-at-a-time walk would, and the values do not depend
 on how many coalitions a utility evaluates together (bit-identical for a deterministic
 utility). For a vectorised utility the default ``batch_size`` (permutations per task) is its
-``batch_hint`` (at most 64) so that each call fills a pass; rounds default to two tasks.
+``batch_hint``, at most 8: short tasks keep ``MaxTime`` (honoured to within one task) tight,
+and on a CPU stacking more than 8 small models gained little (their convolutions are
+compute-bound; ``benchmarks/bench_valuation.py --tutorial``); on a GPU pass a larger
+``batch_size``. Rounds default to two tasks.
 
 Cost: about ``n`` evaluations per permutation (fewer with truncation), plus ``u(all)`` and
 ``u(empty)`` once per ``fit`` on the driver (they count as evaluations). Evaluations counted
@@ -99,7 +102,7 @@ class TMCShapleyValuation(MonteCarloValuation):
         seed: seed of the permutation sequence (random if ``None``; stored in the result).
         antithetic: pair every permutation with its reverse.
         batch_size: permutations per task, walked in lockstep (default 2; for a utility with
-            ``evaluate_many``: its ``batch_hint``, at most 64).
+            ``evaluate_many``: its ``batch_hint``, at most 8).
         samples_per_round: permutations between checks (default 8; for a vectorised utility
             ``2 * batch_size``).
         client: a ``distributed.Client``; else ``n_workers > 1`` starts (and closes) a local
@@ -122,7 +125,7 @@ class TMCShapleyValuation(MonteCarloValuation):
         hint = getattr(utility, "batch_hint", None)
         if hasattr(utility, "evaluate_many") and hint is not None:
             if kwargs.get("batch_size") is None:
-                kwargs["batch_size"] = max(self._default_batch_size, min(int(hint), 64))
+                kwargs["batch_size"] = max(self._default_batch_size, min(int(hint), 8))
             if kwargs.get("samples_per_round") is None:
                 kwargs["samples_per_round"] = max(self._default_round, 2 * kwargs["batch_size"])
         super().__init__(utility, is_done=is_done, seed=seed, **kwargs)

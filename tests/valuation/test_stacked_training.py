@@ -241,7 +241,7 @@ def test_tmc_lockstep_stops_each_permutation_at_its_truncation_point(trunc):
     assert len(prefixes) < 24 * 12  # truncation fired
     rec = _Recording(game, hint=16)
     v = TMCShapleyValuation(rec, trunc, is_done=MaxChecks(1), seed=3, samples_per_round=24)
-    assert v.batch_size == 16  # permutations per task = batch_hint for a vectorised utility
+    assert v.batch_size == 8  # permutations per task: batch_hint, at most 8 (short tasks)
     res = v.fit().result
     np.testing.assert_allclose(res.values, ref, rtol=1e-12, atol=1e-14)
     assert res.evaluations == len(prefixes) + 2  # + u(all), u(empty) on the driver
