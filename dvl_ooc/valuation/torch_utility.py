@@ -40,9 +40,7 @@ batched tensors.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -52,23 +50,11 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from ..exceptions import InputError, NoTrainableParametersError
+from .tasks import torch_threads
 from .training import TrainingConfig, check_stackable, resolve_config
 from .utility import as_xy
 
 __all__ = ["TorchBatchUtility"]
-
-
-@contextlib.contextmanager
-def _torch_threads(n: int | None) -> Iterator[None]:
-    if n is None or torch.get_num_threads() == n:
-        yield
-        return
-    old = torch.get_num_threads()
-    torch.set_num_threads(int(n))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 class TorchBatchUtility:
@@ -193,7 +179,7 @@ class TorchBatchUtility:
                            dtype=bool)
         rows = np.flatnonzero(ok)
         rows = rows[np.argsort(-sizes[rows], kind="stable")]  # similar sizes share a pass
-        with _torch_threads(self.num_threads):
+        with torch_threads(self.num_threads):
             for s in range(0, len(rows), self.models_per_pass):
                 r = rows[s : s + self.models_per_pass]
                 params = self._train([np.flatnonzero(masks[i]) for i in r])
@@ -208,7 +194,7 @@ class TorchBatchUtility:
         masks = self._check_masks(masks)
         if not masks.any(1).all():
             raise InputError("every coalition trained together must be non-empty")
-        with _torch_threads(self.num_threads):
+        with torch_threads(self.num_threads):
             return self._train([np.flatnonzero(m) for m in masks])
 
     def _check_masks(self, masks: np.ndarray) -> np.ndarray:
