@@ -41,6 +41,7 @@ batched tensors.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -50,6 +51,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from ..exceptions import InputError, NoTrainableParametersError
+from .stacked import StackedSequential, compile_stacked
 from .tasks import torch_threads
 from .training import TrainingConfig, check_stackable, resolve_config
 from .utility import as_xy
@@ -85,7 +87,7 @@ class TorchBatchUtility:
                  seed: int | None = None, models_per_pass: int = 32,
                  loss: Any = F.cross_entropy, default: float = 0.0, min_classes: int = 2,
                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                 num_threads: int | None = 1) -> None:
+                 num_threads: int | None = 1, grouped_layers: bool = True) -> None:
         if not isinstance(model, nn.Module):
             raise InputError(f"TorchBatchUtility needs a torch.nn.Module, not {type(model)}")
         self.config = resolve_config(config, epochs=epochs, lr=lr, weight_decay=weight_decay,
@@ -112,7 +114,9 @@ class TorchBatchUtility:
         self.x: torch.Tensor | None = None
         self.y: torch.Tensor | None = None
         self._y_np: np.ndarray | None = None
+        self.grouped_layers = bool(grouped_layers)
         self._meta = self._make_meta()
+        self._stacked = self._make_stacked()
 
     # -- training settings (read-only views of the config, for older code) ---------------
     @property
@@ -139,14 +143,19 @@ class TorchBatchUtility:
     def _make_meta(self) -> nn.Module:
         return copy.deepcopy(self.model).to("meta")
 
+    def _make_stacked(self) -> StackedSequential | None:
+        return compile_stacked(self.model) if self.grouped_layers else None
+
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         state.pop("_meta", None)  # rebuilt from the pristine module on unpickling
+        state.pop("_stacked", None)
         return state
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._meta = self._make_meta()
+        self._stacked = self._make_stacked()
 
     def with_data(self, x: Any, y: Any = None) -> TorchBatchUtility:
         new = copy.copy(self)
@@ -215,14 +224,9 @@ class TorchBatchUtility:
         M = {k: torch.zeros_like(v) for k, v in P.items()}
         V = {k: torch.zeros_like(v) for k, v in P.items()} if cfg.optimizer == "adam" else None
         meta = copy.deepcopy(self._meta)  # private to this call (see the module docstring)
-        consts = self.constants
-
-        def f(p: dict[str, torch.Tensor], xb: torch.Tensor) -> torch.Tensor:
-            return functional_call(meta, (p, consts), (xb,))
-
-        batched = vmap(f)
-        bs, (b1, b2) = cfg.batch_size, cfg.betas
         meta.train()
+        batched = self._forward(meta)
+        bs, (b1, b2) = cfg.batch_size, cfg.betas
         with torch.enable_grad():
             for epoch in range(cfg.epochs):
                 cache: dict[int, np.ndarray] = {}
@@ -252,6 +256,31 @@ class TorchBatchUtility:
         back = torch.as_tensor(inv, device=dev)
         return {k: v[back] for k, v in P.items()}
 
+    def _forward(self, meta: nn.Module) -> Callable[[dict, torch.Tensor], torch.Tensor]:
+        """``(stacked params, x (m, B, ...)) -> (m, B, ...)``: the grouped layers of
+        :mod:`~dvl_ooc.valuation.stacked` when the model compiles to them and takes this input
+        layout, else ``vmap`` over ``functional_call`` of the per-call ``meta`` module."""
+        consts = self.constants
+
+        def f(p: dict[str, torch.Tensor], xb: torch.Tensor) -> torch.Tensor:
+            return functional_call(meta, (p, consts), (xb,))
+
+        mapped = vmap(f)
+        stacked = self._stacked
+        if stacked is None:
+            return mapped
+
+        def fwd(p: dict[str, torch.Tensor], xb: torch.Tensor) -> torch.Tensor:
+            nonlocal stacked
+            if stacked is not None:
+                try:
+                    return stacked(p, xb)
+                except ValueError:  # a layout the grouped layers do not take: vmap from now on
+                    stacked = None
+            return mapped(p, xb)
+
+        return fwd
+
     def _step(self, P: dict, M: dict, V: dict | None, names: list[str], grads: tuple,
               a: int, done: np.ndarray, cfg: TrainingConfig, b1: float, b2: float) -> None:
         """``torch.optim.Adam`` / SGD on the first ``a`` rows, per-row step counts ``done``."""
@@ -278,10 +307,19 @@ class TorchBatchUtility:
 
     @torch.no_grad()
     def _score(self, params: dict[str, torch.Tensor]) -> np.ndarray:
-        meta = copy.deepcopy(self._meta).eval()
+        logits = None
+        if self._stacked is not None:
+            m = len(next(iter(params.values())))
+            try:
+                logits = self._stacked(params, self.x_test.expand(m, *self.x_test.shape))
+            except ValueError:
+                pass
+        if logits is None:
+            meta = copy.deepcopy(self._meta).eval()
 
-        def f(p: dict[str, torch.Tensor]) -> torch.Tensor:
-            return functional_call(meta, (p, self.constants), (self.x_test,))
+            def f(p: dict[str, torch.Tensor]) -> torch.Tensor:
+                return functional_call(meta, (p, self.constants), (self.x_test,))
 
-        pred = vmap(f)(params).argmax(-1)  # (m, n_test)
+            logits = vmap(f)(params)
+        pred = logits.argmax(-1)  # (m, n_test)
         return (pred == self.y_test).to(torch.float64).mean(1).cpu().numpy()
