@@ -19,8 +19,12 @@ Usage: ``python benchmarks/bench_valuation.py --quick`` (a few minutes on 2 core
 tutorial (``notebooks/shapley_skorch.ipynb``; see ``benchmarks/peers/tutorial_workload.py``):
 the tutorial's digits split (seed 36), its first 300 training points with 10 % of the labels
 flipped (seeded), its ``SimpleCNN`` (Adam, lr 0.01, minibatches of 128, 10 epochs, no shuffle as
-skorch's DataLoader), accuracy on the 540 test digits, ``RelativeTruncation(0.05, 0.3)`` and a
-wall-clock budget (``MaxTime``, default 120 s) per run. Rows, each with 1 and 2 workers:
+skorch's DataLoader), accuracy on the 540 test digits, ``RelativeTruncation(0.05, 0.3)``; pyDVL
+runs for a wall-clock budget (``MaxTime``, default 120 s), dvl_ooc for a fixed number of
+permutations (``--dvl-permutations``, default 16; ``0``: the same budget). Fixed work because a
+dvl_ooc task walks 8 permutations in lockstep (about a minute here): under a budget only the
+tasks merged by the deadline count, which hides the second worker's. Rows, each with 1 and 2
+workers:
 
 * ``pyDVL 0.10 + skorch``: ``benchmarks/peers/pydvl_tmc_tutorial.py`` run in pyDVL's own venv
   (``--pydvl-python``, default ``/work/peers/pydvl/bin/python``; skipped with a note if absent)
@@ -158,12 +162,19 @@ def tutorial_utility(kind: str, w, epochs: int, seed: int, models_per_pass: int)
 
 
 def tutorial_valuation(utility, budget: float, seed: int, client, args):
-    """TMC-Shapley with the tutorial's truncation and a wall-clock budget."""
+    """TMC-Shapley with the tutorial's truncation and a wall-clock budget, or with exactly
+    ``args.dvl_permutations`` permutations (one round) when that is set."""
+    from dvl_ooc.valuation import MaxChecks
+
     t = _workload_module().TUTORIAL
     extra = {k: v for k, v in (("batch_size", args.dvl_batch_size),
                                ("samples_per_round", args.dvl_round)) if v}
+    stop = MaxTime(budget)
+    if args.dvl_permutations:
+        extra["samples_per_round"] = args.dvl_permutations
+        stop = MaxChecks(1)
     return TMCShapleyValuation(utility, RelativeTruncation(t["rtol"], t["burn_in_fraction"]),
-                               is_done=MaxTime(budget), seed=seed, client=client, **extra)
+                               is_done=stop, seed=seed, client=client, **extra)
 
 
 def _worker_rss_mb() -> float:
@@ -252,7 +263,8 @@ def tutorial_main(args) -> None:
           f"({int(w.flipped.sum())} flipped labels), {len(w.x_test)} test digits; SimpleCNN, "
           f"Adam lr {tw.TUTORIAL['lr']}, minibatch {tw.TUTORIAL['batch_size']}, "
           f"{args.epochs} epochs; RelativeTruncation({tw.TUTORIAL['rtol']}, "
-          f"{tw.TUTORIAL['burn_in_fraction']}); budget {args.budget:.0f} s per run; "
+          f"{tw.TUTORIAL['burn_in_fraction']}); pyDVL budget {args.budget:.0f} s per run, dvl_ooc "
+          f"{args.dvl_permutations or 'same budget'} permutations; "
           f"seed {args.seed}; torch {torch.__version__}, {os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.1f} at start")
     rows = []
@@ -306,6 +318,9 @@ def main() -> None:
                     help="permutations per task (default: the library's)")
     tu.add_argument("--dvl-round", type=int, default=None,
                     help="permutations per round (default: the library's)")
+    tu.add_argument("--dvl-permutations", type=int, default=16,
+                    help="dvl_ooc rows: exactly this many permutations instead of the budget "
+                         "(fixed work, so every worker's tasks count; 0: use --budget)")
     args = ap.parse_args()
     if args.tutorial:
         args.n_train = args.n_train or 300

@@ -31,6 +31,11 @@ def _strided_cnn():  # stride, dilation, groups, no bias, average pools, log-sof
         nn.Dropout(0.0), nn.Linear(7, 5), nn.LogSoftmax(-1))
 
 
+def _even_same():  # asymmetric "same" padding
+    return nn.Sequential(nn.Conv2d(1, 3, 4, padding="same"), nn.Conv2d(3, 2, 1),
+                         nn.Flatten(), nn.Linear(2 * 36, 4))
+
+
 def _mlp():
     return nn.Sequential(nn.Linear(9, 6), nn.Sigmoid(), nn.Linear(6, 3, bias=False))
 
@@ -40,10 +45,11 @@ def _conv_only():  # ends in an image activation: output (m, B, C, H, W)
 
 
 CASES = [(_tutorial_cnn, (1, 8, 8)), (lambda: _Chain(), (1, 8, 8)), (_strided_cnn, (2, 9, 9)),
-         (_mlp, (9,)), (_conv_only, (3, 7, 7))]
-IDS = ["tutorial", "chain", "strided", "mlp", "conv"]
+         (_even_same, (1, 6, 6)), (_mlp, (9,)), (_conv_only, (3, 7, 7))]
+IDS = ["tutorial", "chain", "strided", "even-same", "mlp", "conv"]
 
 
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
 @pytest.mark.parametrize(("make", "shape"), CASES, ids=IDS)
 def test_grouped_layers_equal_vmap_in_values_and_gradients(make, shape):
     torch.manual_seed(0)
@@ -150,3 +156,4 @@ def test_a_layout_error_falls_back_to_vmap():
     out = u._forward(u._meta)(params, xb)
     ref = vmap(lambda p, xx: functional_call(net, p, (xx,)))(params, xb)
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
