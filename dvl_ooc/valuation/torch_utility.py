@@ -13,9 +13,11 @@ Algorithm of one pass (``m <= models_per_pass`` models): sort the models by subs
 (decreasing), so model ``k`` takes :math:`T_k = \lceil |S_k| / b \rceil` steps per epoch and at
 step ``t`` of an epoch the active models are the first :math:`a_t = \#\{k: T_k > t\}`. Each
 step gathers a ``(a_t, B_t)`` index tensor (``B_t`` the largest minibatch among them; shorter
-minibatches are padded with weight 0), runs ``torch.func.functional_call`` under
-``torch.func.vmap`` over the stacked parameters of the active models (batched matrix products
-and grouped convolutions instead of ``a_t`` small ones), and backpropagates
+minibatches are padded with weight 0), runs the active models on it as one network (for an
+``nn.Sequential`` or a module whose ``forward`` only chains submodules: the grouped
+channels-last layers of :mod:`~dvl_ooc.valuation.stacked`; otherwise
+``torch.func.functional_call`` under ``torch.func.vmap`` over the stacked parameters -- batched
+matrix products and grouped convolutions instead of ``a_t`` small ones), and backpropagates
 :math:`\sum_k \frac{1}{b_{k,t}} \sum_i w_{ki}\, \ell(f_{\theta_k}(x_i), y_i)`. The summands
 share no parameters, so model ``k``'s gradient is its own minibatch gradient; a hand-written
 Adam (the update of ``torch.optim.Adam``, with per-model step counts for the bias corrections)
@@ -79,6 +81,10 @@ class TorchBatchUtility:
             leaves torch's setting. One thread per task is the default because valuation
             parallelises over workers: on a loaded 2-core machine two threads per small
             model made training 50x slower (spinning OpenMP threads).
+        grouped_layers: run supported models (``nn.Sequential`` and plain chains of
+            Conv2d / Linear / pooling / activation / Flatten / Softmax layers) as grouped
+            channels-last layers (:mod:`~dvl_ooc.valuation.stacked`, same values as ``vmap``;
+            2x faster on pyDVL's tutorial CNN); ``False``: always ``vmap``.
     """
 
     def __init__(self, model: nn.Module, test_data: Any, *, config: TrainingConfig | None = None,
