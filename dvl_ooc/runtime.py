@@ -103,6 +103,24 @@ _ONE_THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM
                    "VECLIB_MAXIMUM_THREADS": "1", "NUMEXPR_NUM_THREADS": "1"}
 
 
+#: set in every local worker process before it starts: Dask's nanny sets
+#: ``MALLOC_TRIM_THRESHOLD_`` (65536), and setting any glibc malloc tunable switches off glibc's
+#: dynamic mmap threshold, so every allocation >= 128 KiB became an ``mmap`` + page faults +
+#: ``munmap``: torch training in a worker ran ~30 % slower than the same code in the driver
+#: (``benchmarks/bench_valuation.py``). 32 MiB is the ceiling glibc's own dynamic threshold
+#: would reach; memory above the trim threshold is still returned to the system.
+_PRE_SPAWN_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20)}
+
+
+def _worker_malloc_config() -> dict[str, str]:
+    """``pre-spawn-environ`` entries to add (those the user has not configured)."""
+    import dask
+
+    have = dask.config.get("distributed.nanny.pre-spawn-environ", default={}) or {}
+    return {f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in _PRE_SPAWN_ENV.items()
+            if k not in have}
+
+
 def local_cluster(n_workers: int | None = None, *, threads_per_worker: int = 1,
                   kind: str = "local", what: str = "a local Dask cluster",
                   dashboard_address: str | None = ":0", **kwargs: Any) -> Any:
@@ -114,10 +132,16 @@ def local_cluster(n_workers: int | None = None, *, threads_per_worker: int = 1,
     OpenMP/MKL/OpenBLAS pools get one thread per task (``OMP_NUM_THREADS`` etc. set to 1 in the
     workers' environment before torch or numpy load; an ``env=`` you pass wins). More would
     oversubscribe the cores: ``n_workers x threads_per_worker`` tasks already run at once.
+
+    Memory allocator: worker processes start with ``MALLOC_MMAP_THRESHOLD_`` = 32 MiB (see
+    ``_PRE_SPAWN_ENV``; Dask's ``distributed.nanny.pre-spawn-environ`` setting, or the
+    variable in this process's environment, wins).
     """
     if kind not in ("local", "cuda"):
         raise InputError(f"cluster must be 'local' or 'cuda', got {kind!r}")
     check_main_guard(what)
+    import dask
+
     if kind == "cuda":
         try:
             from dask_cuda import LocalCUDACluster
@@ -125,13 +149,15 @@ def local_cluster(n_workers: int | None = None, *, threads_per_worker: int = 1,
             raise InputError("cluster='cuda' needs dask-cuda with the extra matching torch's "
                              "CUDA major version: pip install 'dask-cuda[cu12]' or "
                              "'dask-cuda[cu13]'") from e
-        return LocalCUDACluster(n_workers=n_workers, threads_per_worker=threads_per_worker,
-                                dashboard_address=dashboard_address, **kwargs)
+        with dask.config.set(_worker_malloc_config()):
+            return LocalCUDACluster(n_workers=n_workers, threads_per_worker=threads_per_worker,
+                                    dashboard_address=dashboard_address, **kwargs)
     from distributed import LocalCluster
 
     kwargs["env"] = {**_ONE_THREAD_ENV, **(kwargs.get("env") or {})}
-    return LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker,
-                        processes=True, dashboard_address=dashboard_address, **kwargs)
+    with dask.config.set(_worker_malloc_config()):
+        return LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker,
+                            processes=True, dashboard_address=dashboard_address, **kwargs)
 
 
 def progress(enabled: bool, *, total: int | None = None, unit: str = "it",
