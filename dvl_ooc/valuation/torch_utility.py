@@ -262,25 +262,27 @@ class TorchBatchUtility:
         back = torch.as_tensor(inv, device=dev)
         return {k: v[back] for k, v in P.items()}
 
-    def _forward(self, meta: nn.Module) -> Callable[[dict, torch.Tensor], torch.Tensor]:
-        """``(stacked params, x (m, B, ...)) -> (m, B, ...)``: the grouped layers of
-        :mod:`~dvl_ooc.valuation.stacked` when the model compiles to them and takes this input
-        layout, else ``vmap`` over ``functional_call`` of the per-call ``meta`` module."""
+    def _forward(self, meta: nn.Module, *, shared: bool = False
+                 ) -> Callable[[dict, torch.Tensor], torch.Tensor]:
+        """``(stacked params, x) -> (m, B, ...)`` with ``x`` of shape ``(m, B, ...)`` (one
+        input per model) or, with ``shared``, ``(B, ...)`` (the same input for all models): the
+        grouped layers of :mod:`~dvl_ooc.valuation.stacked` when the model compiles to them and
+        takes this input layout, else ``vmap`` over ``functional_call`` of the per-call
+        ``meta`` module."""
         consts = self.constants
 
         def f(p: dict[str, torch.Tensor], xb: torch.Tensor) -> torch.Tensor:
             return functional_call(meta, (p, consts), (xb,))
 
-        mapped = vmap(f)
+        mapped = vmap(f, in_dims=(0, None) if shared else 0)
         stacked = self._stacked
-        if stacked is None:
-            return mapped
 
         def fwd(p: dict[str, torch.Tensor], xb: torch.Tensor) -> torch.Tensor:
             nonlocal stacked
             if stacked is not None:
                 try:
-                    return stacked(p, xb)
+                    m = len(next(iter(p.values())))
+                    return stacked(p, xb.expand(m, *xb.shape) if shared else xb)
                 except ValueError:  # a layout the grouped layers do not take: vmap from now on
                     stacked = None
             return mapped(p, xb)
@@ -313,19 +315,7 @@ class TorchBatchUtility:
 
     @torch.no_grad()
     def _score(self, params: dict[str, torch.Tensor]) -> np.ndarray:
-        logits = None
-        if self._stacked is not None:
-            m = len(next(iter(params.values())))
-            try:
-                logits = self._stacked(params, self.x_test.expand(m, *self.x_test.shape))
-            except ValueError:
-                pass
-        if logits is None:
-            meta = copy.deepcopy(self._meta).eval()
-
-            def f(p: dict[str, torch.Tensor]) -> torch.Tensor:
-                return functional_call(meta, (p, self.constants), (self.x_test,))
-
-            logits = vmap(f)(params)
+        meta = copy.deepcopy(self._meta).eval()
+        logits = self._forward(meta, shared=True)(params, self.x_test)
         pred = logits.argmax(-1)  # (m, n_test)
         return (pred == self.y_test).to(torch.float64).mean(1).cpu().numpy()
