@@ -22,9 +22,10 @@ flipped (seeded), its ``SimpleCNN`` (Adam, lr 0.01, minibatches of 128, 10 epoch
 skorch's DataLoader), accuracy on the 540 test digits, ``RelativeTruncation(0.05, 0.3)``; pyDVL
 runs for a wall-clock budget (``MaxTime``, default 120 s), dvl_ooc for a fixed number of
 permutations (``--dvl-permutations``, default 16; ``0``: the same budget). Fixed work because a
-dvl_ooc task walks 8 permutations in lockstep (about a minute here): under a budget only the
-tasks merged by the deadline count, which hides the second worker's. Rows, each with 1 and 2
-workers:
+dvl_ooc task walks 8 permutations in lockstep (one to two minutes here): under a budget only
+the tasks merged by the deadline count, which hides the second worker's (keep at least 8
+permutations per task per worker: 16 for ``TorchBatchUtility`` with 2 workers). Rows, each with
+1 and 2 workers:
 
 * ``pyDVL 0.10 + skorch``: ``benchmarks/peers/pydvl_tmc_tutorial.py`` run in pyDVL's own venv
   (``--pydvl-python``, default ``/work/peers/pydvl/bin/python``; skipped with a note if absent)
@@ -36,7 +37,7 @@ workers:
 the dvl_ooc rows on a ``LocalCluster`` with 1 or 2 single-threaded worker processes (start-up
 and imports before the clock, as pyDVL's loky workers). Columns: trainings (utility evaluations:
 models trained; dvl_ooc's count adds ``u(empty)`` and 1-class subsets, scored without training),
-seconds of ``fit`` (budget + overrun: both check the budget between batches), trainings/s, ratio
+seconds of ``fit`` (pyDVL: budget + overrun, it checks between batches), trainings/s, ratio
 to pyDVL at equal workers, 2-worker / 1-worker ratio, share of flipped labels among the lowest
 10/15/20 % values (chance: 10 %), mean test accuracy of 5 models trained on all points
 (different initialisations; shows the training settings match), peak RSS (max over processes).
@@ -45,8 +46,8 @@ Targets (issue 14): >= 5x pyDVL's trainings/s at equal workers, detection no wor
 pyDVL's, 2 workers >= 1.8x one worker. Run it on a quiet machine: another process on the 2 cores
 halves the throughput of whichever run it overlaps.
 
-    python benchmarks/bench_valuation.py --tutorial              # 6 runs x 120 s, ~15 min
-    python benchmarks/bench_valuation.py --tutorial --budget 30  # quick look, ~5 min
+    python benchmarks/bench_valuation.py --tutorial --budget 40  # ~25 min (ModelUtility is slow)
+    python benchmarks/bench_valuation.py --tutorial --budget 40 --methods batch  # ~9 min
     # pyDVL's venv (outside the repo, never a dependency of dvl_ooc):
     #   python3.11 -m venv /work/peers/pydvl && /work/peers/pydvl/bin/pip install torch==2.13.0
     #   /work/peers/pydvl/bin/pip install "pydvl==0.10.0" "skorch==1.4.0" "numpy<2"
