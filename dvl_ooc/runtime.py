@@ -15,9 +15,12 @@ script (``multiprocessing``'s bootstrapping phase) it raises as well.
 from __future__ import annotations
 
 import ast
+import contextlib
 import functools
 import multiprocessing
+import os
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 from .exceptions import InputError, MainGuardError
@@ -103,22 +106,48 @@ _ONE_THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM
                    "VECLIB_MAXIMUM_THREADS": "1", "NUMEXPR_NUM_THREADS": "1"}
 
 
-#: set in every local worker process before it starts: Dask's nanny sets
-#: ``MALLOC_TRIM_THRESHOLD_`` (65536), and setting any glibc malloc tunable switches off glibc's
-#: dynamic mmap threshold, so every allocation >= 128 KiB became an ``mmap`` + page faults +
-#: ``munmap``: torch training in a worker ran ~30 % slower than the same code in the driver
-#: (``benchmarks/bench_valuation.py``). 32 MiB is the ceiling glibc's own dynamic threshold
-#: would reach; memory above the trim threshold is still returned to the system.
-_PRE_SPAWN_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20)}
+#: set in every local worker process before it starts. Dask's nanny sets
+#: ``MALLOC_TRIM_THRESHOLD_=65536``, and setting any glibc malloc tunable switches off glibc's
+#: dynamic mmap threshold: every allocation >= 128 KiB became an ``mmap`` + page faults +
+#: ``munmap``, and the heap top was returned to the system after every step. Torch training in
+#: a worker ran ~30 % slower than in the driver (stacked models), and two one-model workers
+#: ran at 6 trainings/s each where two plain processes ran at 9 (3.5x the page faults;
+#: ``benchmarks/bench_valuation.py``). 32 MiB is the ceiling glibc's own dynamic mmap threshold
+#: would reach; up to 64 MiB of free heap top stays with a worker.
+_PRE_SPAWN_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(64 << 20)}
+#: Dask's own values of those variables (replaced; any other value is the user's and wins)
+_DASK_DEFAULT_ENV = {"MALLOC_TRIM_THRESHOLD_": "65536"}
 
 
-def _worker_malloc_config() -> dict[str, str]:
-    """``pre-spawn-environ`` entries to add (those the user has not configured)."""
+@contextlib.contextmanager
+def _worker_malloc_env() -> Iterator[dict[str, str]]:
+    """Nannies created inside start their workers with ``_PRE_SPAWN_ENV``.
+
+    A variable already set by the user (this process's environment or Dask's
+    ``distributed.nanny.pre-spawn-environ``) is kept. Both places are set because the nanny
+    reads the environment first, and Dask leaves its own values in ``os.environ`` after the
+    first cluster of a process; the environment is restored on exit.
+    """
     import dask
 
-    have = dask.config.get("distributed.nanny.pre-spawn-environ", default={}) or {}
-    return {f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in _PRE_SPAWN_ENV.items()
-            if k not in have}
+    cfg = dask.config.get("distributed.nanny.pre-spawn-environ", default={}) or {}
+    chosen = {}
+    for k, v in _PRE_SPAWN_ENV.items():
+        cur = os.environ.get(k, cfg.get(k))
+        if cur is None or str(cur) == _DASK_DEFAULT_ENV.get(k):
+            chosen[k] = v
+    saved = {k: os.environ.get(k) for k in chosen}
+    os.environ.update(chosen)
+    try:
+        with dask.config.set({f"distributed.nanny.pre-spawn-environ.{k}": v
+                              for k, v in chosen.items()}):
+            yield chosen
+    finally:
+        for k, old in saved.items():
+            if old is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = old
 
 
 def local_cluster(n_workers: int | None = None, *, threads_per_worker: int = 1,
@@ -133,15 +162,13 @@ def local_cluster(n_workers: int | None = None, *, threads_per_worker: int = 1,
     workers' environment before torch or numpy load; an ``env=`` you pass wins). More would
     oversubscribe the cores: ``n_workers x threads_per_worker`` tasks already run at once.
 
-    Memory allocator: worker processes start with ``MALLOC_MMAP_THRESHOLD_`` = 32 MiB (see
-    ``_PRE_SPAWN_ENV``; Dask's ``distributed.nanny.pre-spawn-environ`` setting, or the
-    variable in this process's environment, wins).
+    Memory allocator: worker processes start with ``MALLOC_MMAP_THRESHOLD_`` = 32 MiB and
+    ``MALLOC_TRIM_THRESHOLD_`` = 64 MiB (``_PRE_SPAWN_ENV``; a value you set in this process's
+    environment or in Dask's ``distributed.nanny.pre-spawn-environ`` wins).
     """
     if kind not in ("local", "cuda"):
         raise InputError(f"cluster must be 'local' or 'cuda', got {kind!r}")
     check_main_guard(what)
-    import dask
-
     if kind == "cuda":
         try:
             from dask_cuda import LocalCUDACluster
@@ -149,13 +176,13 @@ def local_cluster(n_workers: int | None = None, *, threads_per_worker: int = 1,
             raise InputError("cluster='cuda' needs dask-cuda with the extra matching torch's "
                              "CUDA major version: pip install 'dask-cuda[cu12]' or "
                              "'dask-cuda[cu13]'") from e
-        with dask.config.set(_worker_malloc_config()):
+        with _worker_malloc_env():
             return LocalCUDACluster(n_workers=n_workers, threads_per_worker=threads_per_worker,
                                     dashboard_address=dashboard_address, **kwargs)
     from distributed import LocalCluster
 
     kwargs["env"] = {**_ONE_THREAD_ENV, **(kwargs.get("env") or {})}
-    with dask.config.set(_worker_malloc_config()):
+    with _worker_malloc_env():
         return LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker,
                             processes=True, dashboard_address=dashboard_address, **kwargs)
 
