@@ -786,8 +786,13 @@ class InfluenceStore:
         try:
             # creates the group, or opens the one a cooperating/interrupted run made (its
             # attributes are then left as they are)
-            group = zarr.open_group(store=zs, mode="a", zarr_format=3, use_consolidated=False,
-                                    attributes={ATTR: {**meta, "state": "creating"}})
+            try:
+                group = zarr.open_group(store=zs, mode="a", zarr_format=3,
+                                        use_consolidated=False,
+                                        attributes={ATTR: {**meta, "state": "creating"}})
+            except zarr.errors.ContainsGroupError:  # a cooperating run made it in between
+                group = zarr.open_group(store=zs, mode="r+", zarr_format=3,
+                                        use_consolidated=False)
             coords = [n for n, v in labels.items() if v is not None]
             coords += [n for n, v in names.items() if v is not None]
             require(group, ARRAY, shape=(n_test, n_train), chunks=(test_chunk, train_chunk),
