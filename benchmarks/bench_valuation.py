@@ -60,6 +60,7 @@ import copy
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -152,14 +153,16 @@ def tutorial_config(epochs: int, seed: int):
                           weight_decay=0.0, optimizer="adam", shuffle=False, seed=seed)
 
 
-def tutorial_utility(kind: str, w, epochs: int, seed: int, models_per_pass: int):
-    """The dvl_ooc utility of a row (``kind``: "model" or "batch"), not yet bound to data."""
+def tutorial_utility(kind: str, w, epochs: int, seed: int, models_per_pass: int,
+                     device: str = "cpu"):
+    """The dvl_ooc utility of a row (``kind``: "model" or "batch"), not yet bound to data;
+    ``device="cuda"``: trains on the GPU (``cuda:0`` of the process that runs it)."""
     cfg, test = tutorial_config(epochs, seed), (w.x_test, w.y_test)
     if kind == "model":
-        return ModelUtility(TorchEstimator(tutorial_net(seed), config=cfg), "accuracy",
-                            test_data=test)
+        return ModelUtility(TorchEstimator(tutorial_net(seed).to(device), config=cfg),
+                            "accuracy", test_data=test)
     return TorchBatchUtility(tutorial_net(seed), test, config=cfg,
-                             models_per_pass=models_per_pass)
+                             models_per_pass=models_per_pass, device=device)
 
 
 def tutorial_valuation(utility, budget: float, seed: int, client, args):
@@ -187,13 +190,15 @@ def run_dvl(kind: str, workers: int, w, args) -> dict:
     from distributed import Client
 
     tw = _workload_module()
-    util = tutorial_utility(kind, w, args.epochs, args.seed, args.models_per_pass)
+    dev = args.device
+    util = tutorial_utility(kind, w, args.epochs, args.seed, args.models_per_pass, dev)
     accs = []  # mean test accuracy of 5 models trained on all points (5 initialisations)
     for s in range(5):
-        u = tutorial_utility(kind, w, args.epochs, args.seed + s, args.models_per_pass)
+        u = tutorial_utility(kind, w, args.epochs, args.seed + s, args.models_per_pass, dev)
         accs.append(float(u.with_data(w.x_train, w.y_train)(np.arange(len(w.x_train)))))
-    with local_cluster(workers, threads_per_worker=1, what="bench_valuation") as cl, \
-            Client(cl) as client:
+    kind_cl = "cuda" if dev.startswith("cuda") else "local"
+    with local_cluster(workers, threads_per_worker=1, kind=kind_cl,
+                       what="bench_valuation") as cl, Client(cl) as client:
         client.run(lambda: __import__("dvl_ooc.valuation.training"))  # imports torch, etc.
         val = tutorial_valuation(util, args.budget, args.seed, client, args)
         t = time.perf_counter()
@@ -206,7 +211,7 @@ def run_dvl(kind: str, workers: int, w, args) -> dict:
             "trainings": int(res.evaluations), "trainings_per_s": res.evaluations / seconds,
             "detection": tw.detection(np.nan_to_num(res.values), w.flipped),
             "accuracy_all": float(np.mean(accs)), "peak_rss_mb": max(rss, peak_rss_mb()),
-            "permutations": int(res.n_samples)}
+            "permutations": int(res.n_samples), "device": dev}
 
 
 def run_pydvl(workers: int, args) -> dict:
@@ -214,7 +219,7 @@ def run_pydvl(workers: int, args) -> dict:
     cmd = [args.pydvl_python, str(PEERS / "pydvl_tmc_tutorial.py"), "--workers", str(workers),
            "--budget", str(args.budget), "--seed", str(args.seed), "--n-train",
            str(args.n_train), "--flip", str(args.flip), "--epochs", str(args.epochs),
-           "--torch-threads", str(args.pydvl_threads), "--no-values"]
+           "--torch-threads", str(args.pydvl_threads), "--device", args.device, "--no-values"]
     name = "pyDVL 0.10 + skorch"
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=10 * args.budget + 600)
@@ -266,10 +271,11 @@ def tutorial_main(args) -> None:
           f"{args.epochs} epochs; RelativeTruncation({tw.TUTORIAL['rtol']}, "
           f"{tw.TUTORIAL['burn_in_fraction']}); pyDVL budget {args.budget:.0f} s per run, dvl_ooc "
           f"{args.dvl_permutations or 'same budget'} permutations; "
-          f"seed {args.seed}; torch {torch.__version__}, {os.cpu_count()} CPUs, "
+          f"seed {args.seed}; device {args.device}; torch {torch.__version__}, "
+          f"{os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.1f} at start")
     rows = []
-    have_pydvl = Path(args.pydvl_python).exists()
+    have_pydvl = bool(shutil.which(args.pydvl_python))
     if not have_pydvl:
         print(f"# note: {args.pydvl_python} not found: pyDVL rows skipped (see the docstring "
               "for the venv recipe)")
@@ -313,6 +319,9 @@ def main() -> None:
     tu.add_argument("--pydvl-python", default=DEFAULT_PYDVL, help="python of pyDVL's venv")
     tu.add_argument("--pydvl-threads", type=int, default=1,
                     help="torch threads per pyDVL process (0: torch's default)")
+    tu.add_argument("--device", default="cpu",
+                    help="cuda: every row trains on the GPU (pyDVL: skorch's device; dvl_ooc: "
+                         "a dask_cuda.LocalCUDACluster, one worker per GPU)")
     tu.add_argument("--flip", type=float, default=0.1, help="share of flipped labels")
     tu.add_argument("--models-per-pass", type=int, default=32, help="TorchBatchUtility")
     tu.add_argument("--dvl-batch-size", type=int, default=None,

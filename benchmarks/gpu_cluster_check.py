@@ -2,6 +2,7 @@
 against the CPU sequential store, then a larger matrix with achieved TFLOP/s in the tiles.
 
     python benchmarks/gpu_cluster_check.py [--n-test 20000 --n-train 100000]
+    python benchmarks/gpu_cluster_check.py --dry-run --n-test 1024 --n-train 4096  # no GPU
 
 Needs a GPU, torch with CUDA and ``dask-cuda`` (``pip install 'dvl-ooc[cuda]'``).
 """
@@ -35,8 +36,10 @@ def main() -> None:
     ap.add_argument("--n-train", type=int, default=100_000)
     ap.add_argument("--test-chunk", type=int, default=4096)
     ap.add_argument("--train-chunk", type=int, default=8192)
+    ap.add_argument("--dry-run", action="store_true",
+                    help="a CPU LocalCluster of 2 workers in place of the GPUs (checks the script)")
     a = ap.parse_args()
-    assert torch.cuda.is_available(), "needs a GPU"
+    assert a.dry_run or torch.cuda.is_available(), "needs a GPU"
     tmp = Path(tempfile.mkdtemp())
     d = load_digits_split(seed=0)
     torch.manual_seed(0)
@@ -47,7 +50,7 @@ def main() -> None:
     print(f"Direct (GN) fit on CPU: {time.perf_counter() - t0:.1f} s, "
           f"{inf.grads.num_params} parameters")
 
-    with DaskInfluenceCalculator(inf, cluster="cuda") as calc:
+    with DaskInfluenceCalculator(inf, cluster="local" if a.dry_run else "cuda") as calc:
         print(f"LocalCUDACluster workers: {len(calc.client.scheduler_info()['workers'])}, "
               f"device {calc.device}")
         t0 = time.perf_counter()
@@ -84,7 +87,7 @@ def main() -> None:
               f", {gb / wall:.2f} GB/s; worker time: features {t_feat:.1f} s, tile products "
               f"{t_mm:.2f} s ({flops / t_mm / 1e12:.1f} TFLOP/s incl. transfer to host), "
               f"writes {t_wr:.1f} s; complete {big.is_complete}")
-        i, j = 3, 7
+        i, j = min(3, (a.n_test - 1) // a.test_chunk), min(7, (a.n_train - 1) // a.train_chunk)
         rs, cs = big.tile_slices(i, j)
         ref = inf.influences(xt[rs][:64], yt[rs][:64], x[cs][:64], y[cs][:64]).numpy()
         got = big.influences[rs.start:rs.start + 64, cs.start:cs.start + 64]

@@ -72,12 +72,12 @@ def _warm() -> int:
     return os.getpid()
 
 
-def make_model(epochs: int, lr: float, batch_size: int):
+def make_model(epochs: int, lr: float, batch_size: int, device: str = "cpu"):
     from skorch import NeuralNetClassifier
 
     return NeuralNetClassifier(
         FlatSimpleCNN, criterion=torch.nn.CrossEntropyLoss, lr=lr, max_epochs=epochs,
-        batch_size=batch_size, train_split=None, optimizer=torch.optim.Adam, device="cpu",
+        batch_size=batch_size, train_split=None, optimizer=torch.optim.Adam, device=device,
         verbose=False, torch_load_kwargs={"weights_only": False})
 
 
@@ -91,6 +91,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=TUTORIAL["epochs"])
     ap.add_argument("--torch-threads", type=int, default=None,
                     help="torch threads in this process (default: torch's / joblib's choice)")
+    ap.add_argument("--device", default="cpu", help="skorch's device (cpu, cuda)")
     ap.add_argument("--no-values", action="store_true", help="omit the values from the JSON")
     args = ap.parse_args()
 
@@ -121,11 +122,11 @@ def main() -> None:
     n = len(w.x_train)
     train = Dataset(w.x_train.reshape(n, -1), w.y_train)
     test = Dataset(w.x_test.reshape(len(w.x_test), -1), w.y_test)
-    model = make_model(args.epochs, TUTORIAL["lr"], TUTORIAL["batch_size"])
+    model = make_model(args.epochs, TUTORIAL["lr"], TUTORIAL["batch_size"], args.device)
 
     accs = []
     for _ in range(5):  # the model trained on all points (before the clock starts)
-        m = make_model(args.epochs, TUTORIAL["lr"], TUTORIAL["batch_size"])
+        m = make_model(args.epochs, TUTORIAL["lr"], TUTORIAL["batch_size"], args.device)
         m.fit(*train.data())
         accs.append(float(m.score(*test.data())))
 
@@ -164,7 +165,7 @@ def main() -> None:
         "seconds": seconds, "trainings": trainings, "trainings_per_s": trainings / seconds,
         "detection": detection(values, w.flipped), "accuracy_all": float(np.mean(accs)),
         "torch_threads": sorted(set(threads)), "n_train": n, "n_flipped": int(w.flipped.sum()),
-        "peak_rss_mb": rss,
+        "peak_rss_mb": rss, "device": args.device,
         "versions": {"pydvl": pydvl.__version__, "skorch": skorch.__version__,
                      "torch": torch.__version__, "sklearn": sklearn.__version__,
                      "numpy": np.__version__},
