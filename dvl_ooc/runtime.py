@@ -164,7 +164,8 @@ def local_cluster(n_workers: int | None = None, *, threads_per_worker: int = 1,
 
     Memory allocator: worker processes start with ``MALLOC_MMAP_THRESHOLD_`` = 32 MiB and
     ``MALLOC_TRIM_THRESHOLD_`` = 64 MiB (``_PRE_SPAWN_ENV``; a value you set in this process's
-    environment or in Dask's ``distributed.nanny.pre-spawn-environ`` wins).
+    environment or in Dask's ``distributed.nanny.pre-spawn-environ`` wins), also workers added
+    later with ``cluster.scale()``, unless you pass your own ``worker_class``.
     """
     if kind not in ("local", "cuda"):
         raise InputError(f"cluster must be 'local' or 'cuda', got {kind!r}")
@@ -176,15 +177,40 @@ def local_cluster(n_workers: int | None = None, *, threads_per_worker: int = 1,
             raise InputError("cluster='cuda' needs dask-cuda with the extra matching torch's "
                              "CUDA major version: pip install 'dask-cuda[cu12]' or "
                              "'dask-cuda[cu13]'") from e
-        with _worker_malloc_env():
+        with _worker_malloc_env() as chosen:
+            if "worker_class" not in kwargs and not kwargs.get("log_spilling"):
+                kwargs.update(worker_class=_malloc_nanny_class(), malloc_env=chosen)
             return LocalCUDACluster(n_workers=n_workers, threads_per_worker=threads_per_worker,
                                     dashboard_address=dashboard_address, **kwargs)
     from distributed import LocalCluster
 
     kwargs["env"] = {**_ONE_THREAD_ENV, **(kwargs.get("env") or {})}
-    with _worker_malloc_env():
+    with _worker_malloc_env() as chosen:
+        if "worker_class" not in kwargs:
+            kwargs.update(worker_class=_malloc_nanny_class(), malloc_env=chosen)
         return LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker,
                             processes=True, dashboard_address=dashboard_address, **kwargs)
+
+
+@functools.cache
+def _malloc_nanny_class() -> type:
+    """``distributed.Nanny`` that starts its worker process with ``malloc_env`` (the
+    variables :func:`_worker_malloc_env` chose when the cluster was created). The cluster's
+    worker spec keeps the class and the variables, so workers added later by
+    ``cluster.scale()`` or adaptive scaling get them too, outside that context."""
+    from distributed import Nanny
+
+    class MallocNanny(Nanny):
+        def __init__(self, *args: Any, malloc_env: dict[str, str] | None = None,
+                     **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            given = kwargs.get("env") or {}  # a variable passed as env= is the user's
+            for k, v in (malloc_env or {}).items():
+                if k not in given:  # before the spawn (glibc reads it) and in the worker
+                    self.pre_spawn_env[k] = self.env[k] = v
+
+    MallocNanny.__qualname__ = MallocNanny.__name__ = "MallocNanny"
+    return MallocNanny
 
 
 def progress(enabled: bool, *, total: int | None = None, unit: str = "it",
