@@ -125,20 +125,22 @@ def test_local_workers_start_with_large_malloc_thresholds(client):
     assert envs == {(str(32 << 20), str(64 << 20))}
 
 
-def test_workers_added_by_scale_get_the_malloc_settings_too():
+def test_workers_added_by_scale_get_the_malloc_settings_too(client):
     # the settings travel in the cluster's worker spec (not only in the environment while the
     # cluster is created), so a worker started later by cluster.scale() has them as well
-    from distributed import Client
-
-    from dvl_ooc.runtime import local_cluster
-
-    with local_cluster(1, threads_per_worker=1, what="the scale test") as cl, Client(cl) as c:
-        first = set(c.run(_malloc_env))
-        cl.scale(2)
-        c.wait_for_workers(2, timeout=60)
-        envs = c.run(_malloc_env)
-        assert len(envs) == 2 and set(envs) > first
+    cluster = client.cluster
+    first = set(client.run(_malloc_env))
+    cluster.scale(3)
+    try:
+        client.wait_for_workers(3, timeout=60)
+        envs = client.run(_malloc_env)
+        assert len(envs) == 3 and set(envs) > first
         assert set(envs.values()) == {(str(32 << 20), str(64 << 20))}
+    finally:
+        cluster.scale(2)
+        deadline = time.monotonic() + 60
+        while len(client.scheduler_info()["workers"]) > 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
 
 
 def test_a_user_malloc_setting_wins_and_the_environment_is_restored(monkeypatch):
