@@ -38,6 +38,7 @@ and how its result prints as a table. ``dvl-ooc query STORE <name>`` is generate
 
 from __future__ import annotations
 
+import functools
 import re
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -53,10 +54,12 @@ from .exceptions import (
     IncompleteStoreError,
     InputError,
     StoreError,
+    StoreFullError,
     StoreNotFoundError,
+    StoreUnavailableError,
     UsageError,
 )
-from .store import InfluenceStore
+from .store import InfluenceStore, _mapped_io_error, store_io_errors
 
 __all__ = [
     "DETECTION_FRACTIONS",
@@ -267,6 +270,36 @@ def register_query(name: str, *, help: str, options: Sequence[Option] = (),
     return deco
 
 
+#: how to go on after a query met an unreachable or full store
+_RESUME_QUERY = ("A query only reads the store (and writes its saved result, when asked to): "
+                 "run it again once the store is {state} again")
+
+
+def _reads_store(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """An unreachable store (or a full one, when saving a result) during the query raises
+    :class:`~dvl_ooc.exceptions.StoreUnavailableError` / ``StoreFullError`` naming the store and
+    the query, not the storage client's own error from inside a Dask task, nor the writers'
+    advice to resume with ``mode='a'`` (errors mapped deeper, e.g. while listing the done
+    tiles, are mapped again from their cause)."""
+
+    @functools.wraps(fn)
+    def wrapper(store: StoreLike, *args: Any, **kwargs: Any) -> Any:
+        where = str(getattr(store, "path", store))
+        doing = f"running the query {fn.__name__}"
+        try:
+            with store_io_errors(where, doing, _RESUME_QUERY):
+                return fn(store, *args, **kwargs)
+        except (StoreUnavailableError, StoreFullError) as e:
+            cause = e.__cause__
+            mapped = None if cause is None else _mapped_io_error(where, doing, cause,
+                                                                 _RESUME_QUERY)
+            if mapped is None or str(mapped) == str(e):
+                raise
+            raise mapped from cause
+
+    return wrapper
+
+
 def format_cell(v: Any) -> str:
     """A table cell: floats with 6 significant digits ("nan" for NaN), anything else str()."""
     if isinstance(v, float | np.floating):
@@ -315,6 +348,7 @@ def _quantile_table(res: xr.DataArray, args: Any) -> Table:
     keywords=lambda a: {"q": a.q or [0.25], "same_label": a.same_label, "method": a.method},
     table=_quantile_table,
 )
+@_reads_store
 def query_quantiles(
     store: StoreLike,
     q: float | Sequence[float],
@@ -436,6 +470,7 @@ def _topk_table(ds: xr.Dataset, args: Any) -> Table:
     keywords=_topk_keywords,
     table=_topk_table,
 )
+@_reads_store
 def query_topk(
     store: StoreLike,
     k: int = 10,
@@ -517,6 +552,7 @@ def _mean_table(res: xr.DataArray, args: Any) -> Table:
     keywords=lambda a: {"reduce": "sum" if a.sum else "mean", "same_label": a.same_label},
     table=_mean_table,
 )
+@_reads_store
 def query_mean(
     store: StoreLike,
     *,
@@ -578,6 +614,7 @@ def _self_table(ds: xr.Dataset, args: Any) -> Table:
     keywords=lambda a: {"ascending": a.ascending},
     table=_self_table,
 )
+@_reads_store
 def query_self_influence(
     store: StoreLike,
     *,
@@ -638,6 +675,7 @@ def _save(src: InfluenceStore, name: str, ds: xr.Dataset) -> None:
         ds.to_zarr(zs, group=f"queries/{name}", mode="w", consolidated=True)
 
 
+@_reads_store
 def saved_queries(store: StoreLike, *,
                   storage_options: Mapping[str, Any] | None = None) -> list[str]:
     """Names of the query results saved in a store."""
@@ -651,6 +689,7 @@ def saved_queries(store: StoreLike, *,
     return sorted(g.group_keys())
 
 
+@_reads_store
 def load_query(store: StoreLike, name: str, *,
                storage_options: Mapping[str, Any] | None = None) -> xr.Dataset:
     """Load a query result saved with ``save=name`` (fully into memory)."""

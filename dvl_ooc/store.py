@@ -158,43 +158,52 @@ def _chain(e: BaseException | None) -> Iterator[BaseException]:
             None if e.__suppress_context__ else e.__context__)
 
 
-def _mapped_io_error(where: str, doing: str, e: BaseException) -> StoreError | None:
+#: what a write that failed on an unreachable store or a full disk leaves, and how to resume
+RESUME_WRITE = ("Tiles written before are kept (each object is whole or absent); once the store "
+                "is {state} again, rerun the same call with mode='a': only the missing tiles "
+                "are computed")
+#: the same for reads (queries): nothing to resume
+RESUME_READ = "Reading it changed nothing; try again once the store is {state} again"
+
+
+def _mapped_io_error(where: str, doing: str, e: BaseException,
+                     resume: str = RESUME_WRITE) -> StoreError | None:
     """:class:`StoreFullError` for a full disk or quota, :class:`StoreUnavailableError` for an
     unreachable store (connection refused, reset, timed out: after the storage client's own
-    retries), ``None`` for anything else. Both messages name the store and say how to resume."""
+    retries), ``None`` for anything else. Both messages name the store and say how to go on
+    (``resume``: :data:`RESUME_WRITE` or :data:`RESUME_READ`, ``{state}`` filled in)."""
     for c in _chain(e):
         if isinstance(c, DvlOocError):
             return None
         if isinstance(c, OSError) and c.errno in _FULL:
             return StoreFullError(
                 f"no space left for the store at {where!r} while {doing} ({type(c).__name__}: "
-                f"{c}): the disk or quota is full. Tiles written before are kept (each is whole "
-                "or absent); free space (or choose a location with room) and rerun the same "
-                "call with mode='a': only the missing tiles are computed")
+                f"{c}): the disk or quota is full (free space or choose a location with room). "
+                + resume.format(state="writable"))
         if isinstance(c, (ConnectionError, TimeoutError)) or any(
                 (k.__module__, k.__name__) in _UNREACHABLE for k in type(c).__mro__):
             return StoreUnavailableError(
                 f"the store at {where!r} is unreachable while {doing} ({type(c).__name__}: {c}), "
-                "after the storage client's retries. Tiles written before are kept (each object "
-                "is whole or absent); once the store is reachable again, rerun the same call "
-                "with mode='a': only the missing tiles are computed. (Longer outages can be "
-                "ridden out by the client's retries, e.g. for S3 storage_options="
-                "{'config_kwargs': {'retries': {'max_attempts': 10, 'mode': 'standard'}}}.)")
+                "after the storage client's retries. " + resume.format(state="reachable")
+                + ". (Longer outages can be ridden out by the client's retries, e.g. for S3 "
+                "storage_options={'config_kwargs': {'retries': {'max_attempts': 10, "
+                "'mode': 'standard'}}}.)")
     return None
 
 
 @contextlib.contextmanager
-def store_io_errors(where: str, doing: str) -> Iterator[None]:
+def store_io_errors(where: str, doing: str, resume: str = RESUME_WRITE) -> Iterator[None]:
     """Re-raise a full disk/quota as :class:`~dvl_ooc.exceptions.StoreFullError` and an
     unreachable store as :class:`~dvl_ooc.exceptions.StoreUnavailableError` (naming the store
-    ``where``, what was being done, and that a ``mode="a"`` rerun resumes); anything else
+    ``where``, what was being done, and how to go on: by default that a ``mode="a"`` rerun
+    resumes, with ``resume=RESUME_READ`` that a read changed nothing); anything else
     propagates unchanged."""
     try:
         yield
     except DvlOocError:
         raise
     except Exception as e:
-        mapped = _mapped_io_error(where, doing, e)
+        mapped = _mapped_io_error(where, doing, e, resume)
         if mapped is None:
             raise
         raise mapped from e

@@ -21,7 +21,7 @@ from ..exceptions import (
     StoreMismatchError,
     StoreNotFoundError,
 )
-from ..store import _contents, _Location, store_io_errors
+from ..store import RESUME_READ, _contents, _Location, store_io_errors
 
 
 class ScoreStore:
@@ -125,7 +125,7 @@ class ScoreStore:
         import zarr
 
         loc = _Location(path, storage_options)
-        with store_io_errors(loc.display, "reading the score store"):
+        with store_io_errors(loc.display, "reading the score store", RESUME_READ):
             zs = loc.zarr_store(read_only=True)
             if not _contents(loc, zs)[0]:
                 raise StoreNotFoundError(f"no score store at {loc.display}")

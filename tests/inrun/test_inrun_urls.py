@@ -82,8 +82,9 @@ def test_unreachable_score_store_is_a_clear_error(s3):
     so = {**s3.storage_options, "endpoint_url": "http://127.0.0.1:9",  # nothing listens
           "config_kwargs": {"retries": {"max_attempts": 1, "mode": "standard"},
                             "connect_timeout": 1}}
-    with pytest.raises(StoreUnavailableError, match="unreachable.*mode='a'"):
+    with pytest.raises(StoreUnavailableError, match="unreachable.*try again") as err:
         ScoreStore.open(s3.url("scores.zarr"), storage_options=so)
+    assert "mode='a'" not in str(err.value)  # a read has nothing to resume
 
 
 def test_zarr_store_objects(tmp_path):

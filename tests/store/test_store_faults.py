@@ -407,3 +407,33 @@ def test_creation_race_leaves_one_parameter_set(s3, tmp_path, where):
     assert InfluenceStore.open(target, storage_options=so).done_tiles() == {(0, 0)}
     if where == "local":
         assert [p.name for p in tmp_path.iterdir()] == ["race.zarr"]
+
+
+def test_a_query_during_an_outage_fails_clearly_and_a_retry_answers(job, s3, tmp_path):
+    """A query on an S3 store whose server goes down raises ``StoreUnavailableError`` naming
+    the store and the query (not botocore's error from inside a Dask task, and not the
+    writers' "rerun with mode='a'"); once the server is back the same query answers, equal
+    to the one on local disk."""
+    from dvl_ooc import SequentialInfluenceCalculator
+    from dvl_ooc.query import query_quantiles, query_topk
+
+    m, data = job
+    url, so = s3.url("query.zarr"), {**s3.storage_options, **FAST}
+    calc = SequentialInfluenceCalculator(m)
+    calc.to_zarr(url, *data, storage_options=s3.storage_options, **KW)
+    local = calc.to_zarr(tmp_path / "local.zarr", *data, **KW)
+    src = InfluenceStore.open(url, storage_options=so)
+    s3.stop()
+    try:
+        with pytest.raises(StoreUnavailableError, match="unreachable") as err:
+            query_quantiles(src, 0.25, same_label=False)
+        msg = str(err.value)
+        assert url in msg and "query_quantiles" in msg and "run it again" in msg, msg
+        assert "mode='a'" not in msg
+        with pytest.raises(StoreUnavailableError, match="unreachable"):
+            query_topk(url, 3, storage_options=so)  # opening by URL: the same error
+    finally:
+        s3.start()
+    got = query_quantiles(src, 0.25, same_label=False)
+    ref = query_quantiles(local, 0.25, same_label=False)
+    assert np.array_equal(got.values, ref.values, equal_nan=True)
