@@ -70,8 +70,36 @@ def _as_array(a: Any) -> np.ndarray:
     return to_numpy(a) if isinstance(a, torch.Tensor) else np.asarray(a)
 
 
+class TaskCancelled(Exception):
+    """The Dask task running this batch was cancelled by its client (see
+    :func:`task_cancelled`); nobody waits for its result, so it stops."""
+
+
+def task_cancelled() -> bool:
+    """Whether this code runs in a Dask task that its client has cancelled.
+
+    Dask cannot interrupt a running task: a cancelled one runs to its end, keeping the worker
+    busy (for the next ``fit``) and making ``cluster.close()`` wait for it and then kill the
+    worker. The driver cancels the tasks it no longer needs when a valuation stops, so batches
+    check this between utility evaluations (a local look at the worker's task state, no
+    message) and stop. ``False`` outside a worker and for a task resumed after its cancel."""
+    try:
+        from distributed import get_worker
+
+        w = get_worker()
+        ts = w.state.tasks.get(w.get_current_task())
+    except Exception:  # noqa: BLE001 - not in a worker task (or distributed missing)
+        return False
+    return ts is None or ts.state == "cancelled"
+
+
 def evaluate_masks(utility: Any, masks: np.ndarray) -> np.ndarray:
-    """Utilities of the coalitions in the rows of a boolean ``masks`` array."""
+    """Utilities of the coalitions in the rows of a boolean ``masks`` array.
+
+    Raises:
+        TaskCancelled: in a Dask task that its client has cancelled."""
+    if task_cancelled():
+        raise TaskCancelled("the client cancelled this task: its result is not needed")
     masks = np.asarray(masks, dtype=bool)
     if hasattr(utility, "evaluate_many"):
         out = np.asarray(utility.evaluate_many(masks), dtype=np.float64)

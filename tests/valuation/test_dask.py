@@ -111,6 +111,40 @@ def test_maxtime_on_two_workers_stops_within_one_task_and_keeps_a_reproducible_p
     assert np.array_equal(res.values, ref.values) and np.array_equal(res.stderr, ref.stderr)
 
 
+def test_cancelled_tasks_stop_at_their_next_evaluation(client, tmp_path):
+    # Dask cannot interrupt a running task: tasks the driver cancels when the valuation stops
+    # (the next round's, started speculatively) used to run to their end, keeping the workers
+    # busy and cluster.close() waiting. Batches now check between evaluations and stop.
+    import importlib
+
+    import cloudpickle
+    import valuation_stub_games as stubs
+
+    cloudpickle.register_pickle_by_value(stubs)
+    client.run(importlib.import_module, "dvl_ooc.valuation")
+    log = tmp_path / "calls.txt"
+    w = np.array([0.5, -1.0, 2.0, 0.25, 1.5])
+    # tasks of 2 permutations: 5 lockstep calls of 2 coalitions x 0.3 s = 3 s each; a round is
+    # the two tasks of the first window, the next two start as soon as the workers are free
+    game = stubs.LoggedSlowGame(w, delay=0.3, path=str(log))
+    v = TMCShapleyValuation(game, is_done=MaxChecks(1), seed=4, batch_size=2,
+                            samples_per_round=4, client=client)
+    res = v.fit().result
+    t_end = time.time()
+    assert res.n_samples == 4
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # the workers go idle within one evaluation (0.6 s)
+        busy = sum(client.run(lambda dask_worker: len(dask_worker.state.executing)).values())
+        if not busy:
+            break
+        time.sleep(0.05)
+    idle_after = time.time() - t_end
+    time.sleep(1.0)  # a task that kept running would go on logging calls
+    late = [t for t in map(float, log.read_text().split()) if t > t_end + 0.05]
+    assert idle_after < 2.0, idle_after  # a cancelled task ran on (3 s per task)
+    assert len(late) <= 2, late  # at most the evaluation in progress, one per worker
+
+
 def _malloc_env():
     import os
 

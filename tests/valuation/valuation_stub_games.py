@@ -56,3 +56,16 @@ class MidCallGame(InteractionGame):
     def __init__(self, weights) -> None:
         super().__init__(weights)
         self.state = {"params": Unshippable()}
+
+
+class LoggedSlowGame(SlowGame):
+    """:class:`SlowGame` that appends the time of each ``evaluate_many`` call to ``path``."""
+
+    def __init__(self, weights, delay: float, path: str) -> None:
+        super().__init__(weights, delay)
+        self.path = str(path)
+
+    def evaluate_many(self, masks: np.ndarray) -> np.ndarray:
+        with open(self.path, "a") as f:
+            f.write(f"{time.time()}\n")
+        return super().evaluate_many(masks)
