@@ -13,6 +13,20 @@
 #
 # Usage: bash benchmarks/gpu_all.sh [STEP ...]   (default: all, in the order above)
 # pyDVL, skorch and dask-cuda must import with python3 (PYDVL_PYTHON overrides pyDVL's python).
+#
+# On the device tool's GPU image (Python 3.12, torch 2.11+cu130, numpy 2.5; no dask, zarr,
+# dask-cuda, pyDVL), carry wheels in a git-ignored .whl/ (19 MB), downloaded here with
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+#     --platform manylinux2014_x86_64 --platform manylinux_2_24_x86_64 \
+#     --platform manylinux_2_27_x86_64 --platform manylinux_2_5_x86_64 --platform any -d .whl \
+#     dask==2026.7.1 distributed==2026.7.1 dask-cuda==26.10.0 zarr==3.1.6 numcodecs==0.16.6 \
+#     donfig google-crc32c tblib zict tornado partd locket pydvl==0.10.0 skorch==1.4.0 \
+#     cvxpy qdldl more-itertools pyDeprecate deprecated
+# (dask 2026.7.1: dask-cuda 26.10 pins it; pyDVL imports cvxpy and qdldl, not scs/osqp/clarabel)
+# and run, with carry [".whl"]:
+#   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl &&
+#   export PYTHONPATH=/tmp/site:$PWD && bash benchmarks/gpu_all.sh
 set -u
 out=${OUT:-/tmp/gpu_all}
 mkdir -p "$out"
