@@ -17,6 +17,8 @@ job and the batch wrapper). Samplers, truncation, utilities, stopping criteria a
 have a module each; :mod:`.exact`, :mod:`.knn` and :mod:`.games` give references.
 """
 
+from typing import TYPE_CHECKING
+
 from .base import MonteCarloValuation
 from .combinatorial import CombinatorialShapleyValuation
 from .exact import exact_banzhaf, exact_shapley
@@ -50,7 +52,10 @@ from .stopping import (
 from .tmc import TMCShapleyValuation
 from .torch_utility import TorchBatchUtility
 from .training import TrainingConfig
-from .utility import ModelUtility, TorchEstimator
+from .utility import ModelUtility
+
+if TYPE_CHECKING:
+    from .estimator import TorchEstimator
 
 __all__ = [
     "AbsoluteStandardError",
@@ -90,3 +95,12 @@ __all__ = [
     "patch_groups",
     "plot_values",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # loaded on first use: importing it imports scikit-learn (about 2 s; see .estimator)
+    if name == "TorchEstimator":
+        from .estimator import TorchEstimator
+
+        return TorchEstimator
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
