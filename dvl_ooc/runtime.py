@@ -119,15 +119,9 @@ _PRE_SPAWN_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOL
 _DASK_DEFAULT_ENV = {"MALLOC_TRIM_THRESHOLD_": "65536"}
 
 
-@contextlib.contextmanager
-def _worker_malloc_env() -> Iterator[dict[str, str]]:
-    """Nannies created inside start their workers with ``_PRE_SPAWN_ENV``.
-
-    A variable already set by the user (this process's environment or Dask's
-    ``distributed.nanny.pre-spawn-environ``) is kept. Both places are set because the nanny
-    reads the environment first, and Dask leaves its own values in ``os.environ`` after the
-    first cluster of a process; the environment is restored on exit.
-    """
+def _chosen_malloc_env() -> dict[str, str]:
+    """The variables of ``_PRE_SPAWN_ENV`` the user has not set (in this process's environment
+    or Dask's ``distributed.nanny.pre-spawn-environ``; Dask's own default does not count)."""
     import dask
 
     cfg = dask.config.get("distributed.nanny.pre-spawn-environ", default={}) or {}
@@ -136,12 +130,26 @@ def _worker_malloc_env() -> Iterator[dict[str, str]]:
         cur = os.environ.get(k, cfg.get(k))
         if cur is None or str(cur) == _DASK_DEFAULT_ENV.get(k):
             chosen[k] = v
+    return chosen
+
+
+@contextlib.contextmanager
+def _worker_malloc_env(chosen: dict[str, str]) -> Iterator[None]:
+    """Nannies created inside start their workers with ``chosen``: for a ``worker_class`` of
+    the user's, which :func:`_malloc_nanny_class` cannot replace.
+
+    Both places are set because the nanny reads the environment first, and Dask leaves its own
+    values in ``os.environ`` after the first cluster of a process; the environment is restored
+    on exit.
+    """
+    import dask
+
     saved = {k: os.environ.get(k) for k in chosen}
     os.environ.update(chosen)
     try:
         with dask.config.set({f"distributed.nanny.pre-spawn-environ.{k}": v
                               for k, v in chosen.items()}):
-            yield chosen
+            yield
     finally:
         for k, old in saved.items():
             if old is None:
@@ -177,25 +185,33 @@ def local_cluster(n_workers: int | None = None, *, threads_per_worker: int = 1,
             raise InputError("cluster='cuda' needs dask-cuda with the extra matching torch's "
                              "CUDA major version: pip install 'dask-cuda[cu12]' or "
                              "'dask-cuda[cu13]'") from e
-        with _worker_malloc_env() as chosen:
-            if "worker_class" not in kwargs and not kwargs.get("log_spilling"):
-                kwargs.update(worker_class=_malloc_nanny_class(), malloc_env=chosen)
-            return LocalCUDACluster(n_workers=n_workers, threads_per_worker=threads_per_worker,
-                                    dashboard_address=dashboard_address, **kwargs)
+        own_class = "worker_class" in kwargs or bool(kwargs.get("log_spilling"))
+        return _start(LocalCUDACluster, own_class, n_workers=n_workers,
+                      threads_per_worker=threads_per_worker,
+                      dashboard_address=dashboard_address, **kwargs)
     from distributed import LocalCluster
 
     kwargs["env"] = {**_ONE_THREAD_ENV, **(kwargs.get("env") or {})}
-    with _worker_malloc_env() as chosen:
-        if "worker_class" not in kwargs:
-            kwargs.update(worker_class=_malloc_nanny_class(), malloc_env=chosen)
-        return LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker,
-                            processes=True, dashboard_address=dashboard_address, **kwargs)
+    return _start(LocalCluster, "worker_class" in kwargs, n_workers=n_workers,
+                  threads_per_worker=threads_per_worker, processes=True,
+                  dashboard_address=dashboard_address, **kwargs)
+
+
+def _start(cluster_class: type, own_class: bool, **kwargs: Any) -> Any:
+    """``cluster_class(**kwargs)`` whose workers get the malloc variables: through the cluster's
+    worker spec (:func:`_malloc_nanny_class`), or with a worker class of the user's (or
+    dask-cuda's spilling logger), through the environment while the cluster starts."""
+    chosen = _chosen_malloc_env()
+    if not own_class:
+        return cluster_class(worker_class=_malloc_nanny_class(), malloc_env=chosen, **kwargs)
+    with _worker_malloc_env(chosen):
+        return cluster_class(**kwargs)
 
 
 @functools.cache
 def _malloc_nanny_class() -> type:
     """``distributed.Nanny`` that starts its worker process with ``malloc_env`` (the
-    variables :func:`_worker_malloc_env` chose when the cluster was created). The cluster's
+    variables :func:`_chosen_malloc_env` chose when the cluster was created). The cluster's
     worker spec keeps the class and the variables, so workers added later by
     ``cluster.scale()`` or adaptive scaling get them too, outside that context."""
     from distributed import Nanny

@@ -182,17 +182,17 @@ def test_a_user_malloc_setting_wins_and_the_environment_is_restored(monkeypatch)
 
     import dask
 
-    from dvl_ooc.runtime import _worker_malloc_env
+    from dvl_ooc.runtime import _chosen_malloc_env, _worker_malloc_env
 
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "65536")  # what Dask leaves behind
     monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
-    with _worker_malloc_env() as chosen:
-        assert chosen == {"MALLOC_MMAP_THRESHOLD_": str(32 << 20),
-                          "MALLOC_TRIM_THRESHOLD_": str(64 << 20)}
+    chosen = _chosen_malloc_env()
+    assert chosen == {"MALLOC_MMAP_THRESHOLD_": str(32 << 20),
+                      "MALLOC_TRIM_THRESHOLD_": str(64 << 20)}
+    with _worker_malloc_env(chosen):  # the path of a user's own worker_class
         assert os.environ["MALLOC_TRIM_THRESHOLD_"] == str(64 << 20)
     assert os.environ["MALLOC_TRIM_THRESHOLD_"] == "65536"
     assert "MALLOC_MMAP_THRESHOLD_" not in os.environ
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "1000000")  # the user's own value
     with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_MMAP_THRESHOLD_": "1"}):
-        with _worker_malloc_env() as chosen:
-            assert chosen == {}
+        assert _chosen_malloc_env() == {}
