@@ -1,4 +1,4 @@
-"""Small reference networks for the 8x8 digits images and a plain training loop."""
+"""Small reference networks for the 8x8 digits images and their training defaults."""
 
 from __future__ import annotations
 
@@ -52,21 +52,16 @@ def train_classifier(
     weight_decay: float = 1e-4,
     seed: int = 0,
 ) -> nn.Module:
-    """Train with Adam and cross-entropy on in-memory data; returns the model in eval mode."""
-    g = torch.Generator().manual_seed(seed)
-    dtype = next(model.parameters()).dtype
-    xt = torch.as_tensor(np.asarray(x)).to(dtype)
-    yt = torch.as_tensor(np.asarray(y)).long()
-    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
-    model.train()
-    for _ in range(epochs):
-        perm = torch.randperm(len(xt), generator=g)
-        for s in range(0, len(xt), batch_size):
-            idx = perm[s : s + batch_size]
-            opt.zero_grad()
-            F.cross_entropy(model(xt[idx]), yt[idx]).backward()
-            opt.step()
-    return model.eval()
+    """Train with Adam and cross-entropy on in-memory data; returns the model in eval mode.
+
+    The loop of :func:`dvl_ooc.valuation.training.train_module` (seeded per-epoch shuffles,
+    minibatches of ``batch_size``, L2 ``weight_decay``), with defaults for the demo networks.
+    """
+    from ..valuation.training import TrainingConfig, train_module
+
+    cfg = TrainingConfig(epochs=epochs, lr=lr, batch_size=batch_size,
+                         weight_decay=weight_decay, seed=seed)
+    return train_module(model, x, y, cfg)
 
 
 @torch.no_grad()

@@ -417,7 +417,12 @@ def test_float32_confident_classifier_fits_with_ggn(linear_problem):
     lam = 1e-3
     ref = EkfacInfluence(m64, F.cross_entropy, regularization=lam).fit((x, y))
     got = EkfacInfluence(m32, F.cross_entropy, regularization=lam).fit((x.float(), y))
-    a = got.influences(P.x_test[:10].float(), P.y_test[:10], x[:40].float(), y[:40])
-    b = ref.influences(P.x_test[:10], P.y_test[:10], x[:40], y[:40])
+    # compared on the least confident points: the gradients of the confident ones are ~1e-12,
+    # their influences below float32's resolution (whatever the fit)
+    with torch.no_grad():
+        te = F.cross_entropy(m64(P.x_test), P.y_test, reduction="none").argsort()[-10:]
+        tr = F.cross_entropy(m64(P.x_train), P.y_train, reduction="none").argsort()[-40:]
+    a = got.influences(P.x_test[te].float(), P.y_test[te], P.x_train[tr].float(), P.y_train[tr])
+    b = ref.influences(P.x_test[te], P.y_test[te], P.x_train[tr], P.y_train[tr])
     assert a.dtype == torch.float32 and bool(torch.isfinite(a).all())
-    assert float(torch.linalg.norm(a.double() - b) / torch.linalg.norm(b)) < 1e-2
+    assert float(torch.linalg.norm(a.double() - b) / torch.linalg.norm(b)) < 1e-4
