@@ -30,6 +30,7 @@ def test_every_public_name_resolves():
 
     for name in valuation.__all__:
         assert getattr(valuation, name) is not None, name
+    assert set(valuation.__all__) <= set(dir(valuation))
     from dvl_ooc.valuation.utility import TorchEstimator
 
     assert TorchEstimator is valuation.TorchEstimator

@@ -104,3 +104,7 @@ def __getattr__(name: str) -> object:
 
         return TorchEstimator
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
