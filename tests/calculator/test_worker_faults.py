@@ -51,8 +51,12 @@ def job():
 
 
 def _chunk_bytes(path: Path, name: str) -> dict[str, bytes]:
+    """The chunk files of array ``name``. A worker killed between zarr's write of
+    ``<key>.<uuid>.partial`` and its rename leaves that temporary file behind: not a chunk (the
+    store's listings skip it, see ``dvl_ooc.store``), so it is left out here too."""
     root = path / name / "c"
-    return {str(f.relative_to(root)): f.read_bytes() for f in root.rglob("*") if f.is_file()}
+    return {str(f.relative_to(root)): f.read_bytes() for f in root.rglob("*")
+            if f.is_file() and not f.name.endswith(".partial")}
 
 
 def _kill_a_busy_worker(client, path: Path, after: int, seen: dict) -> None:
