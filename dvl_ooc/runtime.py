@@ -213,7 +213,7 @@ def _malloc_nanny_class() -> type:
     """``distributed.Nanny`` that starts its worker process with ``malloc_env`` (the
     variables :func:`_chosen_malloc_env` chose when the cluster was created). The cluster's
     worker spec keeps the class and the variables, so workers added later by
-    ``cluster.scale()`` or adaptive scaling get them too, outside that context."""
+    ``cluster.scale()`` or adaptive scaling get them too."""
     from distributed import Nanny
 
     class MallocNanny(Nanny):
