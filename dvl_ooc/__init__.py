@@ -15,7 +15,8 @@ _LAZY = {
     "IndexedDataset": "data", "ModelGradients": "grads", "resolve_blocks": "grads",
     "DirectInfluence": "influence", "InfluenceModel": "influence", "Relative": "influence",
     "ArnoldiInfluence": "influence.arnoldi", "CgInfluence": "influence.cg",
-    "EkfacInfluence": "influence.ekfac", "LissaInfluence": "influence.lissa",
+    "EkfacInfluence": "influence.ekfac", "Ensemble": "influence.ensemble",
+    "LissaInfluence": "influence.lissa",
     "NystroemSketchInfluence": "influence.nystroem", "TracInCP": "influence.tracin",
     "InRunShapley": "inrun", "GradientProjector": "layers", "LayerCapture": "layers",
     "query_mean": "query", "query_quantiles": "query", "query_self_influence": "query",
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
     from .influence.arnoldi import ArnoldiInfluence
     from .influence.cg import CgInfluence
     from .influence.ekfac import EkfacInfluence
+    from .influence.ensemble import Ensemble
     from .influence.lissa import LissaInfluence
     from .influence.nystroem import NystroemSketchInfluence
     from .influence.tracin import TracInCP
@@ -50,6 +52,7 @@ __all__ = [
     "DirectInfluence",
     "DvlOocError",
     "EkfacInfluence",
+    "Ensemble",
     "GradientProjector",
     "InfluenceModel",
     "InfluencePlan",

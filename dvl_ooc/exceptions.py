@@ -129,3 +129,9 @@ class StoreUnavailableError(StoreError, ConnectionError):
 class StoreFullError(StoreError, OSError):
     """The disk or quota of a store is full (``ENOSPC`` / ``EDQUOT``): tiles written before are
     kept (each whole or absent); free space and rerun with ``mode="a"`` to resume."""
+
+
+class EnsembleMismatchError(InputError):
+    """Members of an :class:`~dvl_ooc.influence.Ensemble` that cannot be averaged: fitted on
+    training sets of different sizes, computing in different dtypes or on different devices,
+    or (in ``Ensemble.fit``) a mix of fitted and unfitted members without ``refit=``."""

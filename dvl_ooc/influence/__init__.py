@@ -6,6 +6,7 @@ from .cg import CgInfluence
 from .diagnostics import Relative
 from .direct import DirectInfluence
 from .ekfac import EkfacInfluence
+from .ensemble import Ensemble
 from .lissa import LissaInfluence
 from .nystroem import NystroemSketchInfluence
 from .tracin import TracInCP
@@ -15,6 +16,7 @@ __all__ = [
     "CgInfluence",
     "DirectInfluence",
     "EkfacInfluence",
+    "Ensemble",
     "InfluenceModel",
     "LissaInfluence",
     "NystroemSketchInfluence",
