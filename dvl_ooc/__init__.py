@@ -24,7 +24,7 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:
-    from . import valuation
+    from . import evaluate, valuation
     from .calculator import DaskInfluenceCalculator, InfluencePlan, SequentialInfluenceCalculator
     from .data import ImageFolder, IndexedDataset
     from .grads import ModelGradients, resolve_blocks
@@ -64,6 +64,7 @@ __all__ = [
     "Relative",
     "SequentialInfluenceCalculator",
     "__version__",
+    "evaluate",
     "exceptions",
     "resolve_blocks",
     "ImageFolder",
@@ -85,8 +86,8 @@ def __getattr__(name: str) -> object:
         value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
         globals()[name] = value
         return value
-    if name == "valuation":
-        return importlib.import_module(".valuation", __name__)
+    if name in ("evaluate", "valuation"):  # subpackages, loaded on first access
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
