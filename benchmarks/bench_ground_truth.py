@@ -9,7 +9,9 @@ Each row runs the job on a ``LocalCluster`` of single-threaded worker processes 
 before the clock, warmed up by a small job of its own (worker start-up, torch imports and the
 first vmap trace are excluded, as in ``bench_valuation.py``), and into a fresh store. Columns:
 workers, wall seconds of ``ground_truth``, trainings/s, peak RSS (max over the driver and the
-workers), and the 2-worker / 1-worker throughput ratio. The ``0`` row runs in process (one
+workers), workers that ran tasks, the CPU seconds of all retrainer calls and the share of a
+core they got (CPU / wall seconds of the calls: below 1 means other processes took the
+cores), and the 2-worker / 1-worker throughput ratio. The ``0`` row runs in process (one
 torch thread). The stores of all rows are compared byte for byte (they must be identical).
 
 Targets (issue): 100 x 3 in <= 60 s on two workers, and 2 workers >= 1.8x one. Run it on a
@@ -98,7 +100,10 @@ def main() -> None:
                 cluster.close()
             else:
                 used = 0
-            rows.append((w, wall, n_train / wall, rss, used, len(gt.info["tasks_run"])))
+            cpu = sum(t["train_cpu_s"] for t in gt.info["tasks"])
+            share = cpu / sum(t["train_s"] for t in gt.info["tasks"])
+            rows.append((w, wall, n_train / wall, rss, used, len(gt.info["tasks_run"]), cpu,
+                         share))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -107,9 +112,10 @@ def main() -> None:
           f"{'stacked' if retrainer.stacked else 'one at a time'}), "
           f"{rows[0][5]} tasks per run")
     print(f"{'workers':>7} {'wall s':>8} {'trainings/s':>12} {'peak RSS MiB':>13} "
-          f"{'workers used':>13}")
-    for w, wall, rate, rss, used, _ in rows:
-        print(f"{w if w else 'in-proc':>7} {wall:>8.2f} {rate:>12.1f} {rss:>13.0f} {used:>13}")
+          f"{'workers used':>13} {'task CPU s':>11} {'core share':>11}")
+    for w, wall, rate, rss, used, _, cpu, share in rows:
+        print(f"{w if w else 'in-proc':>7} {wall:>8.2f} {rate:>12.1f} {rss:>13.0f} {used:>13} "
+              f"{cpu:>11.2f} {share:>11.2f}")
     by = {w: rate for w, _, rate, *_ in rows}
     if 1 in by and 2 in by:
         print(f"2 workers / 1 worker throughput: {by[2] / by[1]:.2f}x (target >= 1.8x)")

@@ -338,11 +338,42 @@ class GroundTruth:
     def kind(self) -> str:
         return str(self.attrs["target"])
 
-    def __getattr__(self, name: str) -> Any:
-        if name in ("n_train", "n_test", "n_subsets", "n_seeds", "alpha", "seed",
-                    "subsets_per_task", "fingerprint"):
-            return self.__dict__["attrs"][name]
-        raise AttributeError(name)
+    @property
+    def n_train(self) -> int:
+        return int(self.attrs["n_train"])
+
+    @property
+    def n_test(self) -> int:
+        return int(self.attrs["n_test"])
+
+    @property
+    def n_subsets(self) -> int:
+        """``J``."""
+        return int(self.attrs["n_subsets"])
+
+    @property
+    def n_seeds(self) -> int:
+        """``S``: training seeds ``0..S-1`` per subset."""
+        return int(self.attrs["n_seeds"])
+
+    @property
+    def alpha(self) -> float | None:
+        """Subset fraction of drawn subsets (None for given masks)."""
+        return self.attrs["alpha"]
+
+    @property
+    def seed(self) -> int | None:
+        """Seed of drawn subsets (None for given masks)."""
+        return self.attrs["seed"]
+
+    @property
+    def subsets_per_task(self) -> int:
+        return int(self.attrs["subsets_per_task"])
+
+    @property
+    def fingerprint(self) -> str:
+        """The retrainer's fingerprint recorded at creation."""
+        return str(self.attrs["fingerprint"])
 
     @property
     def masks(self) -> np.ndarray:
@@ -354,11 +385,11 @@ class GroundTruth:
 
     @property
     def n_blocks(self) -> int:
-        return -(-int(self.n_subsets) // int(self.subsets_per_task))
+        return -(-self.n_subsets // self.subsets_per_task)
 
     def all_tasks(self) -> list[tuple[int, int]]:
         """Every ``(block, seed)`` task, in run order (seed-major within a block)."""
-        return [(b, s) for b in range(self.n_blocks) for s in range(int(self.n_seeds))]
+        return [(b, s) for b in range(self.n_blocks) for s in range(self.n_seeds)]
 
     def done_tasks(self) -> set[tuple[int, int]]:
         """``(block, seed)`` tasks whose chunk exists (one listing)."""
@@ -374,8 +405,8 @@ class GroundTruth:
 
     def block_rows(self, block: int) -> tuple[int, int]:
         """Subset rows ``[start, stop)`` of task block ``block``."""
-        spt = int(self.subsets_per_task)
-        return block * spt, min(int(self.n_subsets), (block + 1) * spt)
+        spt = self.subsets_per_task
+        return block * spt, min(self.n_subsets, (block + 1) * spt)
 
     def lds(self, scores: Any, **kwargs: Any) -> Any:
         """:func:`~dvl_ooc.evaluate.lds` of ``scores`` against this ground truth (its masks,
@@ -400,7 +431,7 @@ class GroundTruth:
         done = len(self.done_tasks())
         return (f"GroundTruth({self.path!r}, {self.kind}, {self.n_subsets} subsets x "
                 f"{self.n_seeds} seeds, n_train={self.n_train}, n_test={self.n_test}, tasks "
-                f"{done}/{self.n_blocks * int(self.n_seeds)})")
+                f"{done}/{self.n_blocks * self.n_seeds})")
 
 
 # ------------------------------------------------------------------------------ tasks
@@ -469,12 +500,13 @@ def _ground_truth_task(retrainer: Callable, loc: Any, expect: Mapping[str, Any],
                        ) -> dict[str, Any]:
     """One task: train the models of subsets ``start..start+len(masks)-1`` with training seed
     ``seed`` and write their targets as chunk ``(block, seed)``."""
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.thread_time()
     out = _compute(retrainer, masks, seed, int(expect["n_test"]), threads)
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), time.thread_time()
     _write(loc, expect, block, seed, start, out)
     return {"block": block, "seed": seed, "rows": len(masks), "worker": _worker_id(),
-            "pid": os.getpid(), "train_s": t1 - t0, "write_s": time.perf_counter() - t1}
+            "pid": os.getpid(), "train_s": t1 - t0, "train_cpu_s": c1 - c0,
+            "write_s": time.perf_counter() - t1}
 
 
 # ------------------------------------------------------------------------------ the job
@@ -549,7 +581,9 @@ def ground_truth(retrainer: Callable[[np.ndarray, int], Any], store: Any, *,
 
     Returns: the :class:`GroundTruth`, with ``info`` = ``tasks_total``, ``tasks_before``
     (done before this call), ``tasks_run`` (the ``(block, seed)`` computed now),
-    ``trainings``, ``wall_s``, ``tasks`` (per-task worker and timings).
+    ``trainings``, ``wall_s``, ``tasks`` (per task: worker, pid, ``train_s`` and
+    ``train_cpu_s`` (wall and CPU seconds of the retrainer call: their ratio shows how much
+    of a core the task got), ``write_s``).
 
     Raises: :class:`~dvl_ooc.exceptions.InputError` / ``LengthMismatchError`` (bad masks or
     options, an empty subset, masks not matching the retrainer's training set),

@@ -243,7 +243,7 @@ def _interval(values: np.ndarray, ci: str, n_boot: int, ci_seed: int) -> tuple[f
         return (float(v.mean()) - half, float(v.mean()) + half)
     rng = numpy_rng(ci_seed)
     means = np.empty(int(n_boot))
-    step = max(1, (1 << 22) // n)  # resamples per batch: at most ~4M indices in memory
+    step = max(1, (1 << 20) // n)  # resamples per batch: ~1M indices (16 MB) at a time
     for s in range(0, len(means), step):
         k = min(step, len(means) - s)
         means[s : s + k] = v[rng.integers(0, n, size=(k, n))].mean(1)
@@ -335,8 +335,8 @@ def _open_scores(scores: Any, storage_options: Mapping[str, Any] | None) -> Any:
 def _predictions(scores: Any, masks: np.ndarray, *, band: int | None, max_in_flight: int,
                  storage_options: Mapping[str, Any] | None, n_test: int | None = None
                  ) -> np.ndarray:
-    """``pred = scores @ masks.T`` ``(n_test, J)`` in float64, band by band."""
-    w = masks.astype(np.float64)
+    """``pred = scores @ masks.T`` ``(n_test, J)`` in float64, band by band (float64 copies of
+    one ``(n_test, band)`` strip and one ``(J, band)`` slice of the masks per band)."""
     if _is_store(scores):
         from ..query import _map_bands
 
@@ -351,7 +351,7 @@ def _predictions(scores: Any, masks: np.ndarray, *, band: int | None, max_in_fli
             if not np.isfinite(strip).all():
                 raise NonFiniteError(f"the store {src.path!r} holds NaN/infinite scores in "
                                      f"columns {s}..{e - 1}")
-            return strip @ w[:, s:e].T
+            return strip @ masks[:, s:e].T.astype(np.float64)
 
         pred = np.zeros((nt, len(masks)))
         for _, _, part in _map_bands(src, fn, band, max_in_flight, None):
@@ -373,7 +373,7 @@ def _predictions(scores: Any, masks: np.ndarray, *, band: int | None, max_in_fli
         strip = a[:, s : s + width].astype(np.float64, copy=False)
         if not np.isfinite(strip).all():
             raise NonFiniteError("scores hold NaN/infinite values")
-        pred += strip @ w[:, s : s + width].T
+        pred += strip @ masks[:, s : s + width].T.astype(np.float64)
     return pred
 
 

@@ -285,3 +285,26 @@ def test_bad_input_gets_specific_errors():
         loo_correlation(scores, [1, 2], targets[:2])
     with pytest.raises(InputError, match="method"):
         loo_correlation(scores, [1, 2, 3], targets[:3], method="kendall")
+
+
+def test_streamed_lds_holds_strips_not_the_matrix(tmp_path):
+    import tracemalloc
+
+    rng = np.random.default_rng(12)
+    n_test, n_train, J = 200, 4000, 10
+    values = rng.normal(size=(n_test, n_train)).astype(np.float32)
+    path = write_store(tmp_path / "big.zarr", values, (n_test, 100))
+    masks = rng.random((J, n_train)) < 0.5
+    targets = -(masks @ values.T.astype(np.float64)) + rng.normal(size=(J, n_test))
+    ref = lds(values, masks, targets, ceiling=False, ci="t")
+    del values
+    lds(path, masks[:, :], targets, ceiling=False, ci="t")  # imports, outside the trace
+    tracemalloc.start()
+    try:
+        res = lds(path, masks, targets, ceiling=False, ci="t")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    np.testing.assert_allclose(res.per_test, ref.per_test, rtol=1e-10)
+    # the matrix is 3.2 MB in float32, 6.4 MB in float64; a strip of 100 columns 160 KB
+    assert peak < 1.5e6, peak
