@@ -36,7 +36,7 @@ from torch import nn
 from ..exceptions import InputError
 from ..seeding import numpy_rng
 
-__all__ = ["TrainingConfig", "train_module"]
+__all__ = ["TrainingConfig", "train_module", "update_batchnorm"]
 
 _OPTIMIZERS = ("adam", "sgd")
 
@@ -54,6 +54,13 @@ class TrainingConfig:
         seed: seed of the per-epoch shuffles.
         shuffle: shuffle the subset every epoch (otherwise index order).
         betas, eps: Adam's constants.
+        update_bn: after the last epoch, recompute the running statistics of every BatchNorm
+            layer as the plain average over the subset (one no-grad pass in training mode,
+            ``torch.optim.swa_utils.update_bn``). With a constant learning rate the running
+            averages (momentum 0.1) lag behind the weights, and an eval-mode network can be
+            far worse than in training mode (a malaria-layout ResNet: test accuracy 0.54
+            instead of 0.96 after 125 Adam steps); no effect without BatchNorm layers (so the
+            stacked path, which refuses them, is unaffected).
     """
 
     epochs: int = 10
@@ -65,6 +72,7 @@ class TrainingConfig:
     shuffle: bool = True
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
+    update_bn: bool = False
 
     def __post_init__(self) -> None:
         if int(self.epochs) < 1 or int(self.batch_size) < 1:
@@ -79,7 +87,8 @@ class TrainingConfig:
         if not (0 <= b1 < 1 and 0 <= b2 < 1) or not self.eps > 0:
             raise InputError(f"betas must be in [0, 1) and eps > 0, got {self.betas}, {self.eps}")
         for name, cast in (("epochs", int), ("batch_size", int), ("seed", int), ("lr", float),
-                           ("weight_decay", float), ("eps", float), ("shuffle", bool)):
+                           ("weight_decay", float), ("eps", float), ("shuffle", bool),
+                           ("update_bn", bool)):
             object.__setattr__(self, name, cast(getattr(self, name)))
         object.__setattr__(self, "betas", (float(b1), float(b2)))
 
@@ -149,4 +158,19 @@ def train_module(module: nn.Module, x: Any, y: Any, config: TrainingConfig | Non
                     opt.zero_grad(set_to_none=True)
                     loss(module(xt[idx]), yt[idx], reduction="none").mean().backward()
                     opt.step()
+        if cfg.update_bn:
+            update_batchnorm(module, xt, cfg.batch_size)
     return module.eval()
+
+
+def update_batchnorm(module: nn.Module, x: torch.Tensor, batch_size: int = 128) -> bool:
+    """Recompute the running mean and variance of ``module``'s BatchNorm layers as the average
+    over ``x`` (minibatches of ``batch_size``, no gradients; ``torch.optim.swa_utils.update_bn``).
+    Returns whether the module has such layers; the module's training mode is restored."""
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+               for m in module.modules()):
+        return False
+    from torch.optim.swa_utils import update_bn
+
+    update_bn((x[s : s + batch_size] for s in range(0, len(x), batch_size)), module)
+    return True
