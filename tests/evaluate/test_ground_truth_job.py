@@ -198,3 +198,38 @@ def test_bad_input_is_refused_before_anything_is_written(tmp_path, retrainer):
     with pytest.raises(StoreError, match="not a Zarr store"):
         ground_truth(retrainer, other, **{**KW, "mode": "w"})
     assert [p.name for p in other.iterdir()] == ["keep.txt"]
+
+
+def test_url_stores_resume_and_unfinished_creations_are_finished():
+    import uuid
+
+    import fsspec
+    import zarr
+
+    from dvl_ooc.exceptions import UnfinishedStoreError
+
+    w = np.random.default_rng(1).normal(size=(9, 4))
+
+    def fn(masks, seed):
+        return masks @ w + seed
+
+    url = f"memory://gt-{uuid.uuid4().hex}.zarr"
+    masks = draw_masks(9, 6, seed=0)
+    kw = dict(masks=masks, n_seeds=2, subsets_per_task=2, client="sync", progress=False)
+    gt = ground_truth(fn, url, **kw)
+    ref = gt.targets
+    np.testing.assert_allclose(ref, np.stack([masks @ w, masks @ w + 1], 1), rtol=1e-6)
+    fs = fsspec.filesystem("memory")
+    root = url[len("memory://"):]
+    fs.rm(f"/{root}/targets/c/1/0/0")
+    again = ground_truth(fn, url, **kw)
+    assert again.info["tasks_run"] == [(1, 0)]
+    np.testing.assert_array_equal(again.targets, ref)
+    # a creation interrupted before its state flip is refused, and finished by a rerun
+    group = zarr.open_group(url, mode="r+")
+    group.attrs["dvl_ooc"] = {**group.attrs["dvl_ooc"], "state": "creating"}
+    with pytest.raises(UnfinishedStoreError, match="mode='a'"):
+        GroundTruth.open(url)
+    done = ground_truth(fn, url, **kw)
+    assert done.info["tasks_run"] == [] and done.attrs["state"] == "complete"
+    np.testing.assert_array_equal(done.targets, ref)
