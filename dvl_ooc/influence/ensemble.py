@@ -110,6 +110,15 @@ def _split(t: torch.Tensor, widths: Sequence[int], what: str) -> tuple[torch.Ten
     return t.split(list(widths), dim=1)
 
 
+def _batch(batch_size: int | None) -> dict[str, int]:
+    """``batch_size=`` for the members' in-memory paths, passed only when given."""
+    if batch_size is None:
+        return {}
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise InputError(f"batch_size must be None or an int >= 1, got {batch_size!r}")
+    return {"batch_size": batch_size}
+
+
 def _load_checkpoint(c: Checkpoint) -> Mapping[str, torch.Tensor]:
     """A state dict from a mapping or a file (a dict with ``"state_dict"`` or
     ``"model_state_dict"`` works too, as for :class:`TracInCP`)."""
@@ -310,8 +319,8 @@ class Ensemble(InfluenceModel):
         devices = [torch.device(m.grads.device) for m in ms]
         if len(set(devices)) > 1:
             raise EnsembleMismatchError(
-                f"members live on different devices {[str(d) for d in devices]}; move them "
-                "to one with ensemble.to(device)")
+                f"members live on different devices {[str(d) for d in devices]}; move every "
+                "member to one device first (member.to(device))")
         sizes = {i: m.n_fit for i, m in enumerate(ms) if m.is_fitted and not _fit_free(m)}
         if len(set(sizes.values())) > 1:
             raise EnsembleMismatchError(
@@ -531,6 +540,9 @@ class Ensemble(InfluenceModel):
 
     # ------------------------------------------------------------------ checks
     def _check_fitted(self) -> None:
+        """Every member fitted (with its fit data where needed), all still compatible (a
+        member moved or converted after construction is refused here, not mid-tile)."""
+        self._check_compatible()
         for i, m in enumerate(self.members):
             try:
                 m._check_fitted()
@@ -609,45 +621,55 @@ class Ensemble(InfluenceModel):
         """``sum_m w_m paired_m(T_m, R_m)``: the diagonal of :meth:`tile`, ``(n,)``."""
         return self._reduce("paired", test_features, train_features)
 
-    def influence_factors(self, x: Any, y: Any) -> torch.Tensor:
+    def influence_factors(self, x: Any, y: Any, *, batch_size: int | None = None
+                          ) -> torch.Tensor:
         """``[w_m factors_m(x, y)]_m`` of shape ``(n, sum p_m)``: each member's influence
         factors (EK-FAC ``rank=``: its expanded compressed factors), weighted, so that
-        :meth:`influences_from_factors` gives the ensemble's influences."""
+        :meth:`influences_from_factors` gives the ensemble's influences. ``batch_size``
+        (when given) goes to each member."""
         self._check_fitted()
-        parts = [w * m.influence_factors(x, y) for m, w in zip(self.members, self._weights)]
+        kw = _batch(batch_size)
+        parts = [w * m.influence_factors(x, y, **kw)
+                 for m, w in zip(self.members, self._weights)]
         return torch.cat(parts, dim=1)
 
-    def influences_from_factors(self, factors: torch.Tensor, x: Any, y: Any) -> torch.Tensor:
+    def influences_from_factors(self, factors: torch.Tensor, x: Any, y: Any, *,
+                                batch_size: int | None = None) -> torch.Tensor:
         """``sum_m factors_m @ g_m(x, y).T`` for factors from :meth:`influence_factors`."""
         self._check_fitted()
         parts = _split(factors, self.grads.widths, "factors")
+        kw = _batch(batch_size)
         out: torch.Tensor | None = None
         for m, F in zip(self.members, parts):
-            r = m.influences_from_factors(F, x, y)
+            r = m.influences_from_factors(F, x, y, **kw)
             out = r if out is None else out.add_(r)
         assert out is not None
         return out
 
-    def influences(self, x_test: Any, y_test: Any, x: Any | None = None, y: Any | None = None
-                   ) -> torch.Tensor:
+    def influences(self, x_test: Any, y_test: Any, x: Any | None = None, y: Any | None = None,
+                   *, batch_size: int | None = None) -> torch.Tensor:
         """``sum_m w_m influences_m`` ``(n_test, n_train)``, each member's own
-        :meth:`~InfluenceModel.influences`; with ``x=y=None`` the test set against itself."""
+        :meth:`~InfluenceModel.influences` (``batch_size``, when given, goes to each), one
+        member's matrix in flight; with ``x=y=None`` the test set against itself."""
         if (x is None) != (y is None):
             raise InputError("pass both x and y, or neither")
         self._check_fitted()
+        kw = _batch(batch_size)
         out: torch.Tensor | None = None
         for m, w in zip(self.members, self._weights):
-            r = m.influences(x_test, y_test, x, y)
+            r = m.influences(x_test, y_test, x, y, **kw)
             out = (r if w == 1.0 else r * w) if out is None else out.add_(r, alpha=w)
         assert out is not None
         return out
 
-    def self_influence(self, x: Any, y: Any) -> torch.Tensor:
+    def self_influence(self, x: Any, y: Any, *, batch_size: int | None = None
+                       ) -> torch.Tensor:
         """``sum_m w_m self_influence_m(x, y)``, shape ``(n,)``."""
         self._check_fitted()
+        kw = _batch(batch_size)
         out: torch.Tensor | None = None
         for m, w in zip(self.members, self._weights):
-            r = m.self_influence(x, y)
+            r = m.self_influence(x, y, **kw)
             out = (r if w == 1.0 else r * w) if out is None else out.add_(r, alpha=w)
         assert out is not None
         return out

@@ -99,7 +99,7 @@ MEMBERS = {  # name -> factory(nets) of an unfitted member on network a
     "direct-projected": lambda N: direct(N.a, projection=dict(k_in=4, k_out=3, seed=1)),
     "ekfac-rank1": lambda N: ekfac(N.a),
     "cg": lambda N: cg(N.a),
-    "lissa": lambda N: LissaInfluence(N.a, F.cross_entropy, regularization=0.5, max_iter=30,
+    "lissa": lambda N: LissaInfluence(N.a, F.cross_entropy, regularization=0.5, max_iter=10,
                                       rtol=None),
     "arnoldi": lambda N: ArnoldiInfluence(N.a, F.cross_entropy, regularization=LAM, rank=6),
     "tracin": lambda N: TracInCP(N.a, F.cross_entropy, N.checkpoints, [0.5, 0.25]),
@@ -301,6 +301,21 @@ def test_dask_store_and_queries_equal_the_mean(nets, client, tmp_path):
     # the lazy array of the Dask calculator: the same mean
     lazy = calc.influences(*N.data(), test_chunk=6, train_chunk=32, dtype="float64")
     _close(lazy.compute(), mean, 1e-9)
+    # the sequential calculator's store (Direct + EK-FAC: its to_zarr does not pass fit data
+    # to CG / LiSSA models, single or not)
+    two = Ensemble(members[:2])
+    seq = SequentialInfluenceCalculator(two).to_zarr(
+        tmp_path / "seq.zarr", *N.data(), test_chunk=5, train_chunk=16, self_influence=True,
+        progress=False)
+    assert seq.attrs["method"] == "Ensemble" and seq.attrs["fingerprint"] == two.fingerprint()
+    _close(seq.influences[:], (mats[0] + mats[1]) / 2, 1e-6)
+    _close(seq.self_influence[:], (selfs[0] + selfs[1]) / 2, 1e-6)
+    # an equal ensemble rebuilt from the state resumes the store: nothing left to compute
+    fresh = Ensemble([direct(N.a), ekfac(N.b), cg(N.b)]).load_state(Ensemble(members).state())
+    again = DaskInfluenceCalculator(fresh, client, fit_data=N.train)
+    again.to_zarr(tmp_path / "ens.zarr", *N.data(), test_chunk=5, train_chunk=16,
+                  self_influence=True, progress=False)
+    assert again.info["columns"] == []
     # a changed member is another computation: the store refuses to be mixed with it
     from dvl_ooc.exceptions import StoreMismatchError
 
@@ -380,5 +395,7 @@ def test_bad_members_are_refused(nets, tmp_path):
     assert ens.n_fit == 40 and all(m.n_fit == 40 for m in ens.members)
     with pytest.raises(InputError, match="members' widths"):
         ens.tile(torch.zeros(2, 5, dtype=F64), torch.zeros(3, 5, dtype=F64))
+    with pytest.raises(InputError, match="batch_size"):
+        ens.influences(N.xt, N.yt, N.x, N.y, batch_size=0)
     with pytest.raises(AttributeError, match="models"):
         ens.model  # noqa: B018
