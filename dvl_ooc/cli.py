@@ -2,7 +2,9 @@
 
     dvl-ooc demo [--out DIR] [--quick] [--seed N] [--workers N]
     dvl-ooc images ROOT --out DIR [--method M] [--k K] [--width W] [--epochs E] [--workers N]
-                   [--cluster local|cuda|ADDRESS] [--checkpoint FILE] [--flip-train F] ...
+                   [--cluster local|cuda|ADDRESS] [--checkpoint FILE] [--flip-train F]
+                   [--explanations N] [--explain FILE ...] [--explain-k K] ...
+    dvl-ooc explain OUT_DIR TEST_FILE [--k 8] [--out PNG] [--json] | dvl-ooc explain OUT_DIR --list
     dvl-ooc info STORE [--json] [--storage-options JSON]
     dvl-ooc query STORE quantile [--q 0.25 ...] [--same-label] [--method M] [--desc]
     dvl-ooc query STORE topk [--k K] [--test I ...]
@@ -222,6 +224,14 @@ def _floats(v: str) -> list[float]:
     option("--restart", action="store_true", help="recompute everything in --out"),
     option("--no-progress", action="store_true", help="no progress bars"),
     option("--no-pictures", action="store_true", help="skip the pictures"),
+    option("--explanations", type=int, default=8, metavar="N",
+           help="explanation pictures of the N most uncertain test images (smallest margin "
+                "between the two top predicted probabilities; default: 8, 0: none)"),
+    option("--explain", nargs="+", metavar="FILE",
+           help="draw the explanations of these test images instead (class/file as listed by "
+                "'dvl-ooc explain OUT --list', a path, or a unique file name)"),
+    option("--explain-k", type=int, default=8, metavar="K",
+           help="most helpful and most harmful training images per explanation (default: 8)"),
 ])
 def _cmd_images(args: argparse.Namespace) -> None:
     from .recipes import ImagesJob, run_images
@@ -242,8 +252,52 @@ def _cmd_images(args: argparse.Namespace) -> None:
         memory_limit=args.memory_limit,
         train_chunk=args.train_chunk, progress=not args.no_progress, restart=args.restart,
         pictures=not args.no_pictures,
+        explain_n=args.explanations, explain_k=args.explain_k, explain=args.explain,
     )
     run_images(job)
+
+
+@command("explain", help="picture of the most helpful and most harmful training images of one "
+         "test image, from a finished 'dvl-ooc images' output folder", arguments=[
+    option("out_dir", metavar="OUT_DIR", help="the --out folder of a finished 'dvl-ooc images'"),
+    option("test_file", metavar="TEST_FILE", nargs="?",
+           help="a test image: class/file as listed by --list, a path to it, or a unique file "
+                "name"),
+    option("--k", type=int, default=8, help="training images per row (default: 8)"),
+    option("--out", metavar="PNG", help="where to write the picture (default: "
+           "OUT_DIR/explanations/<class>_<file>.png)"),
+    option("--list", action="store_true", help="list the test images (file, label) and exit"),
+    option("--json", action="store_true", help="print the explanation as JSON"),
+])
+def _cmd_explain(args: argparse.Namespace) -> None:
+    from .recipes.explain import ImagesOutput, explain_file
+
+    if args.list:
+        o = ImagesOutput(args.out_dir)
+        rows = [[n, o.classes[int(lab)]] for n, lab in zip(o.test_names, o.test_labels)]
+        if args.json:
+            print(json.dumps([{"file": f, "class": c} for f, c in rows]))
+        else:
+            print(f"{len(rows)} test images in {args.out_dir} (with predictions and margins, "
+                  f"most uncertain first: {args.out_dir}/test_predictions.csv):")
+            print(_table(["file", "label"], rows))
+        return
+    if args.test_file is None:
+        raise UsageError("give a TEST_FILE, or --list to see the test images")
+    if args.k < 1:
+        raise UsageError("--k must be >= 1")
+    rec, path = explain_file(args.out_dir, args.test_file, k=args.k, png=args.out)
+    if args.json:
+        print(json.dumps(rec))
+        return
+    print(f"test image {rec['test_file']}: label {rec['class']}, predicted "
+          f"{rec['predicted_class']} (probability {rec['probability']:.3f}, margin "
+          f"{rec['margin']:.3f})")
+    for side in ("helpful", "harmful"):
+        print(f"most {side} training images (given label, influence):")
+        print(_table(["file", "label", "influence"],
+                     [[r["file"], r["class"], r["influence"]] for r in rec[side]]))
+    print(f"picture: {path}")
 
 
 @command("info", help="shape, chunks, parameters and completeness of a store", arguments=[

@@ -1,13 +1,19 @@
 """The plan of :mod:`dvl_ooc.calculator.plan` as a Dask task graph on a cluster.
 
-Shipping: the fitted model (data-free: CG/LiSSA drop their fit data when pickled) is the
-literal of one task ``dvl-model-<token>`` (submitted once per calculator and model fingerprint;
-workers fetch its result from one another) and prepared (device, attached fit data) once per
-worker (:func:`dvl_ooc.calculator.tasks._prepared`); fit data likewise; inputs reach the
-workers as described in :mod:`dvl_ooc.calculator.inputs`.
+Shipping: the fitted model (data-free: CG/LiSSA drop their fit data when pickled) reaches every
+worker once, recoverably, and without Dask's "Sending large graph" warning
+(:meth:`DaskInfluenceCalculator._send`): a small pickle is the literal of one task
+``dvl-model-<token>`` (workers fetch its result from one another); a larger one (e.g. the
+~218 MB of eigenvectors of a projected Direct model) is written into the store being computed
+(``<store>/.dvl_ooc_state/<fingerprint>.model.pkl``) and read by each worker itself, or, in
+memory (:meth:`~DaskInfluenceCalculator.influences`), sent as literal parts below the warning
+threshold. Each worker prepares it (device, attached fit data) once per calculator token
+(:func:`dvl_ooc.calculator.tasks._prepared`); fit data likewise; inputs reach the workers as
+described in :mod:`dvl_ooc.calculator.inputs`.
 
 Faults: nothing the graph needs is ``scatter``-ed, so every intermediate result (model, input
-chunks, test features) can be recomputed by the scheduler from its task. A worker process that
+chunks, test features) can be recomputed by the scheduler from its task, and a model in the
+store is read again by a restarted worker. A worker process that
 dies mid-run (SIGKILL, out of memory, a lost machine) costs only its running column task, which
 Dask reruns elsewhere (its tiles are rewritten whole, with identical bytes); the run completes
 and the store equals an uninterrupted run. A task whose workers die ``allowed-failures`` times
@@ -33,7 +39,7 @@ from ..influence.base import InfluenceModel
 from ..runtime import local_cluster
 from ..runtime import progress as progress_bar
 from ..store import InfluenceStore, _write_mode
-from .inputs import _hold, _Input
+from .inputs import STATE_DIR, _graph_part_bytes, _hold, _Input, _pickled, _StoredState, _unpickle
 from .plan import _BUDGET_FRACTION, _DEFAULT_MAX_TEST_BYTES, _Base, _bounds
 from .tasks import TorchWarmup, _column_block_task, _column_task, _test_features_task
 
@@ -132,31 +138,69 @@ class DaskInfluenceCalculator(_Base):
         return int(_BUDGET_FRACTION * min(per_thread))
 
     # -------------------------------------------------------------- shipping
-    def _ship(self, fp: str | None = None) -> tuple[Any, Any]:
-        """Submit the fitted (data-free) model, and fit data if needed, as tasks holding them
-        (recomputable after a lost worker, unlike scattered data, which dies with the worker
-        holding it). A new token per fingerprint makes workers re-prepare after the model
-        changed."""
+    def _ship(self, fp: str | None = None, where: Any = None) -> tuple[Any, Any]:
+        """Send the fitted (data-free) model, and the fit data if the method needs it, to the
+        workers once (see :meth:`_send`; ``where``: the location of the store being written,
+        None in memory); returns their handles for the graph tasks. A new token per
+        fingerprint makes workers re-prepare after the model changed."""
         fp = fp or self.model.fingerprint()
-        if self._model_future is None or self._shipped_fp != fp:
-            self._token = uuid.uuid4().hex
-            self._model_future = self.client.submit(_hold, self.model, pure=False,
-                                                    key=f"dvl-model-{self._token}")
+        # a task's result serves every later graph; a file in a store is written again for
+        # every run (the store may have been replaced, with the file, in between)
+        if (self._model_future is None or self._shipped_fp != fp
+                or isinstance(self._model_future, _StoredState)):
+            if fp != self._shipped_fp:
+                self._token = uuid.uuid4().hex
+            self._model_future = self._send(self.model, "model", fp, where)
             self._shipped_fp = fp
             fit = None
             if self.model.needs_data_to_precondition:
                 fit = self.fit_data if self.fit_data is not None else self.model._fit_data
-                fit = self.client.submit(_hold, fit, pure=False,
-                                         key=f"dvl-fit-data-{self._token}")
+                fit = self._send(fit, "fit-data", fp, where)
             self._fit_future = fit
         return self._model_future, self._fit_future
+
+    def _send(self, obj: Any, name: str, fp: str, where: Any) -> Any:
+        """Ship ``obj`` so that every worker gets it once, a lost worker can recover it, and no
+        graph submission exceeds Dask's large-graph warning threshold
+        (``distributed.admin.large-graph-warning-threshold``; half of it is the part size
+        ``P``, :func:`~dvl_ooc.calculator.inputs._graph_part_bytes`). Its pickle of ``B``
+        bytes goes
+
+        * ``B <= P``: as the literal of one task (workers fetch its result from one another;
+          the scheduler recomputes it from the literal after a lost worker);
+        * ``B > P`` with a store (``where``, :meth:`to_zarr`): into the store, as
+          ``<store>/.dvl_ooc_state/<fingerprint>.<name>.pkl`` (written whole: a temporary
+          file renamed into place, or one object PUT), and only a small reference
+          (:class:`~dvl_ooc.calculator.inputs._StoredState`) travels through the graph; each
+          worker reads it once (the per-worker cache of :func:`~dvl_ooc.calculator.tasks.
+          _prepared`), and a worker started after a crash reads it again. The file stays in the
+          store (one per model fingerprint, and a store accepts one fingerprint; every run that
+          computes tiles writes it again, replacing an equivalent one), next to the matrix it
+          made; ``pickle.load`` gives the fitted model back;
+        * ``B > P`` without a store (:meth:`influences`): as ``ceil(B / P)`` literal parts, one
+          graph submission each, joined and unpickled by one task (recomputable from the
+          parts' literals, as above).
+
+        The client pays one pickling (``B`` bytes, ~1 s per 500 MB); workers, one read or one
+        transfer of ``B`` bytes each."""
+        data = _pickled(obj)
+        part = _graph_part_bytes()
+        key = f"dvl-{name}-{self._token}"
+        if len(data) <= part:
+            return self.client.submit(_unpickle, data, pure=False, key=key)
+        if where is not None:
+            return _StoredState.write(where, f"{STATE_DIR}/{fp}.{name}.pkl", data)
+        parts = [self.client.submit(_hold, data[s:s + part], pure=False,
+                                    key=f"{key}-part-{s // part}")
+                 for s in range(0, len(data), part)]
+        return self.client.submit(_unpickle, *parts, pure=False, key=key)
 
     def _graph(self, te: _Input, tr: _Input, tc: int, rc: int, groups, todo_or_all,
                where: Any, dtype: str, fingerprint: str | None = None,
                expect: dict[str, Any] | None = None):
         import dask
 
-        model_f, fit_f = self._ship(fingerprint)
+        model_f, fit_f = self._ship(fingerprint, where)
         tb, rb = _bounds(te.n, tc), _bounds(tr.n, rc)
         need_t = sorted({i for _, rows, want, _ in todo_or_all for i, w in zip(rows, want) if w})
         need_r = sorted({j for j, *_ in todo_or_all})

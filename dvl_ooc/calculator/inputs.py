@@ -84,6 +84,87 @@ def _hold(obj: Any) -> Any:
     return obj
 
 
+# ------------------------------------------------------------------ shipping the fitted state
+#: where the pickled fitted state lives inside a store (see :class:`_StoredState`)
+STATE_DIR = ".dvl_ooc_state"
+
+
+def _pickled(obj: Any) -> bytes:
+    """``obj`` pickled as Dask pickles a task literal (cloudpickle: by reference where
+    importable, by value for ``__main__``); loaded back with :func:`pickle.loads`."""
+    import cloudpickle
+
+    return cloudpickle.dumps(obj, protocol=5)
+
+
+def _unpickle(*parts: bytes) -> Any:
+    """A graph task: the object whose pickle is the concatenation of ``parts``."""
+    import pickle
+
+    return pickle.loads(parts[0] if len(parts) == 1 else b"".join(parts))
+
+
+def _graph_part_bytes() -> int:
+    """The largest literal one graph submission carries: half of Dask's
+    ``distributed.admin.large-graph-warning-threshold`` (default 10 MB), at least 1 KiB, so that
+    a submission of one part never prints Dask's "Sending large graph" warning."""
+    import dask
+    from dask.utils import parse_bytes
+
+    limit = dask.config.get("distributed.admin.large-graph-warning-threshold", "10MB")
+    return max(1024, int(parse_bytes(limit)) // 2)
+
+
+@dataclass(frozen=True)
+class _StoredState:
+    """Reference to a pickled object stored under ``key`` in the store at ``where`` (a
+    :class:`~dvl_ooc.store._Location`: local path, URL with its storage options, or Zarr store
+    object). Only this reference travels through the graph; every worker reads the bytes
+    itself (:meth:`load`, called once per worker and calculator token by
+    :func:`dvl_ooc.calculator.tasks._prepared`), so a worker started after a crash loads it
+    again from the store, with no other worker involved."""
+
+    where: Any
+    key: str
+    nbytes: int  # (for reports)
+
+    @staticmethod
+    def write(where: Any, key: str, data: bytes) -> _StoredState:
+        """Write ``data`` under ``key`` as one whole object (an atomic write: Zarr's
+        ``LocalStore`` writes a temporary file and renames it, an object store's PUT is
+        whole), replacing what is there; a full or unreachable store raises
+        :class:`~dvl_ooc.exceptions.StoreFullError` /
+        :class:`~dvl_ooc.exceptions.StoreUnavailableError`."""
+        from zarr.core.buffer import default_buffer_prototype
+
+        from ..store import _sync, store_io_errors
+
+        with store_io_errors(where.display, "writing the fitted state for the workers"):
+            zs = where.zarr_store(read_only=False)
+            _sync(zs.set(key, default_buffer_prototype().buffer.from_bytes(data)))
+        return _StoredState(where, key, len(data))
+
+    def load(self) -> Any:
+        """The object, read from the store and unpickled (a private copy)."""
+        from zarr.core.buffer import default_buffer_prototype
+
+        from ..exceptions import StoreError
+        from ..store import _sync, store_io_errors
+
+        with store_io_errors(self.where.display, f"reading the fitted state {self.key}"):
+            zs = self.where.zarr_store(read_only=True)
+            try:
+                buf = _sync(zs.get(self.key, prototype=default_buffer_prototype()))
+            except FileNotFoundError:
+                buf = None
+        if buf is None:
+            raise StoreError(
+                f"the fitted state {self.key!r} is missing from the store at "
+                f"{self.where.display!r} (removed while the run was going on?); run the "
+                "computation again: mode='a' resumes and writes it again")
+        return _unpickle(buf.to_bytes())
+
+
 def _sample_rows(n: int, k: int = 32) -> np.ndarray:
     return np.unique(np.linspace(0, n - 1, min(n, k)).astype(np.int64))
 

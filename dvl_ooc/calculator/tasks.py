@@ -13,10 +13,12 @@ Reproducibility: inputs and test features that arrive from another worker are fi
 aligned memory (:func:`_aligned`), so that a tile's bytes do not depend on which worker computed
 what (the same store, byte for byte, whichever way the tasks were spread or rerun).
 
-State: the fitted model arrives scattered (data-free pickle) and is prepared once per worker
-and calculator token by :func:`_prepared` (a deep copy moved to the worker's device, with the fit
-data attached for methods that precondition with it), kept in the module-level ``_CACHE``
-(at most 9 entries). :class:`TorchWarmup` imports and exercises torch once on every new worker.
+State: the fitted model (a data-free pickle) arrives as the result of a graph task, or as a
+reference to its pickle in the store (:class:`~dvl_ooc.calculator.inputs._StoredState`, see
+:mod:`dvl_ooc.calculator.dask`), and is prepared once per worker and calculator token by
+:func:`_prepared` (a private copy moved to the worker's device, with the fit data attached for
+methods that precondition with it), kept in the module-level ``_CACHE`` (at most 9 entries).
+:class:`TorchWarmup` imports and exercises torch once on every new worker.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from ..data import as_tensor
 from ..exceptions import NotFittedError
 from ..influence.base import InfluenceModel
 from ..store import InfluenceStore, store_io_errors
+from .inputs import _StoredState
 
 __all__: list[str] = []
 
@@ -51,18 +54,28 @@ def _warmup() -> None:
     vmap(grad(lambda v, x: (v * x).sum()), in_dims=(None, 0))(w, torch.ones(2, 3))
 
 
-def _prepared(model: InfluenceModel, token: str, device: str | None, fit_data: Any
-              ) -> InfluenceModel:
-    """The worker's copy of the model, moved to its device and given its fit data, once."""
+def _prepared(model: InfluenceModel | _StoredState, token: str, device: str | None,
+              fit_data: Any) -> InfluenceModel:
+    """The worker's copy of the model, moved to its device and given its fit data, once per
+    worker process and ``token`` (the per-worker cached loader: a model or fit data given as a
+    :class:`~dvl_ooc.calculator.inputs._StoredState` is read from the store here, once)."""
     m = _CACHE.get(token)
     if m is not None:
         return m
     with _CACHE_LOCK:
         m = _CACHE.get(token)
         if m is None:
-            # work on a private copy: the scattered object must stay picklable (Dask may send
-            # it on to other workers) and methods may cache torch.func tensors when used
-            model = copy.deepcopy(model)
+            if isinstance(model, _StoredState):  # read from the store: a private copy
+                model = model.load()
+            else:
+                # work on a private copy: the task's result must stay picklable (Dask may send
+                # it on to other workers) and methods may cache torch.func tensors when used;
+                # the copy drops attached fit data (as pickling does): attach the original's
+                if fit_data is None:
+                    fit_data = model._fit_data
+                model = copy.deepcopy(model)
+            if isinstance(fit_data, _StoredState):
+                fit_data = fit_data.load()
             if device is not None:
                 model.to(device)
             if model.needs_data_to_precondition and model._fit_data is None:

@@ -39,6 +39,14 @@ continues where it stopped; nothing finished is recomputed):
    ``suspects.png`` (image grid) and ``score_histogram.png``. The same-label percentile is not
    the detector (README, "Which recipe finds wrong labels?"); it stays in the store for the
    question it answers: which training images hurt the test images of their class.
+8. **explain** (:mod:`dvl_ooc.recipes.explain`): ``OUT/test_predictions.csv`` (every test image
+   with the final model's prediction and its margin ``p_(1) - p_(2)`` between the two largest
+   softmax probabilities, most uncertain first) and, for the ``explain_n`` (default 8) most
+   uncertain test images or the files named in ``explain``, a picture each in
+   ``OUT/explanations/`` (the test image with its file, label and prediction above its
+   ``explain_k`` most helpful and most harmful training images with files, given labels and
+   influences, from the stored matrix), indexed under ``"explanations"`` in ``report.json``.
+   ``dvl-ooc explain OUT TEST_FILE`` draws any other test image's from the finished folder.
 
 Memory: the client holds the labels, file names, the fitted state and one batch; training
 holds the float16 training cache (``n_train * C * size^2 * 2`` bytes: 0.54 GB for 22k images
@@ -111,6 +119,10 @@ class ImagesJob:
     progress: bool = True
     restart: bool = False
     pictures: bool = True
+    # explanations (pictures of the most helpful / harmful training images per test image)
+    explain_n: int = 8
+    explain_k: int = 8
+    explain: Sequence[str] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def check(self) -> None:
@@ -139,6 +151,10 @@ class ImagesJob:
             raise InputError(f"checkpoint {self.checkpoint!r} is not a file")
         if (self.mean is None) != (self.std is None):
             raise InputError("pass both mean and std, or neither")
+        for name, low in (("explain_n", 0), ("explain_k", 1)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise InputError(f"{name} must be an integer >= {low}, got {v!r}")
 
 
 # ------------------------------------------------------------------------------- state file
@@ -377,6 +393,12 @@ def run_images(job: ImagesJob, *, echo: Callable[[str], None] = print) -> dict[s
     tr_idx, te_idx = np.asarray(split["train"]), np.asarray(split["test"])
     y_tr, y_te = np.asarray(split["y_train"]), np.asarray(split["y_test"])
     injected = np.asarray(split["flipped_injected"], dtype=np.int64)
+    explain_pos = None
+    if job.explain:  # test files named for explanations: refused before any long stage
+        from .explain import resolve_test_files
+
+        explain_pos = resolve_test_files(job.explain, [paths[i] for i in te_idx],
+                                         [paths[i] for i in tr_idx], root=str(root), out=str(out))
     n_tr, n_te, C = len(tr_idx), len(te_idx), len(ds.classes)
     times["scan"] = time.perf_counter() - t
     say(f"dvl-ooc images: {len(paths)} images in {C} classes ({', '.join(ds.classes)}) under "
@@ -401,6 +423,19 @@ def run_images(job: ImagesJob, *, echo: Callable[[str], None] = print) -> dict[s
             finally:
                 nanny.setLevel(level)
         torch.set_num_threads(threads)
+    # 8. explanations (after the cluster is closed: one streaming top-k pass on threads)
+    t = time.perf_counter()
+    from .explain import recipe_explanations
+
+    ex = recipe_explanations(out, ds.classes, n=job.explain_n, k=job.explain_k,
+                             files=explain_pos, pictures=job.pictures)
+    report["explanations"] = ex
+    times["explain"] = time.perf_counter() - t
+    say(f"  test predictions, most uncertain first: {out / ex['predictions_csv']}")
+    if ex["n"]:
+        say(f"  explanations of {ex['n']} test images ({ex['selection']}; {ex['k']} most "
+            f"helpful / harmful training images each): {out / ex['folder']}  "
+            f"[{times['explain']:.1f} s]")
     times["total"] = time.perf_counter() - t_all
     report["seconds"] = {k: round(v, 2) for k, v in times.items()}
     report["memory"]["client_peak_rss"] = _peak_rss()
