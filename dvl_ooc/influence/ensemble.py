@@ -30,7 +30,16 @@ contracted by EK-FAC's ``tile``). The weights are applied to each member's tile,
 features (a compressed EK-FAC row ``(U S, V)`` is not linear in a scale factor).
 Costs: the sums of the members' costs (gradient passes, solves, features, tile products); the
 calculators' memory plan (:class:`~dvl_ooc.calculator.InfluencePlan`) sees ``p = sum p_m``
-and ``k = sum k_m``.
+and ``k = sum k_m`` (a column task holds every member's train gradients and test features of
+its chunks: ``M`` times one member's, so chunks shrink accordingly; the plan also counts the
+train features separately even when they are the gradients themselves, a conservative
+estimate).
+
+Usage (``nets``: networks trained on ``(x, y)`` from different seeds)::
+
+    ens = Ensemble.from_models(nets, lambda net: EkfacInfluence(net, F.cross_entropy, rank=8))
+    ens.fit((x, y), client=client)            # one task per member; or in process
+    DaskInfluenceCalculator(ens, client).to_zarr("run.zarr", x_test, y_test, x, y)
 
 Shipping: the ensemble pickles as its members do (data-free: CG / LiSSA members drop their fit
 data). Members that need their fit data to precondition get it re-attached together: all

@@ -299,7 +299,7 @@ def test_dask_store_and_queries_equal_the_mean(nets, client, tmp_path):
     assert np.array_equal(si["position"].values, np.argsort(-self_mean, kind="stable"))
     _close(si["self_influence"].values, np.sort(self_mean)[::-1], 1e-6)
     # the lazy array of the Dask calculator: the same mean
-    lazy = calc.influences(*N.data(), test_chunk=6, train_chunk=32, dtype="float64")
+    lazy = calc.influences(*N.data(), test_chunk=12, train_chunk=32, dtype="float64")
     _close(lazy.compute(), mean, 1e-9)
     # the sequential calculator's store (Direct + EK-FAC: its to_zarr does not pass fit data
     # to CG / LiSSA models, single or not)
