@@ -19,6 +19,12 @@ scheduler can recompute it on another worker when the worker holding it dies; no
 * a ``torch.utils.data.Dataset`` of ``(x, y)`` pairs (or a ``DataLoader``, whose dataset is
   used): one graph task holds the pickled Dataset (fetched from worker to worker), indexed by
   ranges, collated with ``default_collate``.
+
+The fitted model (and CG/LiSSA fit data) travels in one of three forms chosen by the size of
+its pickle (:meth:`dvl_ooc.calculator.dask.DaskInfluenceCalculator._send`): one task literal,
+literal parts below Dask's large-graph warning threshold (:func:`_graph_part_bytes`) joined by
+one task (:func:`_unpickle`), or a file in the store that each worker reads itself
+(:class:`_StoredState`).
 """
 
 from __future__ import annotations
