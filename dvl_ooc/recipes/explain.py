@@ -427,5 +427,10 @@ def recipe_explanations(out: str | os.PathLike, classes: Sequence[str], *, n: in
             rec = ex.as_dict(train_names, rl, classes)
             rec.update(png=f"explanations/{name}", panels=panels)
             items.append(rec)
+    # a rerun replaces the recipe's numbered pictures (those of `dvl-ooc explain` stay)
+    drawn = {Path(it["png"]).name for it in items}
+    for f in (out / "explanations").glob("[0-9][0-9]_*.png"):
+        if f.name not in drawn:
+            f.unlink(missing_ok=True)
     return {"selection": how, "k": k, "n": len(items), "folder": "explanations",
             "predictions_csv": "test_predictions.csv", "items": items}
