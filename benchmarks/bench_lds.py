@@ -122,7 +122,8 @@ WORKLOADS: dict[str, Workload] = {
         arch={"module": "dvl_ooc.demo.resnet", "name": "ResNet18",
               "kwargs": {"n_classes": 2, "width": 8, "in_channels": 3, "stem": "cifar"},
               "dtype": "float32"},
-        train={"epochs": 8, "lr": 2e-3, "batch_size": 64, "weight_decay": 1e-4},
+        train={"epochs": 8, "lr": 2e-3, "batch_size": 64, "weight_decay": 1e-4,
+               "update_bn": True},
         rows=["images-direct", "images-direct-layer", "images-ekfac", "images-ekfac-mean",
               "tracin", "trak", "kron"],
         n_train=1000, n_test=200, extra={"size": 32, "flip": 0.1}),
@@ -183,7 +184,7 @@ def prepare(w: Workload, work: Path, members: int, quick: bool) -> dict[str, np.
     """Data, architecture and the member networks (cached in ``work``)."""
     import torch
 
-    from dvl_ooc.seeding import torch_generator
+    from dvl_ooc.evaluate import reinitialised
     from dvl_ooc.valuation.training import train_module
 
     work.mkdir(parents=True, exist_ok=True)
@@ -201,25 +202,12 @@ def prepare(w: Workload, work: Path, members: int, quick: bool) -> dict[str, np.
         path = work / f"member_{m}.pt"
         if path.exists():
             continue
-        net = build_net(w.arch)
-        _reinit(net, torch_generator(10_000 + m))
+        net = reinitialised(build_net(w.arch), 10_000 + m)
         t0 = time.perf_counter()
         train_module(net, data["x_train"], data["y_train"], training_config(w, 10_000 + m))
         torch.save(net.state_dict(), path)
         print(f"#   member {m} trained in {time.perf_counter() - t0:.1f} s", flush=True)
     return data
-
-
-def _reinit(net, generator) -> None:
-    """Seeded re-initialisation of every parameter (PyTorch's default init, drawn from
-    ``generator``)."""
-    import torch
-
-    with torch.random.fork_rng():
-        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
-        for mod in net.modules():
-            if hasattr(mod, "reset_parameters"):
-                mod.reset_parameters()
 
 
 # ----------------------------------------------------------------------------- rows
