@@ -72,6 +72,40 @@ the tracker. The validation set goes through a second forward/backward (``torch.
 never touching ``.grad``) in ``eval()`` mode: the same FLOPs as one backward over a combined
 train + validation batch, but it cannot perturb batch statistics, dropout masks or ``.grad``.
 
+BatchNorm (details and the reasons: :mod:`dvl_ooc.inrun.batchnorm`). A BatchNorm layer in
+training mode couples the samples of a batch through its statistics ``mu_B``, ``var_B``. The
+per-sample gradient is then defined with the statistics held fixed (stop-gradient)::
+
+    g_i = grad_w l_i(w; mu_B, var_B),   BatchNorm acting on sample i as
+    y = gamma (x - mu_B) / sqrt(var_B + eps) + beta   with mu_B, var_B constants
+
+so its input gradient is ``gamma / sigma_B * dl_i/dy`` and its affine parameters get the
+per-sample gradients ``(sum_l dl_i/dy_l xhat_l, sum_l dl_i/dy_l)`` per channel (an elementwise
+layer's products). ``step`` runs the user's forward once, a backward to the attributed layer
+outputs with the statistics frozen (hooks on the BatchNorm autograd nodes, active only in that
+pass; no weight gradients: about a third of a step), then the user's ``loss.backward()`` on the
+same graph: ``.grad`` and the running statistics stay bit-identical to plain training. The
+values are checked against an explicit per-sample loop over the network with the batch's
+statistics frozen (``tests/inrun/test_inrun_batchnorm.py``). A batch's values then sum to the
+first-order validation-loss decrease of the step ``-(eta/b) sum_i g_i``, which differs from the
+real step by the statistics' share of the batch gradient (which belongs to no single sample).
+BatchNorm in eval mode (running statistics) couples nothing: the same elementwise map with the
+running statistics and no extra pass. ``combined`` and ``second_order`` are refused while a
+BatchNorm uses batch statistics. Layer outputs modified in place later in the forward (e.g.
+``ReLU(inplace=True)`` after a BatchNorm) are refused where the rows are taken by
+differentiation (BatchNorm in training mode, ``combined``, ``per_validation_point``).
+
+Sampled validation gradient (``val_sample=k``, summed validation loss). ``V`` needs a forward
+and backward of all ``m`` validation rows at every step: ``m / b`` training steps, prohibitive
+when the validation set is a large test set. With ``val_sample=k`` step ``t`` uses the rows
+``S_t`` at positions ``[t k, (t + 1) k)`` of an endless stream of seeded permutations of the
+rows (each row equally often; a resumed store continues the stream) and::
+
+    V_t = (m / k) sum_{j in S_t} grad l_j(w_t),     E[V_t] = grad L_val(w_t)
+
+so every step's values are unbiased estimates of the exact ones and their sampling noise
+averages out over the steps (exact when ``k >= m``), at ``k / b`` of a step.
+
 ``combined=True`` (first order) instead runs ONE forward over the concatenated
 ``[train; validation]`` rows (in the model's current mode) and one backward to the captured
 layer outputs only; the train-only parameter gradient (``G_t^T A_t``, the convolution
@@ -115,9 +149,80 @@ from ..exceptions import (
 from ..grads import LossFn
 from ..layers import LayerCapture, LayerKind, kind_of, supported_modules
 from ..layers.base import Method, check_method
+from ..seeding import numpy_rng
+from .batchnorm import (
+    BATCHNORM_KIND,
+    BatchNormCapture,
+    BatchNormKind,
+    is_batchnorm,
+    uses_batch_statistics,
+)
 from .store import ScoreStore
 
 __all__ = ["InRunShapley"]
+
+
+class _Capture:
+    """The hooks of one pass: :class:`~dvl_ooc.layers.LayerCapture` on the attributed
+    Linear/Conv2d/Embedding layers and :class:`~dvl_ooc.inrun.batchnorm.BatchNormCapture` on
+    every BatchNorm (rows of the attributed ones, frozen-statistics backward of all)."""
+
+    def __init__(self, model: nn.Module, modules: dict[str, nn.Module], *,
+                 keep_outputs: bool) -> None:
+        names = [n for n, m in modules.items() if not is_batchnorm(m)]
+        self.layers = LayerCapture(model, names, include_embeddings=True,
+                                   keep_outputs=keep_outputs, output_grads=not keep_outputs)
+        self.bn = BatchNormCapture(model, [n for n in modules if n not in names],
+                                   keep_outputs=keep_outputs, output_grads=not keep_outputs)
+        self.modules = modules if keep_outputs else {}
+        self.versions: dict[str, int] = {}
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> _Capture:
+        self.layers.__enter__()
+        self.bn.__enter__()
+        for name, mod in self.modules.items():  # (after the capture hooks: fresh outputs)
+            self._handles.append(mod.register_forward_hook(self._version_hook(name)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self.bn.__exit__(*exc)
+        self.layers.__exit__(*exc)
+
+    def _version_hook(self, name: str):
+        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+            self.versions[name] = output._version
+
+        return hook
+
+    def check_outputs(self) -> None:
+        """Refuse layer outputs modified in place after the layer (their gradient would be
+        that of the modified tensor)."""
+        for name, out in self.outputs.items():
+            if out._version != self.versions.get(name, out._version):
+                raise UnsupportedModelError(
+                    f"the output of layer {name!r} is modified in place later in the forward "
+                    "(e.g. ReLU(inplace=True)); In-Run Shapley needs the layer outputs "
+                    "unchanged: use inplace=False there")
+
+    @property
+    def inputs(self) -> dict[str, torch.Tensor]:
+        return {**self.layers.inputs, **self.bn.inputs}
+
+    @property
+    def outputs(self) -> dict[str, torch.Tensor]:
+        return {**self.layers.outputs, **self.bn.outputs}
+
+    @property
+    def output_grads(self) -> dict[str, torch.Tensor]:
+        return {**self.layers.output_grads, **self.bn.output_grads}
+
+    @property
+    def calls(self) -> dict[str, int]:
+        return {**self.layers.calls, **self.bn.calls}
 
 
 def _accumulate_grad(p: torch.Tensor, g: torch.Tensor) -> None:
@@ -143,7 +248,9 @@ class InRunShapley:
 
     Args:
         model: the network being trained; the attributed layers must be
-            ``Linear``/``Conv2d``/``Embedding`` layers, each called once per forward.
+            ``Linear``/``Conv2d``/``Embedding``/BatchNorm layers, each called once per forward
+            (BatchNorm in training mode: per-sample gradients with the batch statistics
+            frozen, see the module docstring).
         loss: the training loss ``loss(outputs, targets)``, **mean**-reduced over the batch.
         x_val, y_val: validation set (kept on the model's device).
         n_train: number of training samples; sample indices passed to :meth:`step` are in
@@ -169,6 +276,11 @@ class InRunShapley:
             that window's scores are not stored). Default 1 on CPU (no cost there) and
             ``flush_every`` on accelerators, which then never wait for the host mid-run.
         val_batch_size: validation rows per forward/backward (bounds memory).
+        val_sample: summed validation loss only: estimate ``V = grad L_val`` at each step from
+            this many validation rows, scaled by ``n_val / val_sample`` (see "Sampled
+            validation gradient" in the module docstring; ``None`` or ``>= n_val``: every row
+            at every step, exact).
+        seed: the seed of ``val_sample``'s order of validation rows.
         solver: ``"auto"``, ``"ghost"`` or ``"materialize"`` (see the module docstring; was
             ``method=``).
         max_buffer_bytes, chunk_bytes: on-disk store buffering and chunk size, see
@@ -201,6 +313,8 @@ class InRunShapley:
         max_buffer_bytes: int = 256 * 2**20,
         chunk_bytes: int = 8 * 2**20,
         storage_options: dict[str, Any] | None = None,
+        val_sample: int | None = None,
+        seed: int = 0,
         **deprecated: Any,
     ) -> None:
         old = renamed_arguments(InRunShapley.__init__, deprecated,
@@ -227,8 +341,15 @@ class InRunShapley:
             raise InputError("n_train, flush_every, sync_every and val_batch_size must be >= 1")
         self.model = model
         self.loss = loss
-        self.modules = supported_modules(model, layers)
-        self.kinds: dict[str, LayerKind] = {n: kind_of(m) for n, m in self.modules.items()}
+        self.modules = supported_modules(model, layers, batchnorm=True)
+        self.kinds: dict[str, LayerKind | BatchNormKind] = {
+            n: BATCHNORM_KIND if is_batchnorm(m) else kind_of(m)
+            for n, m in self.modules.items()}
+        #: every BatchNorm of the model (attributed or not): their batch coupling is handled
+        self.batchnorms = [m for m in model.modules() if is_batchnorm(m)]
+        self.combined = bool(combined)
+        self.second_order = bool(second_order)
+        self._check_batchnorm_mode()
         self.layers = None if layers is None else list(self.modules)
         # every trainable parameter (the training step) and the attributed ones (the scores)
         self.train_params = [p for p in model.parameters() if p.requires_grad]
@@ -249,8 +370,6 @@ class InRunShapley:
         self.n_train = int(n_train)
         self.n_val = len(self.x_val)
         self.per_validation_point = bool(per_validation_point)
-        self.second_order = bool(second_order)
-        self.combined = bool(combined)
         self.solver: Method = solver
         self.val_batch_size = int(val_batch_size)
         self.flush_every = int(flush_every)
@@ -258,26 +377,61 @@ class InRunShapley:
         self._pending: list[tuple[np.ndarray, torch.Tensor, torch.Tensor]] = []
         self._pending_elements = 0
         self.steps = 0
+        if val_sample is not None:
+            if isinstance(val_sample, bool) or int(val_sample) < 1:
+                raise InputError(f"val_sample must be a positive integer, got {val_sample!r}")
+            if self.per_validation_point or self.combined:
+                raise InputError("val_sample= estimates the summed validation gradient; it "
+                                 "does not combine with per_validation_point=True or "
+                                 "combined=True")
+        #: validation rows per step (``None``: all of them, exact)
+        self.val_sample = (None if val_sample is None or int(val_sample) >= self.n_val
+                           else int(val_sample))
+        self.seed = int(seed)
+        self._perms: dict[int, np.ndarray] = {}
+        attributes = {"method": "InRunShapley", "n_train": self.n_train,
+                      "n_val": self.n_val, "per_validation_point": self.per_validation_point,
+                      "second_order": self.second_order, "layers": self.layers}
+        if self.val_sample is not None:  # (absent otherwise: earlier stores still resume)
+            attributes.update(val_sample=self.val_sample, seed=self.seed)
         self.store = ScoreStore(
             self.n_train, self.n_val if self.per_validation_point else None, store,
             mode=mode, max_buffer_bytes=max_buffer_bytes, chunk_bytes=chunk_bytes,
-            storage_options=storage_options,
-            attributes={"method": "InRunShapley", "n_train": self.n_train,
-                        "n_val": self.n_val, "per_validation_point": self.per_validation_point,
-                        "second_order": self.second_order, "layers": self.layers},
+            storage_options=storage_options, attributes=attributes,
         )
         if self.store.array is not None:
             self.steps = int(self.store.array.attrs.get("steps", 0))
 
     # ------------------------------------------------------------------ internals
-    def _capture(self, keep_outputs: bool = False) -> LayerCapture:
+    def _coupled(self) -> bool:
+        """Whether a BatchNorm of the model will normalise with batch statistics."""
+        return any(uses_batch_statistics(m) for m in self.batchnorms)
+
+    def _check_batchnorm_mode(self) -> None:
+        """Refuse the modes that do not combine with batch statistics (checked at creation,
+        for the model's mode then, and before every step)."""
+        if not self._coupled():
+            return
+        if self.combined:
+            raise UnsupportedModelError(
+                "combined=True runs the validation rows through the training forward, which "
+                "would change the batch statistics of the model's BatchNorm layers (and so "
+                "training); use the default combined=False, or put the BatchNorm layers in "
+                "eval mode")
+        if self.second_order:
+            raise UnsupportedModelError(
+                "second_order=True is not defined for BatchNorm layers using batch "
+                "statistics (training mode); use first-order values, or put the BatchNorm "
+                "layers in eval mode")
+
+    def _capture(self, keep_outputs: bool = False) -> _Capture:
         """Hooks on the attributed layers: inputs always; output gradients by tensor hooks
-        (training backward), or the outputs themselves (to differentiate w.r.t. them)."""
-        return LayerCapture(self.model, list(self.modules), include_embeddings=True,
-                            keep_outputs=keep_outputs, output_grads=not keep_outputs)
+        (training backward), or the outputs themselves (to differentiate w.r.t. them); on
+        every BatchNorm the frozen-statistics backward (:mod:`dvl_ooc.inrun.batchnorm`)."""
+        return _Capture(self.model, self.modules, keep_outputs=keep_outputs)
 
     @staticmethod
-    def _check_calls(cap: LayerCapture) -> None:
+    def _check_calls(cap: _Capture) -> None:
         twice = [n for n, c in cap.calls.items() if c > 1]
         if twice:
             raise UnsupportedModelError(
@@ -285,22 +439,36 @@ class InRunShapley:
                 "per-sample layer gradients are not defined for them"
             )
 
-    def _raw(self, cap: LayerCapture) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """``{name: (input, output grad)}`` of the captured layers, raw shapes."""
+    def _raw(self, cap: _Capture) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """``{name: (input, output grad)}`` of the captured layers, raw shapes (BatchNorm:
+        ``(xhat, output grad)``)."""
         # a layer missing from the output grads is not on the loss path: its gradient is zero
-        return {n: (cap.inputs[n], cap.output_grads[n]) for n in self.modules
-                if n in cap.output_grads}
+        grads = cap.output_grads
+        inputs = cap.inputs
+        return {n: (inputs[n], grads[n]) for n in self.modules if n in grads}
+
+    def _rows_of(self, cap: _Capture, value: torch.Tensor, retain_graph: bool = False
+                 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Raw rows of ``value`` (computed under ``cap`` with ``keep_outputs=True``): a backward
+        to the captured layer outputs only (no parameter gradients), BatchNorm statistics
+        frozen."""
+        cap.check_outputs()
+        outs, inputs = cap.outputs, cap.inputs
+        names = [n for n in self.modules if n in outs and outs[n].requires_grad]
+        if not names or not value.requires_grad:
+            return {}
+        gs = torch.autograd.grad(value, [outs[n] for n in names], allow_unused=True,
+                                 retain_graph=retain_graph)
+        # a layer whose output is unused has no gradient (as in plain training)
+        return {n: (inputs[n], g.detach()) for n, g in zip(names, gs) if g is not None}
 
     def _layer_rows(self, x: torch.Tensor, objective: Callable[[torch.Tensor], torch.Tensor]):
         """Raw ``{name: (input, output grad)}`` rows of ``objective(model(x))``: one forward and
         a backward to the captured layer outputs only (no parameter gradients)."""
         with self._capture(keep_outputs=True) as cap:
             lv = objective(self.model(x))
-            outs = cap.outputs
-            names = [n for n in self.modules if n in outs and outs[n].requires_grad]
-            gs = torch.autograd.grad(lv, [outs[n] for n in names], allow_unused=True)
-        # a layer whose output is unused has no gradient (as in plain training)
-        return cap, {n: (cap.inputs[n], g.detach()) for n, g in zip(names, gs) if g is not None}
+            rows = self._rows_of(cap, lv)
+        return cap, rows
 
     def _check_batch(self, x: Any, y: Any, idx: Any) -> tuple[torch.Tensor, torch.Tensor,
                                                                   np.ndarray]:
@@ -348,8 +516,11 @@ class InRunShapley:
             raise InputError(f"lr must be finite, got {lr}")
         x, y, ia = self._check_batch(x, y, idx)
         b = len(x)
+        self._check_batchnorm_mode()
         if self.combined:
             return self._combined_step(x, y, ia, lr)
+        if self._coupled():
+            return self._frozen_statistics_step(x, y, ia, lr)
         with self._capture() as cap:
             loss = self.loss(self.model(x), y)
             self._check_calls(cap)
@@ -366,6 +537,28 @@ class InRunShapley:
         # output grads of the MEAN loss are g_i / b: the scores scale by lr once at the end
         scores = self._scores(self._raw(cap), b, lr, gbar if self.second_order else None)
         return self._record(ia, scores, loss)
+
+    def _frozen_statistics_step(self, x, y, ia: np.ndarray, lr: float) -> torch.Tensor:
+        """A step with BatchNorm layers using batch statistics: the user's forward, a backward
+        to the attributed layer outputs with the statistics frozen (the per-sample rows, see
+        :mod:`dvl_ooc.inrun.batchnorm`), then the user's ``loss.backward()`` on the same graph
+        (``.grad`` bit-identical to plain training). A model refused after its forward (weight
+        sharing, outputs modified in place) gets its running statistics back."""
+        buffers = [b for m in self.batchnorms for b in m.buffers()]
+        before = [b.clone() for b in buffers]
+        with self._capture(keep_outputs=True) as cap:
+            loss = self.loss(self.model(x), y)
+            try:
+                self._check_calls(cap)
+                rows = self._rows_of(cap, loss, retain_graph=True)
+            except UnsupportedModelError:
+                with torch.no_grad():
+                    for b, v in zip(buffers, before):
+                        b.copy_(v)
+                raise
+            cap.bn.frozen = False
+            loss.backward()
+        return self._record(ia, self._scores(rows, len(x), lr, None), loss)
 
     def _combined_step(self, x, y, ia: np.ndarray, lr: float) -> torch.Tensor:
         """One forward over ``[train; validation]`` and one backward to the layer outputs only;
@@ -409,16 +602,47 @@ class InRunShapley:
         return out * lr  # (lr / b) * <b * G_mean, ...>: captured train grads are of the mean loss
 
     def _val_chunks(self):
-        for s in range(0, self.n_val, self.val_batch_size):
-            e = s + self.val_batch_size
-            yield s, self.x_val[s:e], self.y_val[s:e]
+        """``(offset, x, y, weight)`` chunks of the validation set: all rows (weight 1), or
+        with ``val_sample`` this step's sample of rows, weighted ``n_val / val_sample``."""
+        if self.val_sample is None:
+            for s in range(0, self.n_val, self.val_batch_size):
+                e = s + self.val_batch_size
+                yield s, self.x_val[s:e], self.y_val[s:e], 1.0
+            return
+        rows = torch.as_tensor(self.val_rows(self.steps), device=self.x_val.device)
+        w = self.n_val / self.val_sample
+        for s in range(0, len(rows), self.val_batch_size):
+            r = rows[s : s + self.val_batch_size]
+            yield None, self.x_val[r], self.y_val[r], w
+
+    def val_rows(self, step: int) -> np.ndarray:
+        """The validation rows of step ``step`` (0-based) with ``val_sample``: positions
+        ``[step k, (step + 1) k)`` of an endless stream of seeded permutations of the rows
+        (permutation ``r`` from ``(seed, r)``), so every row is used equally often, a resumed
+        run continues the stream, and each row's expected count per step is
+        ``k / n_val`` (a row may appear twice where two permutations meet)."""
+        if self.val_sample is None:
+            return np.arange(self.n_val)
+        k, m = self.val_sample, self.n_val
+        out, p, end = [], step * k, (step + 1) * k
+        while p < end:
+            r, j = divmod(p, m)
+            if r not in self._perms:
+                if len(self._perms) > 2:
+                    self._perms.pop(min(self._perms))
+                self._perms[r] = numpy_rng(self.seed, 29, r).permutation(m)
+            take = min(end - p, m - j)
+            out.append(self._perms[r][j : j + take])
+            p += take
+        return np.concatenate(out)
 
     def _summed_scores(self, train: dict, b: int, lr: float, gbar) -> torch.Tensor:
         """``<g_i, V>`` with ``V = grad L_val`` (plus the second-order vector), layer by layer
         as the directional derivative ``sum_l g_il . (V a_il)`` (one forward's cost)."""
         V: list[torch.Tensor] | None = None
-        for _, xv, yv in self._val_chunks():
-            lv = self.loss(self.model(xv), yv) * len(xv)
+        for _, xv, yv, w in self._val_chunks():
+            with BatchNormCapture(self.model, []):  # frozen statistics, if any in eval mode
+                lv = self.loss(self.model(xv), yv) * (len(xv) * w)
             gv = torch.autograd.grad(lv, self.params, allow_unused=True, materialize_grads=True,
                                      create_graph=gbar is not None)
             if gbar is not None:
@@ -442,7 +666,7 @@ class InRunShapley:
         """``(b, n_val)`` per-sample gradient dot products by ghost / materialised products."""
         p0 = self.params[0]
         out = torch.zeros(b, self.n_val, dtype=p0.dtype, device=p0.device)
-        for s, xv, yv in self._val_chunks():
+        for s, xv, yv, _ in self._val_chunks():
             _, val = self._layer_rows(xv, lambda o, yv=yv: self.loss(o, yv) * len(yv))
             for name, (a_t, g_t) in train.items():
                 if name in val:
