@@ -549,7 +549,8 @@ class GradientProjector:
         for j, (y, loss) in enumerate(targets):
             grads: dict[str, Any] = {}
             if names:
-                total = loss(out, y) * n
+                with torch.enable_grad():  # also when the caller is under torch.no_grad()
+                    total = loss(out, y) * n
                 grads = dict(zip(names, torch.autograd.grad(
                     total, [rec[k][1] for k in names], allow_unused=True,
                     retain_graph=j + 1 < len(targets))))

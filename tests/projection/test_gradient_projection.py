@@ -280,6 +280,18 @@ def test_micro_batching_does_not_change_features():
     assert rel_err(a, b) < 1e-13
 
 
+def test_features_under_no_grad_equal_features_with_grad():
+    """Callers often compute influences under torch.no_grad(); projection needs autograd."""
+    import torch
+
+    model, x, y = make("resnet", n=5)
+    p = projector(model)
+    a = p.project(x, y)
+    with torch.no_grad():
+        b = p.project(x, y)
+    assert rel_err(a, b) < 1e-13
+
+
 def test_float32_features_and_model():
     model, x, y = make("cnn")
     model = model.float()
