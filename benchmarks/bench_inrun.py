@@ -17,6 +17,19 @@ trains on digits with 10 % flipped labels and reports the share of flipped point
 
     python benchmarks/bench_inrun.py [--quick] [--threads N] [--batch B] [--n-val M]
                                      [--malloc-tuned] [--device cuda]
+
+``--resnet N [N ...]``: the cost of ``dvl-ooc images --inrun`` instead. Per generated
+malaria-layout folder of N images (``make_malaria_folder``, 10 % of the files in the wrong class
+folder; 64 px, 80 / 20 split) it trains the recipe's ResNet18 (BatchNorm in training mode,
+width 16, imagenet stem, AdamW, batch 64, flips) with the recipe's training function, plain and
+with the In-Run tracker as the recipe runs it (:func:`dvl_ooc.recipes.images.inrun_tracker`:
+the summed value over all test images, from ``val_sample`` test images per step), alternating
+the variants ``--reps`` times, and prints the training time of each (median process CPU
+seconds, and wall seconds), the ratio of CPU times, whether the trained networks are
+identical, and the ROC AUC of the In-Run ranking (lowest value first) for the files in the
+wrong folder (``--test-per-batch F [F ...]``: one In-Run row per fraction of the batch)::
+
+    python benchmarks/bench_inrun.py --resnet 400 1600 [--epochs 2] [--reps 3] [--threads 1]
 """
 
 from __future__ import annotations
@@ -257,6 +270,68 @@ def mislabel(quick: bool):
     print("(random ranking: 0.10 share of flipped points in any top set)")
 
 
+def bench_resnet(sizes, epochs: int, reps: int, width: int, size: int,
+                 test_per_batch: list[float] | None = None) -> None:
+    """Plain vs In-Run training of the images recipe's ResNet18 on generated folders (the
+    variants alternate run by run, so that load changes on a shared machine hit all alike)."""
+    import csv
+    import tempfile
+    from pathlib import Path
+
+    from dvl_ooc.data import ImageFolder
+    from dvl_ooc.demo.malaria import make_malaria_folder
+    from dvl_ooc.demo.resnet import ResNet18, channel_stats, train_resnet
+    from dvl_ooc.query import roc_auc
+    from dvl_ooc.recipes.images import INRUN_TEST_PER_BATCH, inrun_tracker
+
+    fractions = test_per_batch or [INRUN_TEST_PER_BATCH]
+    print(f"torch {torch.__version__}, CPU, {torch.get_num_threads()} thread(s), float32; "
+          f"ResNet18(width={width}, stem='imagenet') on {size}x{size} images, AdamW, batch 64, "
+          f"{epochs} epoch(s); times: process CPU s (wall s), median of {reps}")
+    print(f"{'images':>7}{'train':>7}{'test':>6}  {'training':<22}{'CPU s':>8}{'wall s':>8}"
+          f"{'ratio':>7}{'same net':>9}{'AUC':>7}")
+    for n in sizes:
+        with tempfile.TemporaryDirectory() as tmp:
+            root = Path(tmp) / "cells"
+            make_malaria_folder(root, n, seed=0, flip_fraction=0.1, min_size=48, max_size=80,
+                                workers=1)
+            ds = ImageFolder(root, size=size)
+            x = np.stack([ds.load(i) for i in range(len(ds))]).astype(np.float16)
+            y = np.asarray(ds.targets)
+            with open(root / "flipped.csv", newline="") as fh:
+                wrong = {r["path"] for r in csv.DictReader(fh)}
+        rng = np.random.default_rng(0)
+        perm = rng.permutation(n)
+        n_te = n // 5
+        te, tr = perm[:n_te], perm[n_te:]
+        known = np.array([ds.paths[i] in wrong for i in tr])
+        mean, std = channel_stats((x[tr], y[tr]), background=None)
+        variants: list[float | None] = [None, *fractions]
+        times: dict[float | None, list[tuple[float, float]]] = {v: [] for v in variants}
+        nets, values, k_used = {}, {}, {}
+        for _ in range(reps):
+            for v in variants:
+                model = ResNet18(2, width, 3, "imagenet", mean=mean, std=std, seed=0)
+                tracker = None if v is None else inrun_tracker(
+                    model, x[te], y[te], len(tr), batch_size=64, seed=0, test_per_batch=v)
+                c0, w0 = time.process_time(), time.perf_counter()
+                train_resnet(model, (x[tr], y[tr]), epochs=epochs, lr=2e-3, batch_size=64,
+                             seed=0, backward=None if tracker is None else tracker.step)
+                times[v].append((time.process_time() - c0, time.perf_counter() - w0))
+                nets[v] = model.state_dict()
+                if tracker is not None:
+                    values[v], k_used[v] = tracker.values, tracker.val_sample or n_te
+        med = {v: np.median(np.array(t), axis=0) for v, t in times.items()}
+        for v in variants:
+            cpu, wall = med[v]
+            label = "plain" if v is None else f"In-Run, {k_used[v]} test/step"
+            same = "" if v is None else str(all(torch.equal(nets[None][k], nets[v][k])
+                                                for k in nets[None]))
+            auc = "" if v is None else f"{roc_auc(known, -values[v]):.3f}"
+            print(f"{n:>7}{len(tr):>7}{n_te:>6}  {label:<22}{cpu:>8.1f}{wall:>8.1f}"
+                  f"{cpu / med[None][0]:>7.2f}{same:>9}{auc:>7}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small sizes (a minute or two)")
@@ -269,10 +344,23 @@ def main() -> None:
     ap.add_argument("--malloc-tuned", action="store_true",
                     help="keep freed memory in the process (glibc mallopt), so that large "
                          "temporaries are not page-faulted in again at every step")
+    ap.add_argument("--resnet", type=int, nargs="+", metavar="N",
+                    help="time the images recipe's training plain vs with --inrun on generated "
+                         "folders of N images each (instead of everything else)")
+    ap.add_argument("--reps", type=int, default=2, help="--resnet: runs of each (median)")
+    ap.add_argument("--width", type=int, default=16, help="--resnet: ResNet18 width")
+    ap.add_argument("--size", type=int, default=64, help="--resnet: image size in pixels")
+    ap.add_argument("--test-per-batch", type=float, nargs="+",
+                    help="--resnet: test images per step / batch size, one In-Run row each "
+                         "(default: the recipe's)")
     args = ap.parse_args()
     if args.malloc_tuned:
         tune_malloc()
     torch.set_num_threads(args.threads)
+    if args.resnet:
+        bench_resnet(args.resnet, 1 if args.quick else args.epochs, args.reps, args.width,
+                     args.size, args.test_per_batch)
+        return
     d = load_digits_split(seed=0)
     x8 = torch.as_tensor(d.x_train)
     y = torch.as_tensor(d.y_train).long()

@@ -166,15 +166,32 @@ def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
+class _Indexed:
+    """A Dataset whose items are ``(*data[i], i)``."""
+
+    def __init__(self, data: Any) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> tuple[Any, ...]:
+        return (*self.data[i], i)
+
+
 def _loader(data: Any, batch_size: int, shuffle: bool, seed: int, num_workers: int,
-            drop_last: bool = False) -> Any:
-    """A DataLoader over a Dataset or an ``(x, y)`` pair of arrays/tensors."""
+            drop_last: bool = False, indexed: bool = False) -> Any:
+    """A DataLoader over a Dataset or an ``(x, y)`` pair of arrays/tensors (``indexed``: the
+    batches also carry the samples' positions in ``data``; the order is the same)."""
     from torch.utils.data import DataLoader, Dataset, TensorDataset
 
     if not isinstance(data, Dataset):
         x, y = data
         data = TensorDataset(torch.as_tensor(np.asarray(x)),
-                             torch.as_tensor(np.asarray(y)).long())
+                             torch.as_tensor(np.asarray(y)).long(),
+                             *([torch.arange(len(x))] if indexed else []))
+    elif indexed:
+        data = _Indexed(data)
     g = torch_generator(seed) if shuffle else None
     drop_last = drop_last and len(data) > batch_size  # BatchNorm: no training batch of size 1
     return DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=g,
@@ -195,6 +212,7 @@ def train_resnet(
     flip_augment: bool = True,
     progress: bool = False,
     on_epoch_end: Callable[[int, nn.Module], Any] | None = None,
+    backward: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], Any] | None = None,
 ) -> nn.Module:
     """Train with AdamW, a cosine learning-rate decay and cross-entropy; returns the model in
     eval mode (BatchNorm uses its running statistics from then on).
@@ -208,10 +226,16 @@ def train_resnet(
     epoch, e.g. to record per-point training losses at checkpoints; the model is handed over
     as it is (training mode) and put back into training mode afterwards, so the callback may
     switch it to eval mode but must not change its weights.
+
+    ``backward(x, y, idx, lr)`` (optional) replaces ``F.cross_entropy(model(x), y).backward()``
+    at every step, with ``idx`` the batch's positions in ``data`` and ``lr`` the step's learning
+    rate: e.g. :meth:`dvl_ooc.inrun.InRunShapley.step`, to value every training sample while
+    the network trains. Batches, their order and flips are those of plain training.
     """
     from ..runtime import progress as _progress
 
-    loader = _loader(data, batch_size, True, seed, num_workers, drop_last=True)
+    loader = _loader(data, batch_size, True, seed, num_workers, drop_last=True,
+                     indexed=backward is not None)
     dtype = next(model.parameters()).dtype
     device = next(model.parameters()).device
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
@@ -221,8 +245,8 @@ def train_resnet(
     model.train()
     with _progress(progress, total=epochs * len(loader), unit="batch", desc="train") as bar:
         for epoch in range(1, epochs + 1):
-            for xb, yb in loader:
-                xb, yb = xb.to(device, dtype), yb.to(device).long()
+            for batch in loader:
+                xb, yb = batch[0].to(device, dtype), batch[1].to(device).long()
                 if flip_augment:
                     f = torch.rand(2, generator=g)
                     if f[0] < 0.5:
@@ -230,7 +254,10 @@ def train_resnet(
                     if f[1] < 0.5:
                         xb = xb.flip(-2)
                 opt.zero_grad()
-                F.cross_entropy(model(xb), yb).backward()
+                if backward is None:
+                    F.cross_entropy(model(xb), yb).backward()
+                else:
+                    backward(xb, yb, batch[2], sched.get_last_lr()[0])
                 opt.step()
                 sched.step()
                 bar.update(1)

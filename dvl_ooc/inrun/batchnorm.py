@@ -41,12 +41,18 @@ its backward is already per-sample, and no extra backward is run. The validation
 tracker is evaluated in eval mode, so its BatchNorms always use the running statistics.
 
 How the extra backward is run without touching training (:class:`BatchNormCapture`). The
-forward is the user's, once. Every BatchNorm call that uses batch statistics gets a hook on its
-autograd node that, only while :attr:`BatchNormCapture.frozen` is set, replaces the node's
-input gradient by ``gamma / sigma_B * dy``. The tracker runs that frozen backward first
+forward is the user's, once. The output ``y`` of every BatchNorm call that uses batch
+statistics is passed through an identity autograd function (the values are ``y`` itself, a
+view) whose backward, while :attr:`BatchNormCapture.frozen` is set, sends the output gradient
+straight to the BatchNorm input as ``gamma / sigma_B * dy`` (``sigma_B`` as the BatchNorm
+kernel saved it) and nothing to the BatchNorm node, which is then skipped; otherwise it passes
+``dy`` on to the BatchNorm node unchanged. The tracker runs that frozen backward first
 (``torch.autograd.grad`` to the captured layer outputs, ``retain_graph=True``), clears the
-flag and runs the user's ``loss.backward()`` on the same graph, whose hooks then change
-nothing: ``.grad`` and the running statistics are bit-identical to plain training.
+flag and runs the user's ``loss.backward()`` on the same graph: ``.grad`` and the running
+statistics are bit-identical to plain training. The output of such a BatchNorm is a view made
+by a custom autograd function, which autograd forbids to modify in place: a model with
+``ReLU(inplace=True)`` right after a BatchNorm in training mode is refused (use
+``inplace=False``).
 """
 
 from __future__ import annotations
@@ -109,11 +115,11 @@ class BatchNormInput:
 
 def _sums(a: BatchNormInput, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample ``(sum_l g xhat, sum_l g)``, each ``(n, C)``:
-    ``sum_l g xhat = invstd * sum_l g (x - mean)`` (one elementwise pass, no ``xhat``)."""
+    ``sum_l g xhat = invstd * sum_l g (x - mean)`` (a batched product, no ``xhat``)."""
     n, c = g.shape[:2]
     g3 = g.reshape(n, c, -1)
     centred = a.x.reshape(n, c, -1) - a.mean.to(g.dtype).reshape(1, c, 1)
-    return (g3 * centred).sum(-1) * a.invstd.to(g.dtype), g3.sum(-1)
+    return torch.einsum("ncl,ncl->nc", g3, centred) * a.invstd.to(g.dtype), g3.sum(-1)
 
 
 class BatchNormKind:
@@ -190,17 +196,39 @@ def _statistics(module: nn.Module, x: torch.Tensor,
     return mean, torch.rsqrt(var + module.eps)
 
 
+class _FrozenStatistics(torch.autograd.Function):
+    """The identity on a BatchNorm output ``y`` whose backward sends the output gradient
+    ``dy`` either on to ``y`` (the BatchNorm node: the true, coupled gradient, while
+    ``capture.frozen`` is false) or straight to the BatchNorm input ``x`` as ``scale * dy``,
+    ``scale = gamma / sigma_B`` (statistics frozen; the BatchNorm node then receives no
+    gradient and computes nothing)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor,
+                capture: BatchNormCapture) -> torch.Tensor:
+        ctx.scale, ctx.capture = scale, capture
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[Any, ...]:
+        if ctx.capture.frozen:
+            dx = dy * ctx.scale.to(dy.dtype) if ctx.needs_input_grad[0] else None
+            return dx, None, None, None
+        return None, dy, None, None
+
+
 class BatchNormCapture:
     """Hooks on every BatchNorm layer of a model for one In-Run step (a context manager).
 
     For the attributed BatchNorm layers ``names``: :attr:`inputs` holds their rows
     (:class:`BatchNormInput`: the detached input and its statistics),
     :attr:`outputs` the layer outputs (``keep_outputs``), :attr:`output_grads` their gradients
-    from tensor hooks (``output_grads``), :attr:`calls` the forward calls. For *every* BatchNorm
-    call that uses batch statistics, a hook on its autograd node replaces the input gradient by
-    the frozen-statistics one, ``gamma / sigma_B * dy``, while :attr:`frozen` is true (see the
-    module docstring); with ``frozen`` false the node's own gradient passes unchanged.
-    :attr:`coupled` tells whether any call used batch statistics.
+    from tensor hooks (``output_grads``), :attr:`calls` the forward calls. The output of
+    *every* BatchNorm call that uses batch statistics goes through an identity autograd
+    function whose backward, while :attr:`frozen` is true, sends the output gradient straight
+    to the layer's input as ``gamma / sigma_B * dy`` (the frozen-statistics gradient; the
+    BatchNorm node is skipped), and otherwise on to the BatchNorm node unchanged (see the
+    module docstring). :attr:`coupled` tells whether any call used batch statistics.
     """
 
     def __init__(self, model: nn.Module, names: list[str], *, keep_outputs: bool = False,
@@ -212,7 +240,7 @@ class BatchNormCapture:
         self.record_output_grads = bool(output_grads)
         self.frozen = True
         self.coupled = False
-        self.inputs: dict[str, torch.Tensor] = {}
+        self.inputs: dict[str, BatchNormInput] = {}
         self.outputs: dict[str, torch.Tensor] = {}
         self.output_grads: dict[str, torch.Tensor] = {}
         self.calls: dict[str, int] = dict.fromkeys(self.names, 0)
@@ -231,10 +259,10 @@ class BatchNormCapture:
         self._handles.clear()
 
     def _forward_hook(self, name: str, attributed: bool):
-        def hook(module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+        def hook(module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> Any:
             batch = uses_batch_statistics(module)
             if not batch and not attributed:
-                return  # an elementwise map: nothing to record or change
+                return None  # an elementwise map: nothing to record or change
             x = inputs[0].detach()
             node = output.grad_fn
             if batch and node is not None and "BatchNorm" not in type(node).__name__:
@@ -243,6 +271,11 @@ class BatchNormCapture:
                     f"{type(node).__name__}, not a batch-norm node; In-Run Shapley needs the "
                     "plain torch.nn.BatchNorm forward (or the layer in eval mode)")
             mean, invstd = _statistics(module, x, node if batch else None)
+            if batch and node is not None:
+                self.coupled = True
+                scale = invstd if module.weight is None else invstd * module.weight.detach()
+                output = _FrozenStatistics.apply(inputs[0], output,
+                                                 _channel_view(scale, x.ndim), self)
             if attributed:
                 self.calls[name] += 1
                 self.inputs[name] = BatchNormInput(x, mean, invstd)
@@ -254,22 +287,6 @@ class BatchNormCapture:
                         self.output_grads[name] = g.detach()
 
                     output.register_hook(save)
-            if batch and node is not None:
-                self.coupled = True
-                scale = invstd if module.weight is None else invstd * module.weight.detach()
-                node.register_hook(self._node_hook(_channel_view(scale, x.ndim)))
-
-        return hook
-
-    def _node_hook(self, scale: torch.Tensor):
-        def hook(grad_inputs: tuple[Any, ...], grad_outputs: tuple[Any, ...]) -> Any:
-            if not self.frozen or grad_inputs[0] is None:
-                return None
-            dy, dx = grad_outputs[0], grad_inputs[0]
-            if dx.shape == dy.shape and dx.dtype == dy.dtype and dx.is_contiguous():
-                dx = torch.mul(dy, scale.to(dy.dtype), out=dx)  # reuse the discarded buffer
-            else:  # pragma: no cover - other layouts
-                dx = dy * scale.to(dy.dtype)
-            return (dx,) + tuple(grad_inputs[1:])
+            return output
 
         return hook

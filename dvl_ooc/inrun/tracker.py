@@ -82,18 +82,23 @@ per-sample gradient is then defined with the statistics held fixed (stop-gradien
 so its input gradient is ``gamma / sigma_B * dl_i/dy`` and its affine parameters get the
 per-sample gradients ``(sum_l dl_i/dy_l xhat_l, sum_l dl_i/dy_l)`` per channel (an elementwise
 layer's products). ``step`` runs the user's forward once, a backward to the attributed layer
-outputs with the statistics frozen (hooks on the BatchNorm autograd nodes, active only in that
-pass; no weight gradients: about a third of a step), then the user's ``loss.backward()`` on the
-same graph: ``.grad`` and the running statistics stay bit-identical to plain training. The
-values are checked against an explicit per-sample loop over the network with the batch's
-statistics frozen (``tests/inrun/test_inrun_batchnorm.py``). A batch's values then sum to the
-first-order validation-loss decrease of the step ``-(eta/b) sum_i g_i``, which differs from the
-real step by the statistics' share of the batch gradient (which belongs to no single sample).
-BatchNorm in eval mode (running statistics) couples nothing: the same elementwise map with the
-running statistics and no extra pass. ``combined`` and ``second_order`` are refused while a
-BatchNorm uses batch statistics. Layer outputs modified in place later in the forward (e.g.
-``ReLU(inplace=True)`` after a BatchNorm) are refused where the rows are taken by
-differentiation (BatchNorm in training mode, ``combined``, ``per_validation_point``).
+outputs with the statistics frozen (an identity autograd function after each such BatchNorm
+routes the output gradient around it, only in that pass; data gradients only, no weight
+gradients), then the user's ``loss.backward()`` on the same graph: ``.grad`` and the running
+statistics stay bit-identical to plain training. On the images recipe's ResNet18 (CPU) the
+tracker then costs about 1.9x plain training with 4 validation rows per step of 64
+(``benchmarks/bench_inrun.py --resnet``): the frozen backward and the per-sample products
+each cost about a third of a step. The values are checked against an explicit per-sample
+loop over the network with the batch's statistics frozen
+(``tests/inrun/test_inrun_batchnorm.py``). A batch's values then sum to the first-order
+validation-loss decrease of the step ``-(eta/b) sum_i g_i``, which differs from the real step
+by the statistics' share of the batch gradient (which belongs to no single sample). BatchNorm
+in eval mode (running statistics) couples nothing: the same elementwise map with the running
+statistics and no extra pass. ``combined`` and ``second_order`` are refused while a BatchNorm
+uses batch statistics, and so is ``ReLU(inplace=True)`` (or any in-place change) right after
+such a BatchNorm; layer outputs modified in place later in the forward are refused wherever
+the rows are taken by differentiation (BatchNorm in training mode, ``combined``,
+``per_validation_point``).
 
 Sampled validation gradient (``val_sample=k``, summed validation loss). ``V`` needs a forward
 and backward of all ``m`` validation rows at every step: ``m / b`` training steps, prohibitive
@@ -547,14 +552,20 @@ class InRunShapley:
         buffers = [b for m in self.batchnorms for b in m.buffers()]
         before = [b.clone() for b in buffers]
         with self._capture(keep_outputs=True) as cap:
-            loss = self.loss(self.model(x), y)
             try:
+                loss = self.loss(self.model(x), y)
                 self._check_calls(cap)
                 rows = self._rows_of(cap, loss, retain_graph=True)
-            except UnsupportedModelError:
+            except (UnsupportedModelError, RuntimeError) as e:
                 with torch.no_grad():
                     for b, v in zip(buffers, before):
                         b.copy_(v)
+                if isinstance(e, RuntimeError) and "_FrozenStatistics" in str(e):
+                    raise UnsupportedModelError(
+                        "the output of a BatchNorm layer in training mode is modified in "
+                        "place (e.g. by ReLU(inplace=True) after it); In-Run Shapley passes "
+                        "those outputs through an autograd function, whose outputs may not be "
+                        "modified in place: use inplace=False there") from e
                 raise
             cap.bn.frozen = False
             loss.backward()

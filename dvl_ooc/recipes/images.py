@@ -119,6 +119,7 @@ class ImagesJob:
     progress: bool = True
     restart: bool = False
     pictures: bool = True
+    inrun: bool = False
     # explanations (pictures of the most helpful / harmful training images per test image)
     explain_n: int = 8
     explain_k: int = 8
@@ -151,6 +152,9 @@ class ImagesJob:
             raise InputError(f"checkpoint {self.checkpoint!r} is not a file")
         if (self.mean is None) != (self.std is None):
             raise InputError("pass both mean and std, or neither")
+        if self.inrun and self.checkpoint is not None:
+            raise InputError("--inrun values the training run of the recipe's own network; a "
+                             "--checkpoint model is not trained here: drop one of the two")
         for name, low in (("explain_n", 0), ("explain_k", 1)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
@@ -211,6 +215,7 @@ def _stage_keys(job: ImagesJob, files_key: str) -> dict[str, str]:
         mkey = {"checkpoint": hashlib.sha256(Path(job.checkpoint).read_bytes()).hexdigest(),
                 "mean": job.mean, "std": job.std}
     keys["train"] = _key({"decode": keys["decode"], **mkey})
+    keys["inrun"] = _key({"train": keys["train"], "test_per_batch": INRUN_TEST_PER_BATCH})
     keys["fit"] = _key({"train": keys["train"], **{k: getattr(job, k) for k in (
         "method", "k", "dense_dim", "rank", "damping", "layers", "fit_samples", "seed")}})
     return keys
@@ -473,10 +478,16 @@ def _run_stages(job: ImagesJob, state: _State, keys: dict[str, str], ds: Any, pa
     import zarr
 
     from ..calculator import DaskInfluenceCalculator
-    from ..demo.resnet import ResNet18, count_parameters, train_resnet
+    from ..demo.resnet import count_parameters
     from ..influence import Relative
     from ..query import DETECTION_FRACTIONS as FRACTIONS
-    from ..query import detection_rates, mislabel_score, query_quantiles, query_self_influence
+    from ..query import (
+        detection_rates,
+        mislabel_score,
+        query_quantiles,
+        query_self_influence,
+        roc_auc,
+    )
     from ..runtime import format_bytes, progress
 
     out = Path(job.out)
@@ -521,6 +532,8 @@ def _run_stages(job: ImagesJob, state: _State, keys: dict[str, str], ds: Any, pa
     model_file = out / "model.pt"
     losses_file = out / "checkpoint_losses.npy"
     done = state.done("train", key)
+    inrun_file = out / "inrun_values.npy"
+    tracker = None
     if done is None:
         state.drop_after("train", _ORDER)
         losses_file.unlink(missing_ok=True)
@@ -528,12 +541,7 @@ def _run_stages(job: ImagesJob, state: _State, keys: dict[str, str], ds: Any, pa
             model = _load_checkpoint(job, C, ch)
             how = f"loaded {job.checkpoint}"
         else:
-            from ..demo.resnet import channel_stats
-
             x_np = np.asarray(x_tr[:])
-            mean, std = (job.mean, job.std) if job.mean is not None else \
-                channel_stats((x_np, y_tr), background=None)
-            model = ResNet18(C, job.width, ch, job.stem, mean=mean, std=std, seed=job.seed)
             ckpt_epochs = _checkpoint_epochs(job.epochs)
             ckpt_losses: list[np.ndarray] = []
 
@@ -541,13 +549,14 @@ def _run_stages(job: ImagesJob, state: _State, keys: dict[str, str], ds: Any, pa
                 if epoch in ckpt_epochs:
                     ckpt_losses.append(_per_point_losses(net.eval(), x_np, y_tr))
 
-            train_resnet(model.to(local), (x_np, y_tr), epochs=job.epochs, lr=job.lr,
-                         batch_size=job.batch_size, seed=job.seed, progress=job.progress,
-                         on_epoch_end=record)
+            model, tracker = _train_network(job, C, ch, x_np, y_tr, x_te, y_te, local,
+                                            record)
             del x_np
             how = f"trained ResNet18(width={job.width}, stem={job.stem!r}) for {job.epochs} epochs"
             if ckpt_losses:
                 _save_atomic_npy(np.stack(ckpt_losses), losses_file)
+            if tracker is not None:
+                _save_atomic_npy(tracker.values, inrun_file)
         model.eval().cpu()
         _save_atomic(model, model_file)
         acc_tr = _accuracy(model, x_tr, y_tr)
@@ -555,11 +564,31 @@ def _run_stages(job: ImagesJob, state: _State, keys: dict[str, str], ds: Any, pa
         done = state.finish("train", key, how=how, parameters=count_parameters(model),
                             train_accuracy=acc_tr, test_accuracy=acc_te,
                             seconds=time.perf_counter() - t)
+        if tracker is not None:
+            state.finish("inrun", keys["inrun"], test_per_step=tracker.val_sample or n_te,
+                         seconds=done["seconds"], while_training=True)
     model = torch.load(model_file, map_location="cpu", weights_only=False).eval()
     times["train"] = time.perf_counter() - t
     say(f"  {done['how']}: {done['parameters']:,} parameters; accuracy train "
         f"{done['train_accuracy']:.3f} (given labels), test {done['test_accuracy']:.3f}  "
         f"[{times['train']:.1f} s]")
+    if job.inrun:  # In-Run values: recorded while training, or (the network was trained
+        # without --inrun) by training it again, which gives the same network
+        t = time.perf_counter()
+        idone = state.done("inrun", keys["inrun"])
+        if idone is None:
+            _, tracker = _train_network(job, C, ch, np.asarray(x_tr[:]), y_tr, x_te, y_te,
+                                        local, None, inrun=True)
+            _save_atomic_npy(tracker.values, inrun_file)
+            idone = state.finish("inrun", keys["inrun"],
+                                 test_per_step=tracker.val_sample or n_te,
+                                 seconds=time.perf_counter() - t, while_training=False)
+        times["inrun"] = time.perf_counter() - t
+        say(f"  In-Run values of the {n_tr} training images for the sum over the {n_te} test "
+            f"images ({idone['test_per_step']} test images per step), "
+            + ("recorded while training" if idone["while_training"] else
+               f"by training the network again [{times['inrun']:.1f} s]")
+            + f" -> {out / 'inrun.csv'}")
 
     # 4. fit ---------------------------------------------------------------------------
     t = time.perf_counter()
@@ -647,19 +676,32 @@ def _run_stages(job: ImagesJob, state: _State, keys: dict[str, str], ds: Any, pa
         "e.g.")
     for j in order[:5]:
         say(f"    {train_paths[j]}  label {ds.classes[int(y_tr[j])]}  score {rec[j]:.3g}")
-    det = None
+    iv = i_order = None
+    if job.inrun:  # lowest In-Run value first: the images whose steps raised the test loss most
+        iv = np.load(out / "inrun_values.npy")
+        i_order = np.argsort(np.where(np.isfinite(iv), iv, np.inf), kind="stable")
+        _write_inrun_csv(out / "inrun.csv", i_order, iv, train_paths, y_tr, ds.classes, known)
+    det = auc = None
     if known is not None:
         nf = int(known.sum())
         q_order = np.argsort(np.where(np.isfinite(score), score, np.inf), kind="stable")
+        i_name = "lowest In-Run value (test set)"
         det = {f"recommended: {rec_name}": detection_rates(order, known),
                "lowest same-label 25th percentile": detection_rates(q_order, known),
                "highest self-influence": detection_rates(np.argsort(-si, kind="stable"),
                                                          known),
+               **({i_name: detection_rates(i_order, known)} if iv is not None else {}),
                "random (expected)": {f"{round(f * 100)}%": {"recall": f} for f in FRACTIONS}}
+        auc = {f"recommended: {rec_name}": roc_auc(known, rec),  # higher = more suspicious
+               "lowest same-label 25th percentile": roc_auc(known, -score),
+               "highest self-influence": roc_auc(known, si),
+               **({i_name: roc_auc(known, -iv)} if iv is not None else {}),
+               "random (expected)": 0.5}
         say(f"  known wrong labels ({src}): {nf}; found among the most suspicious:")
         for name, r in det.items():
             say(f"    {name:<36}" + "".join(
-                f"  top {k}: {100 * v['recall']:5.1f}%" for k, v in r.items()))
+                f"  top {k}: {100 * v['recall']:5.1f}%" for k, v in r.items())
+                + f"  ROC AUC {auc[name]:.3f}")
     pics = _pictures(out, x_tr, order, rec, rec_name, known, train_paths, y_tr, ds.classes) \
         if job.pictures else []
     if pics:
@@ -671,10 +713,27 @@ def _run_stages(job: ImagesJob, state: _State, keys: dict[str, str], ds: Any, pa
         "influence": {"class": type(m).__name__, "config": m.config(),
                       "feature_dims": [k_test, k_train]},
         "store": str(store_path), "store_bytes": nbytes, "plan": plan.as_dict(),
-        "detection": det, "known_flipped_source": src or None,
+        "detection": det, "detection_auc": auc, "known_flipped_source": src or None,
+        "inrun": None if iv is None else {**state.data["stages"]["inrun"],
+                                          "csv": str(out / "inrun.csv")},
         "suspects_csv": str(out / "suspects.csv"), "pictures": pics,
         "memory": {},
     }
+
+
+def _write_inrun_csv(path: Path, order: np.ndarray, values: np.ndarray, names: list[str],
+                     y: np.ndarray, classes: list[str], known: Any) -> None:
+    """``OUT/inrun.csv``: every training image with its In-Run value, lowest (most harmful to
+    the test loss) first."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["rank", "file", "label", "class", "inrun_value"]
+                   + (["known_flipped"] if known is not None else []))
+        for r, j in enumerate(order):
+            w.writerow([r + 1, names[j], int(y[j]), classes[int(y[j])], f"{values[j]:.6g}"]
+                       + ([int(known[j])] if known is not None else []))
+    os.replace(tmp, path)
 
 
 def _save_atomic(obj: Any, path: Path) -> None:
@@ -693,6 +752,61 @@ def _save_atomic_npy(a: np.ndarray, path: Path) -> None:
     with open(tmp, "wb") as fh:
         np.save(fh, a)
     os.replace(tmp, path)
+
+
+#: test images per training step of the In-Run test gradient, as a fraction of the batch (1/16:
+#: 4 at batch 64). ``benchmarks/bench_inrun.py --resnet``: training with the tracker costs 1.9x
+#: plain training on CPU with 4 test images per step, 2.0x with 8
+INRUN_TEST_PER_BATCH = 1 / 16
+
+
+def inrun_tracker(model: Any, x_test: Any, y_test: Any, n_train: int, *, batch_size: int,
+                  seed: int = 0, test_per_batch: float = INRUN_TEST_PER_BATCH) -> Any:
+    """The In-Run Data Shapley tracker of ``--inrun`` (:class:`~dvl_ooc.inrun.InRunShapley`,
+    BatchNorm in training mode with the batch statistics frozen per sample, see
+    :mod:`dvl_ooc.inrun.batchnorm`): every training image's value for the **whole test set**,
+    ``phi_i = sum_t (lr_t / b) <g_i(w_t), sum_j grad l_j(w_t)>`` summed over the steps ``t``
+    that saw image ``i`` and over all test images ``j`` (eval mode), positive = lowered the test
+    loss. ``g_i`` is the plain gradient (the SGD direction at the step's learning rate; the
+    recipe trains with AdamW). The summed test gradient is estimated at each step from
+    ``test_per_batch * batch_size`` test images (all of them when there are fewer), a seeded
+    rotation through the test set scaled up to all of it (``val_sample``): unbiased, exact with
+    a small test set, at a small part of a training step instead of the ``n_test / batch_size``
+    steps of the whole test set."""
+    import torch
+    import torch.nn.functional as F
+
+    from ..inrun import InRunShapley
+
+    p = next(model.parameters())
+    k = max(1, round(batch_size * test_per_batch))
+    return InRunShapley(model, F.cross_entropy,
+                        torch.as_tensor(np.asarray(x_test), dtype=p.dtype, device=p.device),
+                        torch.as_tensor(np.asarray(y_test), device=p.device).long(),
+                        n_train=n_train, val_sample=k, seed=seed)
+
+
+def _train_network(job: ImagesJob, n_classes: int, channels: int, x: np.ndarray, y: np.ndarray,
+                   x_test: Any, y_test: np.ndarray, device: str,
+                   on_epoch_end: Callable[[int, Any], None] | None, *,
+                   inrun: bool | None = None) -> tuple[Any, Any]:
+    """Train the recipe's ResNet18 on ``(x, y)``; with In-Run (``inrun``, default
+    ``job.inrun``) also the :func:`inrun_tracker` that valued every image while it trained
+    (training is the same with or without it)."""
+    from ..demo.resnet import ResNet18, channel_stats, train_resnet
+
+    mean, std = (job.mean, job.std) if job.mean is not None else \
+        channel_stats((x, y), background=None)
+    model = ResNet18(n_classes, job.width, channels, job.stem, mean=mean, std=std,
+                     seed=job.seed).to(device)
+    tracker = None
+    if job.inrun if inrun is None else inrun:
+        tracker = inrun_tracker(model, x_test[:], y_test, len(x), batch_size=job.batch_size,
+                                seed=job.seed)
+    train_resnet(model, (x, y), epochs=job.epochs, lr=job.lr, batch_size=job.batch_size,
+                 seed=job.seed, progress=job.progress, on_epoch_end=on_epoch_end,
+                 backward=None if tracker is None else tracker.step)
+    return model, tracker
 
 
 def _checkpoint_epochs(epochs: int, n: int = 5) -> set[int]:

@@ -372,8 +372,8 @@ def test_val_sample_values_and_resume(tmp_path):
 
 
 def test_in_place_after_batchnorm_is_refused():
-    """ReLU(inplace=True) after a training-mode BatchNorm would change the captured output:
-    refused (naming the layer), before .grad or the store is touched; inplace=False works."""
+    """ReLU(inplace=True) after a training-mode BatchNorm: refused before .grad, the running
+    statistics or the store are touched; inplace=False works."""
     x, y = _images(6, 13)
     xv, yv = _images(3, 14)
 
@@ -385,7 +385,7 @@ def test_in_place_after_batchnorm_is_refused():
     model = net(True)
     before = copy.deepcopy(model.state_dict())
     tr = InRunShapley(model, F.cross_entropy, xv, yv, n_train=6)
-    with pytest.raises(UnsupportedModelError, match=r"'1'.*inplace=False"):
+    with pytest.raises(UnsupportedModelError, match="in place.*inplace=False"):
         tr.step(x, y, np.arange(6), lr=1.0)
     assert all(p.grad is None for p in model.parameters()) and not tr.values.any()
     for n, v in model.state_dict().items():  # running statistics as before the step
@@ -396,3 +396,11 @@ def test_in_place_after_batchnorm_is_refused():
     g = ref_grads(_frozen(ok, _batch_statistics(ok, x)), F.cross_entropy, x, y)
     v = ref_grads(ok.eval(), F.cross_entropy, xv, yv).sum(0)
     assert rel_err(tr.values, g @ v) < 1e-10
+    # a Conv2d output changed in place (before a BatchNorm): its rows would be those of the
+    # changed tensor; refused naming the layer
+    conv_inplace = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(inplace=True), nn.BatchNorm2d(4),
+                                 nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).double()
+    tr = InRunShapley(conv_inplace, F.cross_entropy, xv, yv, n_train=6)
+    with pytest.raises(UnsupportedModelError, match="layer '0' is modified in place"):
+        tr.step(x, y, np.arange(6), lr=1.0)
+    assert all(p.grad is None for p in conv_inplace.parameters())
