@@ -362,9 +362,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def ground_truth(w: Workload, work: Path, data: dict[str, np.ndarray], args: argparse.Namespace):
     """The retraining ground truth (resumable store ``gt.zarr``)."""
+    import torch
+
     from dvl_ooc.evaluate import TorchRetrainer
     from dvl_ooc.evaluate import ground_truth as run_gt
 
+    torch.manual_seed(0)  # the retrainer's fingerprint includes the (unused) initial weights
     net = build_net(w.arch)
     retrainer = TorchRetrainer(net, (data["x_train"], data["y_train"]),
                                (data["x_test"], data["y_test"]),

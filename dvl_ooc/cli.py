@@ -304,6 +304,37 @@ def _cmd_explain(args: argparse.Namespace) -> None:
     print(f"picture: {path}")
 
 
+@command("lds", help="how good are the scores of a finished 'dvl-ooc images' run: linear "
+         "datamodeling score against retraining on random halves, with its interval and the "
+         "noise ceiling", arguments=[
+    option("out_dir", metavar="OUT_DIR", help="the --out folder of a finished 'dvl-ooc images'"),
+    option("--also", nargs="+", metavar="OTHER", default=[],
+           help="output folders of other methods on the same images (e.g. run with "
+                "--checkpoint OUT_DIR/model.pt --method ekfac --out OTHER), scored against the "
+                "same ground truth"),
+    option("--subsets", type=int, default=24,
+           help="random halves of the training set to retrain on (default: 24)"),
+    option("--seeds", type=int, default=2,
+           help="trainings per subset; >= 2 gives the noise ceiling (default: 2)"),
+    option("--alpha", type=float, default=0.5, help="subset fraction (default: 0.5)"),
+    option("--epochs", type=int, help="training epochs of the retrainings (default: the run's)"),
+    option("--workers", type=int, default=2,
+           help="Dask worker processes (default: 2; 0: in this process)"),
+    option("--restart", action="store_true", help="recompute the ground truth"),
+    option("--no-progress", action="store_true", help="no progress bar"),
+    option("--json", action="store_true", help="print the report as JSON"),
+])
+def _cmd_lds(args: argparse.Namespace) -> None:
+    from .recipes.lds import run_lds
+
+    rep = run_lds(args.out_dir, subsets=args.subsets, seeds=args.seeds, alpha=args.alpha,
+                  workers=args.workers, others=args.also, epochs=args.epochs,
+                  progress=not args.no_progress, restart=args.restart,
+                  echo=(lambda _m: None) if args.json else print)
+    if args.json:
+        print(json.dumps(rep))
+
+
 @command("info", help="shape, chunks, parameters and completeness of a store", arguments=[
     option("store"),
     option("--json", action="store_true", help="print JSON"),
