@@ -228,6 +228,10 @@ def _floats(v: str) -> list[float]:
            help="also value every training image while the network trains (In-Run Data "
                 "Shapley for the summed loss of the test images; about 2x the training time "
                 "on CPU): OUT/inrun.csv and one more ranking in the report"),
+    option("--ensemble", type=int, default=1, metavar="M",
+           help="train M networks (seeds SEED, SEED+1, ...; OUT/model.pt and "
+                "OUT/member_<m>.pt, resumable per network), fit one influence model each and "
+                "average their influences (default: 1; not with --checkpoint)"),
     option("--explanations", type=int, default=8, metavar="N",
            help="explanation pictures of the N most uncertain test images (smallest margin "
                 "between the two top predicted probabilities; default: 8, 0: none)"),
@@ -255,7 +259,7 @@ def _cmd_images(args: argparse.Namespace) -> None:
         workers=args.workers, cluster=args.cluster, test_chunk=args.test_chunk,
         memory_limit=args.memory_limit,
         train_chunk=args.train_chunk, progress=not args.no_progress, restart=args.restart,
-        pictures=not args.no_pictures, inrun=args.inrun,
+        pictures=not args.no_pictures, inrun=args.inrun, ensemble=args.ensemble,
         explain_n=args.explanations, explain_k=args.explain_k, explain=args.explain,
     )
     run_images(job)

@@ -17,12 +17,20 @@ continues where it stopped; nothing finished is recomputed):
    blocks; ``width`` sets its size: 16 ~ 0.7 M, 20 ~ 1.1 M, 64 ~ 11 M parameters) on the
    training split, or load ``checkpoint`` (a state dict of that network, or any pickled
    ``torch.nn.Module``, e.g. a torchvision model, expecting ``[0, 1]`` inputs unless
-   ``mean``/``std`` are given) -> ``OUT/model.pt``.
+   ``mean``/``std`` are given) -> ``OUT/model.pt``. With ``ensemble=M > 1`` (not with a
+   checkpoint) ``M`` networks are trained, network ``m`` with seed ``seed + m`` (its
+   initialisation and data order): network 0 is the one of ``M = 1`` (``OUT/model.pt``, with
+   the training losses and In-Run values), the others go to ``OUT/member_<m>.pt``; every
+   finished network is recorded in ``OUT/job.json``, so a rerun after an interruption trains
+   only the missing ones. Accuracies, predictions and the recommended score stay network 0's.
 4. **fit** the influence model (default: :class:`~dvl_ooc.DirectInfluence` on per-layer
    Kronecker-projected gradients of dimension k, see :class:`~dvl_ooc.GradientProjector`) on
    the training split (or its first ``fit_samples`` points: the split order is random). The
    damping is relative to the fitted spectrum: ``lambda_b = damping * largest eigenvalue`` of
-   every curvature block ``b`` -> ``OUT/influence.pt``.
+   every curvature block ``b`` -> ``OUT/influence.pt``. With ``ensemble=M > 1`` one influence
+   model per network (same method and options, damping relative to its own spectrum), stored
+   together as the state of :class:`~dvl_ooc.influence.Ensemble`: the matrix is the mean of the
+   ``M`` members' influences (one store; its fingerprint is the ensemble's).
 5. **matrix**: the full ``test x train`` influence matrix with the Dask calculator into the
    resumable Zarr store ``OUT/influences.zarr`` (with self-influence; the store names every
    image file: coordinates ``test_name`` / ``train_name``).
@@ -64,7 +72,7 @@ import os
 import resource
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -120,6 +128,8 @@ class ImagesJob:
     restart: bool = False
     pictures: bool = True
     inrun: bool = False
+    #: independently trained networks (seeds seed, seed + 1, ...) whose influences are averaged
+    ensemble: int = 1
     # explanations (pictures of the most helpful / harmful training images per test image)
     explain_n: int = 8
     explain_k: int = 8
@@ -134,7 +144,8 @@ class ImagesJob:
         if not 0 <= self.flip_train < 0.5:
             raise InputError(f"flip_train must be in [0, 0.5), got {self.flip_train}")
         for name in ("size", "width", "epochs", "batch_size", "k", "dense_dim", "rank",
-                     "micro_batch_size", "workers", "test_chunk", "train_chunk", "decode_chunk"):
+                     "micro_batch_size", "workers", "ensemble", "test_chunk", "train_chunk",
+                     "decode_chunk"):
             v = getattr(self, name)
             if v is None and name in ("test_chunk", "train_chunk"):
                 continue
@@ -155,6 +166,11 @@ class ImagesJob:
         if self.inrun and self.checkpoint is not None:
             raise InputError("--inrun values the training run of the recipe's own network; a "
                              "--checkpoint model is not trained here: drop one of the two")
+        if self.ensemble > 1 and self.checkpoint is not None:
+            raise InputError(f"--ensemble {self.ensemble} trains {self.ensemble} networks from "
+                             "seeds; a --checkpoint model is one network that is not trained "
+                             "here: drop --checkpoint or use --ensemble 1 (for an ensemble of "
+                             "your own networks use dvl_ooc.influence.Ensemble in Python)")
         for name, low in (("explain_n", 0), ("explain_k", 1)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
@@ -214,6 +230,8 @@ def _stage_keys(job: ImagesJob, files_key: str) -> dict[str, str]:
     if job.checkpoint:
         mkey = {"checkpoint": hashlib.sha256(Path(job.checkpoint).read_bytes()).hexdigest(),
                 "mean": job.mean, "std": job.std}
+    if job.ensemble != 1:  # M = 1 keeps the keys of a single network
+        mkey["ensemble"] = job.ensemble
     keys["train"] = _key({"decode": keys["decode"], **mkey})
     keys["inrun"] = _key({"train": keys["train"], "test_per_batch": INRUN_TEST_PER_BATCH})
     keys["fit"] = _key({"train": keys["train"], **{k: getattr(job, k) for k in (
@@ -364,6 +382,8 @@ def run_images(job: ImagesJob, *, echo: Callable[[str], None] = print) -> dict[s
             shutil.rmtree(out / name, ignore_errors=True)
         for name in ("model.pt", "influence.pt", "split.json", _STATE):
             (out / name).unlink(missing_ok=True)
+        for f in out.glob("member_*.pt"):
+            f.unlink()
     state = _State(out, job.restart)
     lines: list[str] = []
 
@@ -534,8 +554,14 @@ def _run_stages(job: ImagesJob, state: _State, keys: dict[str, str], ds: Any, pa
     done = state.done("train", key)
     inrun_file = out / "inrun_values.npy"
     tracker = None
+    M = job.ensemble
+    finished: set[int] = set()
     if done is None:
         state.drop_after("train", _ORDER)
+        finished = _members_finished(state, key) if M > 1 else set()
+    if done is None and 0 in finished:  # network 0 of an interrupted ensemble run
+        model = torch.load(model_file, map_location="cpu", weights_only=False).eval()
+    elif done is None:
         losses_file.unlink(missing_ok=True)
         if job.checkpoint:
             model = _load_checkpoint(job, C, ch)
@@ -559,18 +585,40 @@ def _run_stages(job: ImagesJob, state: _State, keys: dict[str, str], ds: Any, pa
                 _save_atomic_npy(tracker.values, inrun_file)
         model.eval().cpu()
         _save_atomic(model, model_file)
+        if M > 1:
+            if tracker is not None:
+                state.finish("inrun", keys["inrun"], test_per_step=tracker.val_sample or n_te,
+                             seconds=time.perf_counter() - t, while_training=True)
+            _member_finished(state, key, 0)
+    if done is None:
+        if M > 1:
+            seeds = [job.seed + m for m in range(M)]
+            todo = [m for m in range(1, M) if m not in _members_finished(state, key)]
+            x_np = np.asarray(x_tr[:]) if todo else None
+            for m in todo:
+                _train_member(job, m, C, ch, x_np, y_tr, local, _member_file(out, m))
+                _member_finished(state, key, m)
+            del x_np
+            how = (f"trained an ensemble of {M} networks (seeds {seeds[0]}..{seeds[-1]}), "
+                   f"ResNet18(width={job.width}, stem={job.stem!r}) for {job.epochs} epochs "
+                   "each")
         acc_tr = _accuracy(model, x_tr, y_tr)
         acc_te = _accuracy(model, x_te, y_te)
+        state.data["stages"].pop("train_members", None)  # the finished stage replaces it
         done = state.finish("train", key, how=how, parameters=count_parameters(model),
                             train_accuracy=acc_tr, test_accuracy=acc_te,
-                            seconds=time.perf_counter() - t)
-        if tracker is not None:
+                            seconds=time.perf_counter() - t,
+                            **({"ensemble": {"networks": M, "seeds": seeds, "files": [
+                                _member_file(out, m).name for m in range(M)]}}
+                               if M > 1 else {}))
+        if tracker is not None and M == 1:
             state.finish("inrun", keys["inrun"], test_per_step=tracker.val_sample or n_te,
                          seconds=done["seconds"], while_training=True)
     model = torch.load(model_file, map_location="cpu", weights_only=False).eval()
     times["train"] = time.perf_counter() - t
-    say(f"  {done['how']}: {done['parameters']:,} parameters; accuracy train "
-        f"{done['train_accuracy']:.3f} (given labels), test {done['test_accuracy']:.3f}  "
+    say(f"  {done['how']}{'; network 0' if M > 1 else ''}: {done['parameters']:,} parameters; "
+        f"accuracy train {done['train_accuracy']:.3f} (given labels), test "
+        f"{done['test_accuracy']:.3f}  "
         f"[{times['train']:.1f} s]")
     if job.inrun:  # In-Run values: recorded while training, or (the network was trained
         # without --inrun) by training it again, which gives the same network
@@ -595,22 +643,45 @@ def _run_stages(job: ImagesJob, state: _State, keys: dict[str, str], ds: Any, pa
     key = keys["fit"]
     inf_file = out / "influence.pt"
     done = state.done("fit", key)
+    nets = [model] + [torch.load(_member_file(out, i), map_location="cpu",
+                                 weights_only=False).eval() for i in range(1, M)]
     if done is None:
         state.drop_after("fit", _ORDER)
-        m = _make_influence(job, model.to(local), Relative(job.damping, of="top"))
         nf = n_tr if job.fit_samples is None else min(job.fit_samples, n_tr)
-        m.fit((x_tr if nf == n_tr else _Rows(x_tr, nf), y_tr[:nf]))
-        reg = dict(m.regularization)  # resolved per block from the fitted spectrum
-        _save_atomic({"blocks": m.state(), "regularization": reg}, inf_file)
-        done = state.finish("fit", key, n_fit=nf, regularization=reg,
+        fitted, regs = [], []
+        for net in nets:  # one influence model per network, damping from its own spectrum
+            m = _make_influence(job, net.to(local), Relative(job.damping, of="top"))
+            m.fit((x_tr if nf == n_tr else _Rows(x_tr, nf), y_tr[:nf]))
+            fitted.append(m)
+            regs.append(dict(m.regularization))  # resolved per block from the fitted spectrum
+        if M == 1:
+            blob = {"blocks": fitted[0].state(), "regularization": regs[0]}
+        else:
+            from ..influence import Ensemble
+
+            blob = {"blocks": Ensemble(fitted).state(), "regularization": regs[0],
+                    "members_regularization": regs}
+        _save_atomic(blob, inf_file)
+        done = state.finish("fit", key, n_fit=nf, regularization=regs[0],
+                            **({"members_regularization": regs} if M > 1 else {}),
                             seconds=time.perf_counter() - t)
     blob = torch.load(inf_file, map_location="cpu", weights_only=False)
-    model.cpu()  # shipped to the workers from the CPU (each moves it to its device once)
-    m = _make_influence(job, model, Relative(job.damping, of="top")).load_state(blob["blocks"])
+    # shipped to the workers from the CPU (each moves it to its device once)
+    members = [_make_influence(job, net.cpu(), Relative(job.damping, of="top"))
+               for net in nets]
+    if M == 1:
+        m = members[0].load_state(blob["blocks"])
+    else:
+        from ..influence import Ensemble
+
+        m = Ensemble(members).load_state(blob["blocks"])
     times["fit"] = time.perf_counter() - t
     k_test, k_train = m.feature_dims()
-    lam = list(done["regularization"].values())
-    say(f"  fitted {type(m).__name__} ({job.method}; features of dimension {k_test}"
+    lam = [v for r in done.get("members_regularization", [done["regularization"]])
+           for v in r.values()]
+    say(f"  fitted {type(m).__name__}"
+        + (f" of {M} influence models" if M > 1 else "")
+        + f" ({job.method}; features of dimension {k_test}"
         + (f" test / {k_train} train" if k_test != k_train else "")
         + f") on {done['n_fit']} training images; lambda = {job.damping:g} x top eigenvalue "
         f"({min(lam):.3g}..{max(lam):.3g} over {len(lam)} block(s))  [{times['fit']:.1f} s]")
@@ -807,6 +878,35 @@ def _train_network(job: ImagesJob, n_classes: int, channels: int, x: np.ndarray,
                  seed=job.seed, progress=job.progress, on_epoch_end=on_epoch_end,
                  backward=None if tracker is None else tracker.step)
     return model, tracker
+
+
+def _member_file(out: Path, m: int) -> Path:
+    """The network of ensemble member ``m``: ``OUT/model.pt`` (``m = 0``), else
+    ``OUT/member_<m>.pt``."""
+    return out / ("model.pt" if m == 0 else f"member_{m}.pt")
+
+
+def _members_finished(state: _State, key: str) -> set[int]:
+    """Ensemble members whose networks were trained and saved under the train stage's ``key``
+    (``job.json``'s ``train_members``; a record of other options is ignored)."""
+    rec = state.data["stages"].get("train_members")
+    return set(rec["done"]) if rec is not None and rec.get("key") == key else set()
+
+
+def _member_finished(state: _State, key: str, m: int) -> None:
+    """Record member ``m``'s network as saved (after its file was written atomically)."""
+    state.finish("train_members", key, done=sorted(_members_finished(state, key) | {m}))
+
+
+def _train_member(job: ImagesJob, m: int, n_classes: int, channels: int, x: np.ndarray,
+                  y: np.ndarray, device: str, path: Path) -> None:
+    """Train ensemble member ``m >= 1``: the recipe's network with seed ``job.seed + m`` (its
+    initialisation and data order; no training losses, no In-Run values), saved atomically
+    to ``path`` in eval mode on the CPU."""
+    sub = replace(job, seed=job.seed + m, inrun=False)
+    model, _ = _train_network(sub, n_classes, channels, x, y, None, y[:0], device, None,
+                              inrun=False)
+    _save_atomic(model.eval().cpu(), path)
 
 
 def _checkpoint_epochs(epochs: int, n: int = 5) -> set[int]:
