@@ -38,7 +38,9 @@ the step ``-(eta / b) sum_i g_i``, which differs from the real step by the stati
 Eval-mode BatchNorm (running statistics: e.g. BatchNorm frozen while fine-tuning) couples
 nothing: it is the same elementwise affine map with ``mu``, ``var`` the running statistics,
 its backward is already per-sample, and no extra backward is run. The validation loss of the
-tracker is evaluated in eval mode, so its BatchNorms always use the running statistics.
+tracker is evaluated in eval mode, so its BatchNorms use the running statistics (a BatchNorm
+without running statistics normalises each validation chunk with the chunk's own statistics,
+frozen in the same way).
 
 How the extra backward is run without touching training (:class:`BatchNormCapture`). The
 forward is the user's, once. The output ``y`` of every BatchNorm call that uses batch

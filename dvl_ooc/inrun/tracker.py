@@ -651,9 +651,13 @@ class InRunShapley:
         """``<g_i, V>`` with ``V = grad L_val`` (plus the second-order vector), layer by layer
         as the directional derivative ``sum_l g_il . (V a_il)`` (one forward's cost)."""
         V: list[torch.Tensor] | None = None
+        coupled = self._coupled()  # BatchNorm without running statistics: frozen, from rows
         for _, xv, yv, w in self._val_chunks():
-            with BatchNormCapture(self.model, []):  # frozen statistics, if any in eval mode
-                lv = self.loss(self.model(xv), yv) * (len(xv) * w)
+            if coupled:
+                gv = self._grads_from_rows(xv, yv, len(xv) * w)
+                V = gv if V is None else [t + h for t, h in zip(V, gv)]
+                continue
+            lv = self.loss(self.model(xv), yv) * (len(xv) * w)
             gv = torch.autograd.grad(lv, self.params, allow_unused=True, materialize_grads=True,
                                      create_graph=gbar is not None)
             if gbar is not None:
@@ -672,6 +676,21 @@ class InRunShapley:
             tensors = {pn: V[pidx[id(p)]] for pn, p in mod.named_parameters(recurse=False)}
             out += self.kinds[name].dot_with_param_vector(mod, a, g, tensors)
         return out
+
+    def _grads_from_rows(self, x: torch.Tensor, y: torch.Tensor,
+                         weight: float) -> list[torch.Tensor]:
+        """The gradient of ``weight * loss(model(x), y)`` w.r.t. :attr:`params`, rebuilt layer
+        by layer from the rows of a frozen-statistics backward (for BatchNorm layers that
+        normalise with batch statistics in eval mode: their node is skipped in that backward,
+        so autograd would give their affine parameters no gradient)."""
+        _, rows = self._layer_rows(x, lambda o: self.loss(o, y) * weight)
+        grads = {id(p): torch.zeros_like(p) for p in self.params}
+        for name, (a, g) in rows.items():
+            mod = self.modules[name]
+            pg = self.kinds[name].param_grads(mod, a, g)
+            for pn, p in mod.named_parameters(recurse=False):
+                grads[id(p)] += pg[pn]
+        return [grads[id(p)] for p in self.params]
 
     def _pairwise_scores(self, train: dict, b: int) -> torch.Tensor:
         """``(b, n_val)`` per-sample gradient dot products by ghost / materialised products."""

@@ -86,8 +86,9 @@ def _frozen(model, stats):
     m = copy.deepcopy(model).eval()
     for name, mod in m.named_modules():
         if isinstance(mod, _BN):
-            mod.running_mean.copy_(stats[name][0])
-            mod.running_var.copy_(stats[name][1])
+            mod.track_running_stats = True
+            mod.running_mean = stats[name][0].clone()
+            mod.running_var = stats[name][1].clone()
     return m
 
 
@@ -183,6 +184,25 @@ def test_batchnorm1d_values_and_layer_subsets(layers, digits):
     ref, steps, _ = _explicit_run(make, x, y, xv, yv, False, mask=mask)
     tr, _ = _replay(make, steps, x, y, xv, yv, layers=layers)
     assert rel_err(tr.values, ref) < 1e-10
+
+
+def test_batchnorm_without_running_statistics(digits):
+    """A BatchNorm without running statistics normalises with batch statistics also in eval
+    mode: the validation rows (one chunk) are then frozen at their own statistics too."""
+    x, y = _digits(digits, 8)
+    xv, yv = _digits(digits, 5, offset=300)
+    torch.manual_seed(6)
+    model = BNMLP().double()
+    model.bn = nn.BatchNorm1d(7, track_running_stats=False).double()
+    nn.init.uniform_(model.bn.weight, 0.5, 1.5)
+    tr = InRunShapley(model, F.cross_entropy, xv, yv, n_train=8)
+    g = ref_grads(_frozen(model, _batch_statistics(model, x)), F.cross_entropy, x, y)
+    v = ref_grads(_frozen(model, _batch_statistics(model, xv)), F.cross_entropy, xv, yv)
+    tr.step(x, y, np.arange(8), lr=8.0)
+    assert rel_err(tr.values, g @ v.sum(0)) < 1e-10
+    per = InRunShapley(model, F.cross_entropy, xv, yv, n_train=8, per_validation_point=True)
+    per.step(x, y, np.arange(8), lr=8.0)
+    assert rel_err(per.values, g @ v.T) < 1e-10
 
 
 def test_sum_of_frozen_gradients_is_not_the_batch_gradient():
