@@ -85,20 +85,20 @@ layer's products). ``step`` runs the user's forward once, a backward to the attr
 outputs with the statistics frozen (an identity autograd function after each such BatchNorm
 routes the output gradient around it, only in that pass; data gradients only, no weight
 gradients), then the user's ``loss.backward()`` on the same graph: ``.grad`` and the running
-statistics stay bit-identical to plain training. On the images recipe's ResNet18 (CPU) the
-tracker then costs about 1.9x plain training with 4 validation rows per step of 64
+statistics stay bit-identical to plain training. On the images recipe's ResNet18 (CPU, one
+thread) the tracker then costs 1.9-2.1x plain training with 4 validation rows per step of 64
 (``benchmarks/bench_inrun.py --resnet``): the frozen backward and the per-sample products
-each cost about a third of a step. The values are checked against an explicit per-sample
-loop over the network with the batch's statistics frozen
-(``tests/inrun/test_inrun_batchnorm.py``). A batch's values then sum to the first-order
-validation-loss decrease of the step ``-(eta/b) sum_i g_i``, which differs from the real step
-by the statistics' share of the batch gradient (which belongs to no single sample). BatchNorm
-in eval mode (running statistics) couples nothing: the same elementwise map with the running
-statistics and no extra pass. ``combined`` and ``second_order`` are refused while a BatchNorm
-uses batch statistics, and so is ``ReLU(inplace=True)`` (or any in-place change) right after
-such a BatchNorm; layer outputs modified in place later in the forward are refused wherever
-the rows are taken by differentiation (BatchNorm in training mode, ``combined``,
-``per_validation_point``).
+each cost about a third of a plain step, the validation gradient of 4 rows a sixth. The
+values are checked against an explicit per-sample loop over the network with the batch's
+statistics frozen (``tests/inrun/test_inrun_batchnorm.py``). A batch's values then sum to
+the first-order validation-loss decrease of the step ``-(eta/b) sum_i g_i``, which differs from
+the real step by the statistics' share of the batch gradient (which belongs to no single
+sample). BatchNorm in eval mode (running statistics) couples nothing: the same elementwise
+map with the running statistics and no extra pass. ``combined`` and ``second_order`` are
+refused while a BatchNorm uses batch statistics, and so is ``ReLU(inplace=True)`` (or any
+in-place change) right after such a BatchNorm; layer outputs modified in place later in the
+forward are refused wherever the rows are taken by differentiation (BatchNorm in training
+mode, ``combined``, ``per_validation_point``).
 
 Sampled validation gradient (``val_sample=k``, summed validation loss). ``V`` needs a forward
 and backward of all ``m`` validation rows at every step: ``m / b`` training steps, prohibitive
