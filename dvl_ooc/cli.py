@@ -3,7 +3,9 @@
     dvl-ooc demo [--out DIR] [--quick] [--seed N] [--workers N]
     dvl-ooc images ROOT --out DIR [--method M] [--k K] [--width W] [--epochs E] [--workers N]
                    [--cluster local|cuda|ADDRESS] [--checkpoint FILE] [--flip-train F]
-                   [--explanations N] [--explain FILE ...] [--explain-k K] ...
+                   [--explanations N] [--explain FILE ...] [--explain-k K] [--inrun]
+                   [--ensemble M] ...
+    dvl-ooc lds OUT_DIR [--also OTHER ...] [--subsets 24] [--seeds 2] [--workers N] [--json]
     dvl-ooc explain OUT_DIR TEST_FILE [--k 8] [--out PNG] [--json] | dvl-ooc explain OUT_DIR --list
     dvl-ooc info STORE [--json] [--storage-options JSON]
     dvl-ooc query STORE quantile [--q 0.25 ...] [--same-label] [--method M] [--desc]
