@@ -18,6 +18,7 @@ the micro-batch, never by the caller's batch or data set size.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import threading
@@ -304,11 +305,35 @@ class BatchSource:
         check_xy(xt, yt)
         return xt, yt
 
+    #: a progress bar (``tqdm``-like: ``update(n)``) that counts the samples of every
+    #: micro-batch :meth:`batches` yields, while :meth:`counting` is active
+    _bar: Any = None
+
     def batches(self, data: DataLike) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Validated micro-batches of a data source, on the model's device and dtype."""
+        """Validated micro-batches of a data source, on the model's device and dtype (each
+        counted by the bar of :meth:`counting` after it is used)."""
         for xb, yb in iter_batches(data, self.micro_batch_size):
             xb, yb = self._prepare(xb, yb)
-            yield from split_micro_batches(xb, yb, self.micro_batch_size)
+            for mx, my in split_micro_batches(xb, yb, self.micro_batch_size):
+                yield mx, my
+                bar = self._bar
+                if bar is not None:
+                    bar.update(len(mx))
+
+    @contextlib.contextmanager
+    def counting(self, bar: Any) -> Iterator[None]:
+        """Count the samples of every data pass through :meth:`batches` on ``bar`` (e.g. a
+        ``tqdm`` bar, or None) inside the block; the previous bar is restored on exit (the
+        bar is never pickled)."""
+        old = self.__dict__.get("_bar")
+        self._bar = bar
+        try:
+            yield
+        finally:
+            if old is None:
+                self.__dict__.pop("_bar", None)
+            else:
+                self._bar = old
 
     @_locked
     def mean_loss(self, data: DataLike) -> float:

@@ -61,6 +61,7 @@ from torch import nn
 from ..data import DataLike, num_samples
 from ..exceptions import (
     InputError,
+    LengthMismatchError,
     MemoryBudgetError,
     NonFiniteError,
     NotFittedError,
@@ -133,6 +134,21 @@ def validate_fit_data(grads: ModelGradients | ProjectedGradients, data: DataLike
         )
 
 
+def _num_rows(x: Any, y: Any, what: str) -> int:
+    """The common number of samples of ``x`` and ``y`` (checked before any batch is read)."""
+    try:
+        nx, ny = len(x), len(y)
+    except TypeError:
+        raise InputError(f"{what}: x and y need a leading sample axis (got "
+                         f"{type(x).__name__} and {type(y).__name__})") from None
+    if nx != ny:
+        raise LengthMismatchError(
+            f"{what}: x has {nx} samples but y has {ny}; pass one label per sample")
+    if nx == 0:
+        raise InputError(f"{what}: no samples (empty x and y)")
+    return nx
+
+
 class InfluenceModel:
     """Base class of all influence models.
 
@@ -186,8 +202,17 @@ class InfluenceModel:
     #: methods that never look at the whole fit data during ``fit`` (e.g. CG, LiSSA) set this
     #: to True so that ``fit`` checks it (shapes, finite inputs and mean loss) in one pass
     validates_fit_data: ClassVar[bool] = False
-    #: bytes a fit may use; ``None``: the memory available when ``fit`` starts
+    #: bytes a fit may use, and the in-memory paths (:meth:`influences`,
+    #: :meth:`self_influence`, ...) plan their batches with; ``None``: the memory available
+    #: when the call starts
     memory_budget: int | None = None
+    #: target bytes of one streamed batch of rows of the in-memory paths when their
+    #: ``batch_size`` is None (bounded by a quarter of the budget too); see :meth:`influences`
+    stream_batch_bytes: int = 256 << 20
+    #: bound on the test features the in-memory :meth:`influences` holds at once (with half
+    #: the budget); more are processed in groups, each with its own pass over the training
+    #: data (the calculators' ``max_test_feature_bytes`` default)
+    stream_test_bytes: int = 1 << 30
 
     def __init__(
         self,
@@ -425,13 +450,42 @@ class InfluenceModel:
         return {}
 
     # ------------------------------------------------------------------ fitting
-    def fit(self, data: DataLike) -> InfluenceModel:
+    def _fit_passes(self) -> int | None:
+        """Data passes of :meth:`fit` (after the validation pass), for the progress bar's
+        total; ``None`` when the method does not know in advance (iterative estimates)."""
+        return None
+
+    def fit(self, data: DataLike, *, progress: bool = False) -> InfluenceModel:
         """Estimate the curvature on ``data`` ((x, y), Dataset or DataLoader); returns self.
+
+        ``progress=True`` shows a ``tqdm`` bar (stderr, :func:`dvl_ooc.runtime.progress`)
+        counting the samples of every data pass of the fit (validation, curvature
+        accumulation, EK-FAC's covariance and eigenvalue passes, Lanczos / power /
+        sketch passes, Lanczos estimates for relative damping), in micro-batches; its total
+        is ``passes x n`` when the method knows its passes (Direct, EK-FAC), else open.
+        Off by default (library calls are silent); the results do not depend on it.
 
         Subclasses do not override this: they implement ``_fit_block`` (or ``_fit_blocks``).
         """
+        from ..runtime import progress as _progress
+
         n = num_samples(data)
         self._check_fit_memory()
+        passes = self._fit_passes()
+        if passes is not None:
+            passes += int(self.validates_fit_data)
+        with _progress(bool(progress), total=None if passes is None else passes * n,
+                       unit="sample", desc=f"{type(self).__name__}.fit") as bar, \
+                self.grads.counting(bar if progress else None):
+            return self._fit(data, n)
+
+    def _fit_stage(self, text: str) -> None:
+        """Name the current stage of the fit on its progress bar (when one is shown)."""
+        bar = getattr(self.grads, "_bar", None)
+        if bar is not None and hasattr(bar, "set_postfix_str"):
+            bar.set_postfix_str(text, refresh=False)
+
+    def _fit(self, data: DataLike, n: int) -> InfluenceModel:
         if self.validates_fit_data:
             validate_fit_data(self.grads, data)
         self.info["fit"] = []
@@ -670,36 +724,242 @@ class InfluenceModel:
         """Row-wise influences ``(n,)`` of matching rows: the diagonal of :meth:`tile`."""
         return (test_features.to(train_features.dtype) * train_features).sum(1)
 
-    def influence_factors(self, x: Any, y: Any) -> torch.Tensor:
-        """``(H + lambda I)^{-1} grad l(z)`` per sample, shape ``(n, p)``."""
-        self._check_fitted()
-        return self.precondition(self.gradients(x, y))
+    # ------------------------------------------------------------------ streaming
+    def _gradient_width(self) -> int:
+        """Columns of :meth:`gradients` rows (the parameters, or the projected features)."""
+        return self.grads.num_params
 
-    def influences_from_factors(self, factors: torch.Tensor, x: Any, y: Any) -> torch.Tensor:
-        """``factors @ grads(x, y).T``: influences of precomputed test factors on ``(x, y)``."""
-        self._check_fitted()
+    def _stream_budget(self) -> int:
+        """Bytes the in-memory paths may plan with: :attr:`memory_budget`, else the memory
+        available now (:func:`dvl_ooc.runtime.available_memory`)."""
+        from ..runtime import available_memory
+
+        return int(self.memory_budget) if self.memory_budget is not None else available_memory()
+
+    def _stream_dims(self, x_test: Any, y_test: Any, n_test: int, n_train: int
+                     ) -> tuple[int, int]:
+        """Start of a streamed call: ``(k_test, w_train)``, the width of the test rows
+        :meth:`_stream_test` returns (held for a whole group) and the floats a training row
+        holds while its batch is processed (default: :meth:`feature_dims` and ``p + k_train``:
+        gradients and train features). A method may plan its streamed representation here
+        (it sees the test inputs and both sizes)."""
+        k_test, k_train = self.feature_dims()
+        return k_test, self.grads.num_params + k_train
+
+    def _stream_rows(self, n: int, per_row: int, batch_size: int | None) -> int:
+        """Rows per streamed batch: ``batch_size`` when given, else as many as keep
+        ``per_row`` bytes per row (what the batch holds: gradients, features, its tile)
+        within ``min(stream_batch_bytes, budget / 4)``, rounded down to a multiple of
+        ``micro_batch_size`` when larger (at least 1 row). The transients of one gradient
+        micro-batch come on top (bounded by ``micro_batch_size``)."""
+        if batch_size is not None:
+            return min(batch_size, n)
+        mb = max(1, int(getattr(self.grads, "micro_batch_size", 64)))
+        target = min(int(self.stream_batch_bytes), self._stream_budget() // 4)
+        rows = max(1, target // max(per_row, 1))
+        if rows > mb:
+            rows -= rows % mb
+        return int(min(rows, n))
+
+    def _stream_test(self, x: Any, y: Any) -> torch.Tensor:
+        """Test feature rows of ``(x, y)`` for :meth:`influences` (default:
+        ``test_features(gradients(x, y))``)."""
+        return self.test_features(self.gradients(x, y))
+
+    def _stream_tiles(self, test_rows: torch.Tensor, x: Any, y: Any) -> torch.Tensor:
+        """Influences ``(n_test_rows, n)`` of :meth:`_stream_test` rows on one batch of
+        training data (default: :meth:`tile` of its :meth:`train_features` of its
+        :meth:`gradients`)."""
+        return self.tile(test_rows, self.train_features(self.gradients(x, y)))
+
+    def _stream_self(self, x: Any, y: Any) -> torch.Tensor:
+        """Self-influences of one batch (default: :meth:`paired` of the test and train
+        features of its gradients)."""
         g = self.gradients(x, y)
-        if factors.ndim != 2 or factors.shape[1] != g.shape[1]:
+        return self.paired(self.test_features(g), self.train_features(g))
+
+    def _stream_test_group(self, x: Any, y: Any, lo: int, hi: int, rows: int
+                           ) -> torch.Tensor:
+        """Test feature rows ``lo:hi`` computed ``rows`` at a time into one array. Methods
+        that solve iteratively (``needs_data_to_precondition``: CG, LiSSA) precondition the
+        whole group in one call (one set of data passes, their own ``rhs_chunk`` and memory
+        check); their gradients are still computed ``rows`` at a time."""
+        if self.needs_data_to_precondition:
+            return self.test_features(self._gradient_rows(x, y, lo, hi, rows))
+        T: torch.Tensor | None = None
+        for s in range(lo, hi, rows):
+            e = min(s + rows, hi)
+            f = self._stream_test(x[s:e], y[s:e])
+            if T is None:
+                T = torch.empty(hi - lo, f.shape[1], dtype=f.dtype, device=f.device)
+            T[s - lo : e - lo] = f
+        assert T is not None
+        return T
+
+    def _factor_rows(self, g: torch.Tensor) -> torch.Tensor:
+        """The rows :meth:`influence_factors` returns for gradients ``g`` (default:
+        :meth:`precondition`)."""
+        return self.precondition(g)
+
+    def _gradient_rows(self, x: Any, y: Any, lo: int, hi: int, rows: int) -> torch.Tensor:
+        """Gradients of rows ``lo:hi`` computed ``rows`` at a time into one array."""
+        g: torch.Tensor | None = None
+        for s in range(lo, hi, rows):
+            e = min(s + rows, hi)
+            b = self.gradients(x[s:e], y[s:e])
+            if g is None:
+                g = torch.empty(hi - lo, b.shape[1], dtype=b.dtype, device=b.device)
+            g[s - lo : e - lo] = b
+        assert g is not None
+        return g
+
+    def _stream_batch(self, batch_size: int | None) -> int | None:
+        if batch_size is not None and (isinstance(batch_size, bool)
+                                       or not isinstance(batch_size, int) or batch_size < 1):
+            raise InputError(f"batch_size must be None or an int >= 1, got {batch_size!r}")
+        return batch_size
+
+    # ------------------------------------------------------------------ influence
+    def influence_factors(self, x: Any, y: Any, *, batch_size: int | None = None
+                          ) -> torch.Tensor:
+        """``(H + lambda I)^{-1} grad l(z)`` per sample, shape ``(n, p)``: the result is
+        ``n x p`` floats (inherent); gradients are computed and preconditioned ``batch_size``
+        rows at a time (default: from the memory budget, see :meth:`influences`; methods
+        that solve iteratively precondition all rows in one call)."""
+        self._check_fitted()
+        batch_size = self._stream_batch(batch_size)
+        n = _num_rows(x, y, "influence_factors")
+        if self.needs_data_to_precondition:
+            rows = self._stream_rows(n, 2 * self.grads.num_params
+                                     * self.grads.dtype.itemsize, batch_size)
+            return self._factor_rows(self._gradient_rows(x, y, 0, n, rows))
+        rows = self._stream_rows(n, 3 * self.grads.num_params * self.grads.dtype.itemsize,
+                                 batch_size)
+        out: torch.Tensor | None = None
+        for s in range(0, n, rows):
+            f = self._factor_rows(self.gradients(x[s : s + rows], y[s : s + rows]))
+            if out is None:
+                out = torch.empty(n, f.shape[1], dtype=f.dtype, device=f.device)
+            out[s : s + len(f)] = f
+        assert out is not None
+        return out
+
+    def influences_from_factors(self, factors: torch.Tensor, x: Any, y: Any, *,
+                                batch_size: int | None = None) -> torch.Tensor:
+        """``factors @ grads(x, y).T``: influences of precomputed test factors on ``(x, y)``;
+        the training gradients are computed ``batch_size`` rows at a time (default: from the
+        memory budget, see :meth:`influences`), never all at once."""
+        self._check_fitted()
+        batch_size = self._stream_batch(batch_size)
+        p = self._gradient_width()
+        if factors.ndim != 2 or factors.shape[1] != p:
             raise InputError(
-                f"factors must have shape (n_test, {g.shape[1]}), got {tuple(factors.shape)}"
+                f"factors must have shape (n_test, {p}), got {tuple(factors.shape)}"
             )
-        return factors.to(g.dtype) @ g.T
+        n = _num_rows(x, y, "influences_from_factors")
+        it = self.grads.dtype.itemsize
+        rows = self._stream_rows(n, it * (p + len(factors)), batch_size)
+        out: torch.Tensor | None = None
+        for s in range(0, n, rows):
+            g = self.gradients(x[s : s + rows], y[s : s + rows])
+            if out is None:
+                out = torch.empty(len(factors), n, dtype=g.dtype, device=g.device)
+            torch.matmul(factors.to(g.dtype), g.T, out=out[:, s : s + len(g)])
+        assert out is not None
+        return out
 
     def influences(
-        self, x_test: Any, y_test: Any, x: Any | None = None, y: Any | None = None
+        self, x_test: Any, y_test: Any, x: Any | None = None, y: Any | None = None, *,
+        batch_size: int | None = None,
     ) -> torch.Tensor:
-        """Influence matrix ``(n_test, n_train)``; with ``x=y=None`` the test set against itself."""
+        """Influence matrix ``(n_test, n_train)``; with ``x=y=None`` the test set against itself.
+
+        Streamed: the test features (:meth:`test_features` of the test gradients) are
+        computed once and held, ``n_test x k_test`` floats (for methods whose features are
+        ``p``-dimensional, like Direct, CG and LiSSA, that is ``n_test x p``: inherent
+        without compression; use ``projection=``, a low-rank method or EK-FAC, whose exact
+        per-layer forms store less, see
+        :meth:`~dvl_ooc.influence.ekfac.EkfacInfluence._stream_dims`); then the training set
+        is read ``batch_size`` rows at a time: gradients -> :meth:`train_features` ->
+        :meth:`tile` into the preallocated result. Peak memory is therefore the test
+        features, one batch (``batch_size x (p + k_train + n_test)`` floats) and the result
+        (``n_test x n_train``); it does not grow with the number of training points
+        otherwise. Test rows are also computed ``batch_size`` at a time.
+
+        ``batch_size=None`` (default) chooses the rows of a batch so that one batch stays
+        within ``min(stream_batch_bytes, budget / 4)`` (``stream_batch_bytes`` = 256 MiB by
+        default; ``budget`` = :attr:`memory_budget`, else the memory available now), a
+        multiple of ``micro_batch_size`` when larger. When the test features would exceed
+        ``min(stream_test_bytes, budget / 2)`` (1 GiB by default), the test set is processed
+        in groups that fit and the training gradients are recomputed once per group
+        (``info["stream"]`` records the plan: ``batch_size``, ``test_groups``,
+        ``train_batches``, ``budget``). Results do not depend on the batching beyond
+        round-off (iterative solvers: a group is one solve).
+
+        Cost: gradients of ``n_test + G n_train`` samples (``G`` test groups, usually 1),
+        ``n_test`` test features (for iterative methods: solves), ``G n_train`` train
+        features and ``n_test n_train k_train`` multiply-adds for the tiles.
+        """
         if (x is None) != (y is None):
             raise InputError("pass both x and y, or neither")
         if x is None:
             x, y = x_test, y_test
-        return self.influences_from_factors(self.influence_factors(x_test, y_test), x, y)
-
-    def self_influence(self, x: Any, y: Any) -> torch.Tensor:
-        """``< (H + lambda I)^{-1} g_i, g_i >`` for each sample, shape ``(n,)``."""
         self._check_fitted()
-        g = self.gradients(x, y)
-        return (self.precondition(g) * g).sum(1)
+        batch_size = self._stream_batch(batch_size)
+        n_t = _num_rows(x_test, y_test, "test data")
+        n_r = _num_rows(x, y, "training data")
+        k_t, w_r = self._stream_dims(x_test, y_test, n_t, n_r)
+        p, it = self.grads.num_params, self.grads.dtype.itemsize
+        budget = self._stream_budget()
+        extra = p if self.needs_data_to_precondition else 0  # the group's gradients
+        bound = min(int(self.stream_test_bytes), budget // 2)
+        group = int(max(1, min(n_t, bound // max(1, it * (k_t + extra)))))
+        rows = self._stream_rows(n_r, it * (w_r + group), batch_size)
+        test_rows = self._stream_rows(n_t, it * (p + k_t), batch_size)
+        groups = [(lo, min(lo + group, n_t)) for lo in range(0, n_t, group)]
+        out: torch.Tensor | None = None
+        batches = 0
+        for lo, hi in groups:
+            T = self._stream_test_group(x_test, y_test, lo, hi, test_rows)
+            for s in range(0, n_r, rows):
+                tile = self._stream_tiles(T, x[s : s + rows], y[s : s + rows])
+                if out is None:
+                    out = torch.empty(n_t, n_r, dtype=tile.dtype, device=tile.device)
+                out[lo:hi, s : s + tile.shape[1]] = tile
+                batches += 1
+            del T
+        self.info["stream"] = {"call": "influences", "n_test": n_t, "n_train": n_r,
+                               "batch_size": rows, "test_batch_size": test_rows,
+                               "test_groups": len(groups), "test_group_rows": group,
+                               "train_batches": batches, "budget": budget,
+                               "test_feature_bound": bound}
+        assert out is not None
+        return out
+
+    def self_influence(self, x: Any, y: Any, *, batch_size: int | None = None
+                       ) -> torch.Tensor:
+        """``< (H + lambda I)^{-1} g_i, g_i >`` for each sample, shape ``(n,)``: computed
+        ``batch_size`` rows at a time with :meth:`paired` (default: from the memory budget as
+        in :meth:`influences`); memory does not grow with ``n`` beyond the result. Methods
+        that solve iteratively (CG, LiSSA) solve each batch separately: a larger
+        ``batch_size`` means fewer data passes."""
+        self._check_fitted()
+        batch_size = self._stream_batch(batch_size)
+        n = _num_rows(x, y, "self_influence")
+        k_t, w_r = self._stream_dims(x, y, n, n)
+        p, it = self.grads.num_params, self.grads.dtype.itemsize
+        extra = 4 * p if self.needs_data_to_precondition else 0  # solver work rows
+        rows = self._stream_rows(n, it * (k_t + w_r + extra), batch_size)
+        out: torch.Tensor | None = None
+        for s in range(0, n, rows):
+            v = self._stream_self(x[s : s + rows], y[s : s + rows])
+            if out is None:
+                out = torch.empty(n, dtype=v.dtype, device=v.device)
+            out[s : s + len(v)] = v
+        self.info["stream"] = {"call": "self_influence", "n": n, "batch_size": rows,
+                               "batches": -(-n // rows)}
+        assert out is not None
+        return out
 
     # ------------------------------------------------------------------ state
     def state(self) -> dict[str, Any]:

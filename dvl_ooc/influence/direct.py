@@ -49,6 +49,10 @@ class DirectInfluence(InfluenceModel):
 
     _state_keys = ("eigenvalues", "eigenvectors")
 
+    def _fit_passes(self) -> int:
+        """One pass over the data per block (the curvature accumulation)."""
+        return len(self.blocks)
+
     def _fit_bytes(self, block: ParamBlock) -> int:
         """The float64 ``p_b x p_b`` matrix, its eigenvectors and ``eigh``'s workspace."""
         return 3 * 8 * block.numel**2

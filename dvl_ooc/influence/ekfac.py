@@ -51,6 +51,16 @@ Fisher/Gauss-Newton factorisation chosen by ``fisher``:
 The loss is mean-reduced, so the backward pass runs on ``m * loss`` over a micro-batch of ``m``:
 captured output gradients are then per-sample. Everything runs in micro-batches of
 ``micro_batch_size`` samples (memory bounded by the micro-batch) with two passes over the data.
+The factor products ``a^T a``, ``g^T g`` of a micro-batch and the rotated gradients of the
+second pass are computed in the model's dtype (float32 for a float32 model, as kronfluence's
+defaults) and accumulated in float64; the eigendecompositions are float64. In the second pass
+each layer's ``Q_S^T G Q_A`` comes from the rotated factor rows (``L (d_a^2 + d_out^2 + d_out
+d_a)`` per sample: deep layers with few positions ``L``) or from the formed gradient (``L d_out
+d_a + d_out^2 d_a + d_out d_a^2``: early convolutions), whichever is cheaper.
+
+Per-sample gradients (:meth:`EkfacInfluence.gradients`, used by the calculators too) come from
+the same hooks: one forward and one backward pass (w.r.t. the layer outputs) per micro-batch and
+``sum_l g_l a_l^T`` per layer, no ``torch.func`` per-sample pass.
 
 Cost per layer with ``d_a = d_in[+1]``, ``d_g = d_out``, ``L`` positions: factors
 ``O(n L (d_a^2 + k d_g^2))``, eigenvalue correction ``O(n k L d_g d_a)`` (``k`` pseudo-gradients
@@ -60,9 +70,19 @@ pseudo-gradients of a micro-batch are back-propagated together (one vectorised `
 w.r.t. the layer outputs, ``is_grads_batched``), in chunks of ``vector_chunk`` vectors, so the
 transient memory is about ``min(k, 64)`` times the micro-batch's layer outputs.
 
-The base class's feature split is kept (test features = preconditioned gradients, train
-features = raw gradients): rotating train gradients into the eigenbasis would cost as much as
-preconditioning them and shrink nothing.
+The calculators use the base class's feature split (test features = preconditioned gradients,
+train features = raw gradients): from a flat gradient, rotating train rows into the eigenbasis
+would cost as much as preconditioning them and shrink nothing.
+
+The in-memory paths (:meth:`~dvl_ooc.influence.base.InfluenceModel.influences`,
+``self_influence``) stream the training data in bounded batches and, without ``rank``, work
+from the captured factor rows instead, layer by layer in the cheapest exact form
+(:meth:`EkfacInfluence._stream_dims`): the original basis; the eigenbasis (``Q_S^T G Q_A``
+from the rotated factor rows); or, for layers with few positions (``L (d_out + d_a) < d_out
+d_a``), the test gradient's exact rank-``L`` factors in the eigenbasis against scaled train
+rows. On ``ResNet18(width=16)`` (64 px, 0.7 M parameters) that stores ~100 k floats per test
+point instead of 0.7 M and never rotates a test row back; the results equal the calculators'
+to round-off. Self-influences are ``sum (Q_S^T G Q_A)^2 / (Lambda + lambda)``.
 
 Compressed test factors (``rank=r``, the query compression of kronfluence): a test point's
 preconditioned gradient of one layer, ``P = Q_S [(Q_S^T G Q_A) / (Lambda + lambda)] Q_A^T``
@@ -141,11 +161,11 @@ from ..exceptions import (
     NoTrainableParametersError,
     UnsupportedModelError,
 )
-from ..grads import LossFn, ParamBlock
+from ..grads import MODEL_LOCK, LossFn, ParamBlock
 from ..grads.functional import output_hessian_factors, select_parameters
 from ..layers import LayerCapture, kind_of
 from ..seeding import torch_generator
-from .base import InfluenceModel
+from .base import InfluenceModel, _num_rows
 from .diagnostics import Spectrum, operator_error, probe_vectors
 
 __all__ = ["EkfacInfluence"]
@@ -279,6 +299,23 @@ def _layers_of(
         mapping[mname or "model"] = [f"{mname}.{n}" if mname else n for n in order]
     return layers_out, mapping
 
+
+def _check_finite_rows(g: torch.Tensor, offset: int) -> None:
+    """Raise :class:`NonFiniteError` for rows of ``g`` with NaN or inf (one read of ``g``
+    without temporaries: ``aminmax`` propagates NaN)."""
+    lo, hi = torch.aminmax(g)
+    if not (bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))):
+        bad = (~torch.isfinite(g)).any(1).nonzero().flatten() + offset
+        raise NonFiniteError(
+            f"non-finite loss gradient for sample(s) {bad[:10].tolist()}; check the inputs, "
+            "labels and loss (e.g. log of 0)")
+
+
+#: convolutions with fewer output pixels than this form per-sample gradients by ``unfold`` +
+#: ``bmm`` instead of the grouped-convolution kernel (``per_sample_grads``): measured on the
+#: ResNet18(width=16) of ``benchmarks/bench_ekfac_memory.py`` (64 samples, one thread) the
+#: kernel is 3x faster at 256-1024 pixels, 1.5x at 64, and 3-10x slower at 4-16
+_KERNEL_MIN_POSITIONS = 32
 
 #: elements of one low-rank tile intermediate (bounds the transient memory of :meth:`tile`)
 _TILE_BLOCK = 1 << 23
@@ -428,6 +465,11 @@ class EkfacInfluence(InfluenceModel):
     def _extra_config(self) -> dict[str, Any]:
         return {"fisher": self.fisher, "seed": self.seed, "rank": self.rank}
 
+    def __getstate__(self) -> dict[str, Any]:
+        d = super().__getstate__()
+        d.pop("_modules_cache", None)  # module lookups, rebuilt on use
+        return d
+
     def load_state(self, state: Mapping[str, Any]) -> EkfacInfluence:
         """As :meth:`InfluenceModel.load_state`; ``rank`` may differ (it is not fitted)."""
         state = {**state, "config": {**state["config"], "rank": self.rank}}
@@ -454,43 +496,121 @@ class EkfacInfluence(InfluenceModel):
             (v,) = torch.autograd.grad(self.loss(o, y) * m, o)
         return [v]
 
+    def _capture(self, xb: torch.Tensor) -> tuple[torch.Tensor, LayerCapture]:
+        """Forward pass of one micro-batch recording the factored layers' inputs and (graph-
+        attached) outputs; every layer must run exactly once."""
+        names = [ly.module for ly in self._layers]
+        with LayerCapture(self.model, names, keep_outputs=True,
+                          output_grads=False) as rec, torch.enable_grad():
+            out = self.model(xb)
+        for n in names:
+            if rec.calls[n] != 1:
+                why = ("is never called in forward (are its weights used directly, e.g. "
+                       "inside nn.MultiheadAttention?)" if rec.calls[n] == 0 else
+                       f"is called {rec.calls[n]} times per forward (weight sharing)")
+                raise UnsupportedModelError(
+                    f"layer {n or type(rec.modules[n]).__name__!r} {why}; EkfacInfluence "
+                    "cannot factor it: freeze it with requires_grad_(False)"
+                )
+        return out, rec
+
+    def _layer_rows(self, x: Any, y: Any
+                    ) -> Iterator[tuple[int, list[tuple[torch.Tensor, torch.Tensor]]]]:
+        """Per micro-batch of ``(x, y)``: ``(start, [(a, g) per layer])`` with ``a`` the raw
+        layer input and ``g`` the gradient of the sample's own loss w.r.t. the layer output
+        (one backward pass of ``m * loss`` w.r.t. the layer outputs only; samples are
+        independent in eval mode). The model lock is held for each forward/backward pass
+        (hooks on a shared model), not while the caller works on the rows."""
+        names = [ly.module for ly in self._layers]
+        start = 0
+        for xb, yb in self.grads.batches((x, y)):
+            with MODEL_LOCK:
+                out, rec = self._capture(xb)
+                outs = [rec.outputs[n] for n in names]
+                with torch.enable_grad():
+                    total = self.loss(out, yb) * len(xb)
+                gs = torch.autograd.grad(total, outs, allow_unused=True)
+            rows = [(rec.inputs[n], torch.zeros_like(o) if g is None else g.detach())
+                    for n, o, g in zip(names, outs, gs)]
+            del out, rec, outs, total, gs
+            yield start, rows
+            start += len(xb)
+
+    def _layer_flat(self, i: int, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """Per-sample gradients ``(m, p_l)`` of layer ``i`` in flat (weight, bias) order from
+        its raw rows (:meth:`~dvl_ooc.layers.LayerKind.per_sample_grads`: on CPU a
+        grouped-convolution weight-gradient kernel, no ``im2col`` buffer)."""
+        ly, mod, kind = self._layers[i], *self._module_kind(i)
+        if not ly.has_weight:  # bias only
+            return kind.output_grad_matrix(mod, g).sum(1)
+        if isinstance(mod, nn.Conv2d) and self._positions(i, a, g) < _KERNEL_MIN_POSITIONS:
+            A, Gr = self._kron_rows(i, a, g)  # few output pixels: unfold + bmm is faster
+            return ly.to_flat(torch.bmm(Gr.transpose(1, 2), A))  # type: ignore[union-attr]
+        G = kind.per_sample_grads(mod, a, g)
+        if kind.has_bias(mod) and not ly.has_bias:  # frozen bias: weight part only
+            G = G[:, : ly.d_out * ly.d_in]
+        return G
+
+    def _module_kind(self, i: int) -> tuple[nn.Module, Any]:
+        """Layer ``i``'s module and its :class:`~dvl_ooc.layers.LayerKind` (looked up in the
+        current model; cached per model object)."""
+        cache = self.__dict__.get("_modules_cache")
+        if cache is None or cache[0] is not self.model:
+            named = dict(self.model.named_modules())
+            mods = [named[ly.module] for ly in self._layers]
+            cache = (self.model, [(m, kind_of(m, ly.module))
+                                  for m, ly in zip(mods, self._layers)])
+            self._modules_cache = cache
+        return cache[1][i]
+
+    def gradients(self, x: Any, y: Any) -> torch.Tensor:
+        """Per-sample loss gradients ``(n, p)`` of the factored layers, blocks concatenated
+        (flat (weight, bias) order), from the layers' inputs and output gradients of one
+        forward and one backward pass per micro-batch (``sum_l g_l a_l^T``; no
+        ``torch.func`` per-sample pass: ~5x faster on a ResNet). Equal to
+        ``grads.per_sample_grads`` up to round-off."""
+        p, dev = self.grads.num_params, self.grads.device
+        out: torch.Tensor | None = None
+        for s, rows in self._layer_rows(x, y):
+            m = len(rows[0][0])
+            if out is None:
+                n = _num_rows(x, y, "data")
+                out = torch.empty(n, p, dtype=rows[0][1].dtype, device=dev)
+            for i, (sl, (a, g)) in enumerate(zip(self.grads.block_slices, rows)):
+                out[s : s + m, sl] = self._layer_flat(i, a, g)
+            _check_finite_rows(out[s : s + m], s)
+        assert out is not None
+        return out
+
     def _micro_batches(
         self, data: DataLike
-    ) -> Iterator[tuple[int, dict[str, torch.Tensor], Iterator[dict[str, torch.Tensor]]]]:
-        """Yield ``(m, {layer: a (m, L, d_a)}, pseudo-gradients)`` per micro-batch, where the
-        last item lazily yields ``{layer: g (m, L, d_out)}`` once per pseudo-gradient."""
+    ) -> Iterator[tuple[int, list[torch.Tensor], Iterator[list[torch.Tensor]]]]:
+        """Yield ``(m, [raw input a per layer], pseudo-gradients)`` per micro-batch, where the
+        last item lazily yields ``[raw output gradient g per layer]`` once per
+        pseudo-gradient (one backward pass per vector; chunks of ``vector_chunk`` vectors are
+        back-propagated together, ``is_grads_batched``, when there are several)."""
         names = [ly.module for ly in self._layers]
-        named = dict(self.model.named_modules())
-        mods = {n: named[n] for n in names}
-        kinds = {n: kind_of(m, n) for n, m in mods.items()}
         chunk = self.grads.vector_chunk
         gen = torch_generator(self.seed) if self.fisher == "sampled" else None
         for xb, yb in self.grads.batches(data):
-            with LayerCapture(self.model, names, keep_outputs=True,
-                              output_grads=False) as rec, torch.enable_grad():
-                out = self.model(xb)
-            for n in names:
-                if rec.calls[n] != 1:
-                    why = ("is never called in forward (are its weights used directly, e.g. "
-                           "inside nn.MultiheadAttention?)" if rec.calls[n] == 0 else
-                           f"is called {rec.calls[n]} times per forward (weight sharing)")
-                    raise UnsupportedModelError(
-                        f"layer {n or type(mods[n]).__name__!r} {why}; EkfacInfluence cannot "
-                        "factor it: freeze it with requires_grad_(False)"
-                    )
-            A = {ly.module: kinds[ly.module].factor_input_rows(
-                     mods[ly.module], rec.inputs[ly.module], weight=ly.has_weight,
-                     bias=ly.has_bias) for ly in self._layers}
+            out, rec = self._capture(xb)
+            acts = [rec.inputs[n] for n in names]
             vs = self._output_vectors(out.detach(), yb, gen)
             layer_out = [rec.outputs[n] for n in names]
 
             def pseudo_grads(out=out, vs=vs, layer_out=layer_out):
-                # one vectorised backward per chunk of vectors: d(v^T out) / d(layer outputs)
+                # d(v^T out) / d(layer outputs), several vectors per vectorised backward
                 for c in range(0, len(vs), chunk):
                     V = torch.stack(vs[c : c + chunk])
-                    gs = torch.autograd.grad(out, layer_out, grad_outputs=V,
-                                             retain_graph=c + chunk < len(vs),
-                                             is_grads_batched=True, allow_unused=True)
+                    last = c + chunk >= len(vs)
+                    if len(V) == 1:  # a plain backward pass (no vmap machinery)
+                        gs = [None if g is None else g[None] for g in torch.autograd.grad(
+                            out, layer_out, grad_outputs=V[0], retain_graph=not last,
+                            allow_unused=True)]
+                    else:
+                        gs = torch.autograd.grad(out, layer_out, grad_outputs=V,
+                                                 retain_graph=not last,
+                                                 is_grads_batched=True, allow_unused=True)
                     missing = [n for n, g in zip(names, gs) if g is None]
                     if missing:
                         raise UnsupportedModelError(
@@ -498,53 +618,102 @@ class EkfacInfluence(InfluenceModel):
                             "with requires_grad_(False)"
                         )
                     for j in range(len(V)):
-                        yield {n: kinds[n].factor_output_rows(mods[n], g[j])
-                               for n, g in zip(names, gs)}
+                        yield [g[j].detach() for g in gs]
 
-            yield len(xb), A, pseudo_grads()
+            yield len(xb), acts, pseudo_grads()
+
+    def _kron_rows(self, i: int, a: torch.Tensor | None, g: torch.Tensor | None
+                     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """EK-FAC input rows ``(m, L, d_a)`` (from ``a``) and output rows ``(m, L, d_out)``
+        (from ``g``) of layer ``i``; ``None`` for an argument that is ``None``."""
+        ly, (mod, kind) = self._layers[i], self._module_kind(i)
+        A = None if a is None else kind.factor_input_rows(mod, a, weight=ly.has_weight,
+                                                          bias=ly.has_bias)
+        return A, None if g is None else kind.factor_output_rows(mod, g)
+
+    def _rotation_costs(self, i: int, L: int) -> tuple[int, int, int]:
+        """Multiply-adds per sample of layer ``i`` with ``L`` positions: forming the gradient
+        ``G = sum_l g_l a_l^T`` (``L d_out d_a``), rotating a formed ``G`` (``Q_S^T G Q_A``:
+        ``d_out^2 d_a + d_out d_a^2``) and rotating the factor rows instead
+        (``L (d_a^2 + d_out^2 + d_out d_a)``)."""
+        do, da = self._layers[i].d_out, self._layers[i].d_a
+        return L * do * da, do * do * da + do * da * da, L * (da * da + do * do + do * da)
+
+    def _positions(self, i: int, a: torch.Tensor, g: torch.Tensor) -> int:
+        mod, kind = self._module_kind(i)
+        return int(kind.raw_dims(mod, a, g)[0])
 
     # ------------------------------------------------------------------ fitting
+    def _fit_passes(self) -> int:
+        return 2
+
     def _fit_blocks(self, data: DataLike) -> list[dict[str, torch.Tensor]]:
         """Two joint passes over ``data`` for all blocks: Kronecker factors and their
-        eigenbases, then the eigenvalue correction ``Lambda``."""
+        eigenbases, then the eigenvalue correction ``Lambda``.
+
+        Per micro-batch the factor products ``a^T a``, ``g^T g`` are computed in the model's
+        dtype and accumulated in float64 (a float32 model's products are float32, as
+        kronfluence's defaults); the eigendecompositions are float64. In the second pass each
+        layer's ``Q_S^T G Q_A`` is computed from the factor rows or from the formed gradient,
+        whichever is cheaper for its number of positions ``L`` (:meth:`_rotation_costs`:
+        the factor rows for deep convolutions and dense layers, the formed gradient for
+        early convolutions with many output pixels); the squares are summed in float64."""
         n = num_samples(data)
         dev = self.grads.device
-        A = {ly.module: torch.zeros(ly.d_a, ly.d_a, dtype=_F64, device=dev)
-             for ly in self._layers}
-        S = {ly.module: torch.zeros(ly.d_out, ly.d_out, dtype=_F64, device=dev)
-             for ly in self._layers}
+        cdt = torch.promote_types(self.grads.dtype, torch.float32)
+        A = [torch.zeros(ly.d_a, ly.d_a, dtype=_F64, device=dev) for ly in self._layers]
+        S = [torch.zeros(ly.d_out, ly.d_out, dtype=_F64, device=dev) for ly in self._layers]
         seen = 0
+        self._fit_stage("pass 1/2: Kronecker factors")
         for m, acts, pgrads in self._micro_batches(data):
             seen += m
-            for name, a in acts.items():
-                a2 = a.reshape(-1, a.shape[-1]).to(_F64)
-                A[name] += a2.T @ a2
+            for i, a in enumerate(acts):
+                a2 = self._kron_rows(i, a, None)[0]
+                a2 = a2.reshape(-1, a2.shape[-1]).to(cdt)  # type: ignore[union-attr]
+                A[i] += (a2.T @ a2).to(_F64)
             for gs in pgrads:
-                for name, g in gs.items():
-                    g2 = g.reshape(-1, g.shape[-1]).to(_F64)
-                    S[name] += g2.T @ g2
+                for i, g in enumerate(gs):
+                    g2 = self._kron_rows(i, None, g)[1]
+                    g2 = g2.reshape(-1, g2.shape[-1]).to(cdt)  # type: ignore[union-attr]
+                    S[i] += (g2.T @ g2).to(_F64)
         if seen != n:
             raise InputError(f"the data source has {n} samples but yielded {seen}")
-        eig = {}
-        for name in A:
-            for key, M in (("A", A[name]), ("S", S[name])):
+        eig = []
+        self._fit_stage("eigendecompositions")
+        for ly, Ai, Si in zip(self._layers, A, S):
+            for key, M in (("A", Ai), ("S", Si)):
                 M /= n
                 if not bool(torch.isfinite(M).all()):
                     raise NonFiniteError(
-                        f"non-finite {key} factor for layer {name!r}; check inputs and loss"
+                        f"non-finite {key} factor for layer {ly.module!r}; check inputs and loss"
                     )
-            eig[name] = (torch.linalg.eigh(A[name]), torch.linalg.eigh(S[name]))
-        lam = {ly.module: torch.zeros(ly.d_out, ly.d_a, dtype=_F64, device=dev)
-               for ly in self._layers}
+            eig.append((torch.linalg.eigh(Ai), torch.linalg.eigh(Si)))
+        del A, S
+        Q = [(ea.eigenvectors.to(cdt), es.eigenvectors.to(cdt)) for ea, es in eig]
+        lam = [torch.zeros(ly.d_out, ly.d_a, dtype=_F64, device=dev) for ly in self._layers]
+        factor: list[bool] | None = None
         seen2 = 0
+        self._fit_stage("pass 2/2: eigenvalue correction")
         for m, acts, pgrads in self._micro_batches(data):
             seen2 += m
-            a_rot = {k: a.to(_F64) @ eig[k][0].eigenvectors for k, a in acts.items()}
+            a_rot: list[torch.Tensor | None] = [None] * len(acts)
             for gs in pgrads:
-                for name, g in gs.items():
-                    g_rot = g.to(_F64) @ eig[name][1].eigenvectors
-                    Gt = torch.einsum("mlo,mli->moi", g_rot, a_rot[name])
-                    lam[name] += (Gt * Gt).sum(0)
+                if factor is None:  # per layer: rotate factor rows or formed gradients
+                    factor = []
+                    for i, (a, g) in enumerate(zip(acts, gs)):
+                        form, dense, fac = self._rotation_costs(i, self._positions(i, a, g))
+                        factor.append(fac <= form + dense)
+                for i, (a, g) in enumerate(zip(acts, gs)):
+                    QA, QS = Q[i]
+                    if factor[i]:
+                        if a_rot[i] is None:  # shared by the pseudo-gradients
+                            a_rot[i] = self._kron_rows(i, a, None)[0].to(cdt) @ QA
+                        g_rot = self._kron_rows(i, None, g)[1].to(cdt) @ QS
+                        Gt = g_rot.transpose(1, 2) @ a_rot[i]
+                    else:
+                        Gc = self._layers[i].to_combined(self._layer_flat(i, a, g).to(cdt))
+                        Gt = QS.T @ Gc @ QA
+                    lam[i] += (Gt * Gt).sum(0).to(_F64)
         if seen2 != seen:
             raise InputError(
                 f"the data source yielded {seen} samples in the first pass and {seen2} in the "
@@ -553,13 +722,13 @@ class EkfacInfluence(InfluenceModel):
         state = []
         eps = float(torch.finfo(self.grads.dtype).eps)
         for i, (ly, block) in enumerate(zip(self._layers, self.blocks)):
-            L = lam[ly.module] / n
+            L = lam[i] / n
             if not bool(torch.isfinite(L).all()):
                 raise NonFiniteError(f"non-finite eigenvalues for layer {block.name!r}")
             # Lambda + lambda singular / not positive: checked by InfluenceModel.fit
             self._pending_spectra[i] = Spectrum("ek-fac", block.numel, eigenvalues=L,
                                                 complete=True, psd=True, eps=eps)
-            (wa, QA), (ws, QS) = eig[ly.module]
+            (wa, QA), (ws, QS) = eig[i]
             state.append({"A_eigenvectors": QA, "S_eigenvectors": QS, "eigenvalues": L,
                           "A_eigenvalues": wa, "S_eigenvalues": ws})
             self.info["fit"].append({"block": block.name, "layer": ly.module, "d_a": ly.d_a,
@@ -724,22 +893,189 @@ class EkfacInfluence(InfluenceModel):
                 out += (seg * R[:, sl]).sum(1)
         return out
 
-    def influence_factors(self, x: Any, y: Any) -> torch.Tensor:
-        """``(H + lambda I)^{-1} grad l(z)`` per sample, ``(n, p)``; with ``rank=r`` the
+    def _factor_rows(self, g: torch.Tensor) -> torch.Tensor:
+        """:meth:`influence_factors` rows: ``(H + lambda I)^{-1} g``; with ``rank=r`` the
         expansion of its rank-``r`` compression (so that :meth:`influences` equals the
         calculator's tiles); the compact rows are :meth:`test_features`."""
         if self.rank is None:
-            return super().influence_factors(x, y)
-        self._check_fitted()
-        return self.expand_test_features(self.test_features(self.gradients(x, y)))
+            return self.precondition(g)
+        return self.expand_test_features(self.test_features(g))
 
-    def self_influence(self, x: Any, y: Any) -> torch.Tensor:
-        """``< (H + lambda I)^{-1} g_i, g_i >`` per sample (compressed factors with ``rank``)."""
-        if self.rank is None:
-            return super().self_influence(x, y)
-        self._check_fitted()
-        g = self.gradients(x, y)
-        return self.paired(self.test_features(g), g)
+    # ------------------------------------------------------------------ in-memory streaming
+    def _scale(self, i: int) -> torch.Tensor:
+        """``1 / (Lambda + lambda)`` of block ``i``, ``(d_out, d_a)`` float64."""
+        lam = self._state[i]["eigenvalues"]  # type: ignore[index]
+        return 1.0 / (lam + self.regularization[self.blocks[i].name])
+
+    def _rotated_factors(self, i: int, a: torch.Tensor, g: torch.Tensor, dtype: torch.dtype
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``i``'s factor rows in the Kronecker eigenbasis: ``(Q_S^T g_l)`` as
+        ``(m, L, d_out)`` and ``(Q_A^T a_l)`` as ``(m, L, d_a)``, in ``dtype``."""
+        st = self._state[i]  # type: ignore[index]
+        A, Gm = self._kron_rows(i, a, g)
+        QA, QS = st["A_eigenvectors"].to(dtype), st["S_eigenvectors"].to(dtype)
+        return Gm.to(dtype) @ QS, A.to(dtype) @ QA  # type: ignore[union-attr]
+
+    def _rotated(self, i: int, a: torch.Tensor, g: torch.Tensor, factor: bool,
+                 dtype: torch.dtype = _F64) -> torch.Tensor:
+        """``Q_S^T G Q_A`` per sample, ``(m, d_out, d_a)`` in ``dtype``, for layer ``i``'s raw
+        rows: from the factor rows (``factor``: ``sum_l (Q_S^T g_l)(Q_A^T a_l)^T``, cost
+        ``L (d_a^2 + d_out^2 + d_out d_a)`` per sample) or from the formed gradient
+        (``L d_out d_a + d_out^2 d_a + d_out d_a^2``)."""
+        if factor:
+            gr, ar = self._rotated_factors(i, a, g, dtype)
+            return gr.transpose(1, 2) @ ar
+        st, ly = self._state[i], self._layers[i]  # type: ignore[index]
+        QA, QS = st["A_eigenvectors"].to(dtype), st["S_eigenvectors"].to(dtype)
+        return QS.T @ ly.to_combined(self._layer_flat(i, a, g).to(dtype)) @ QA
+
+    def _stream_dims(self, x_test: Any, y_test: Any, n_test: int, n_train: int
+                     ) -> tuple[int, int]:
+        """Plan of the uncompressed in-memory paths (``rank=None``; with ``rank`` the
+        calculators' features are used). One probe test sample gives each layer's number of
+        positions ``L``; each layer's segment of the streamed rows is then one of
+
+        * ``"orig"`` (original basis): test rows ``P = Q_S [(Q_S^T G Q_A) / (Lambda +
+          lambda)] Q_A^T`` (``d_out d_a`` floats), train rows the gradients ``G``;
+        * ``"eig"`` (eigenbasis): test rows ``(Q_S^T G Q_A) / (Lambda + lambda)``, train
+          rows ``Q_S^T G Q_A`` (``d_out d_a`` floats each);
+        * ``"low"`` (exact factors, when ``L (d_out + d_a) < d_out d_a``: deep convolutions
+          with few output pixels, dense layers): test rows the factor rows in the eigenbasis,
+          ``[Q_S^T g_l]_l`` and ``[Q_A^T a_l]_l`` (``L (d_out + d_a)`` floats: the test
+          gradient ``sum_l g_l a_l^T`` has rank ``L``), train rows ``(Q_S^T G Q_A) /
+          (Lambda + lambda)``; a tile expands the test side block by block
+          (:func:`_low_rank_tile`, ``L / n_batch`` of the layer's tile product extra).
+
+        ``"low"`` wherever it is smaller; between ``"orig"`` and ``"eig"`` the one with fewer
+        multiply-adds for ``n_test`` and ``n_train`` rows (rotating factor rows into the
+        eigenbasis costs ``L (d_a^2 + d_out^2 + d_out d_a)`` per sample, rotating a test
+        row back ``d_out^2 d_a + d_out d_a^2``). The inner products are the same (``Q`` is
+        orthogonal): influences agree with the calculators' to round-off. Rotations run in
+        the model's dtype (float64 for float64 models), the stored rows too."""
+        self._stream_plan: list[tuple[str, bool, int]] | None = None
+        if self.rank is not None:
+            return super()._stream_dims(x_test, y_test, n_test, n_train)
+        _, rows = next(self._layer_rows(x_test[:1], y_test[:1]))
+        plan = []
+        for i, (ly, (a, g)) in enumerate(zip(self._layers, rows)):
+            L = self._positions(i, a, g)
+            form, dense, fac = self._rotation_costs(i, L)
+            rot = min(fac, form + dense)
+            do, da = ly.d_out, ly.d_a
+            if L * (do + da) < do * da:
+                mode = "low"
+            elif (n_test + n_train) * rot <= n_train * form + n_test * (form + 2 * dense):
+                mode = "eig"
+            else:
+                mode = "orig"
+            plan.append((mode, fac <= form + dense, L))
+        self._stream_plan = plan
+        # a training row is held one layer segment at a time (and its rotated copy)
+        return sum(self._stream_widths()), 2 * max(b.numel for b in self.blocks)
+
+    def _stream_widths(self) -> list[int]:
+        """Per layer, the width of its segment of a streamed test row."""
+        assert self._stream_plan is not None
+        return [L * (ly.d_out + ly.d_a) if mode == "low" else ly.d_out * ly.d_a
+                for ly, (mode, _, L) in zip(self._layers, self._stream_plan)]
+
+    def _stream_test(self, x: Any, y: Any) -> torch.Tensor:
+        """Test rows of ``(x, y)`` in the plan's per-layer forms (:meth:`_stream_dims`), in
+        the model's dtype, ``(n, sum widths)``."""
+        if self.rank is not None:
+            return super()._stream_test(x, y)
+        plan = self._stream_plan
+        assert plan is not None
+        dt = self.grads.dtype
+        cdt = torch.promote_types(dt, torch.float32)
+        widths = self._stream_widths()
+        out: torch.Tensor | None = None
+        for s, rows in self._layer_rows(x, y):
+            m = len(rows[0][1])
+            if out is None:
+                out = torch.empty(_num_rows(x, y, "data"), sum(widths), dtype=dt,
+                                  device=self.grads.device)
+            o = 0
+            for i, ((a, g), (mode, factor, L), w) in enumerate(zip(rows, plan, widths)):
+                dst = out[s : s + m, o : o + w]
+                o += w
+                if mode == "orig":
+                    dst.copy_(self._apply_block(i, self._layer_flat(i, a, g), self._scale(i)))
+                elif mode == "low":
+                    gr, ar = self._rotated_factors(i, a, g, cdt)
+                    if gr.shape[1] != L:
+                        raise InputError(
+                            f"layer {self._layers[i].module!r}: test samples with {gr.shape[1]} "
+                            f"positions, the first had {L}; pass test inputs of one shape")
+                    k = L * self._layers[i].d_out
+                    dst[:, :k] = gr.transpose(1, 2).reshape(m, k)  # U: (d_out, L)
+                    dst[:, k:] = ar.transpose(1, 2).reshape(m, -1)  # V: (d_a, L)
+                else:
+                    Gt = self._rotated(i, a, g, factor, cdt)
+                    dst.copy_((Gt * self._scale(i).to(cdt)).reshape(m, -1))
+            _check_finite_rows(out[s : s + m], s)
+        assert out is not None
+        return out
+
+    def _stream_tiles(self, test_rows: torch.Tensor, x: Any, y: Any) -> torch.Tensor:
+        """Influences of the streamed test rows on one batch of training data, layer by
+        layer and micro-batch by micro-batch: each layer's train segment (``G``, ``Q_S^T G
+        Q_A`` or its scaled form, per the plan) is computed, multiplied into the tile and
+        dropped, so a batch never holds a ``p``-wide row (:func:`_low_rank_tile` for
+        ``"low"`` layers)."""
+        if self.rank is not None:
+            return super()._stream_tiles(test_rows, x, y)
+        plan = self._stream_plan
+        assert plan is not None
+        T = test_rows
+        dt = self.grads.dtype
+        cdt = torch.promote_types(dt, torch.float32)
+        widths = self._stream_widths()
+        out = torch.empty(len(T), _num_rows(x, y, "data"), dtype=dt, device=self.grads.device)
+        for s, rows in self._layer_rows(x, y):
+            m = len(rows[0][1])
+            acc = torch.zeros(len(T), m, dtype=dt, device=out.device)
+            o = 0
+            for i, ((a, g), (mode, factor, L), w) in enumerate(zip(rows, plan, widths)):
+                ly, seg = self._layers[i], T[:, o : o + w]
+                o += w
+                if mode == "orig":
+                    acc.addmm_(seg, self._layer_flat(i, a, g).T)
+                    continue
+                Gt = self._rotated(i, a, g, factor, cdt)
+                if mode == "eig":
+                    acc.addmm_(seg, Gt.reshape(m, -1).to(dt).T)
+                    continue
+                Gt *= self._scale(i).to(cdt)
+                k = L * ly.d_out
+                _low_rank_tile(seg[:, :k].reshape(len(T), ly.d_out, L),
+                               seg[:, k:].reshape(len(T), ly.d_a, L), Gt.to(dt), acc)
+            if not bool(torch.isfinite(acc).all()):  # a non-finite gradient poisons its column
+                bad = (~torch.isfinite(acc)).any(0).nonzero().flatten() + s
+                raise NonFiniteError(
+                    f"non-finite loss gradient for sample(s) {bad[:10].tolist()}; check the "
+                    "inputs, labels and loss (e.g. log of 0)")
+            out[:, s : s + m] = acc
+        return out
+
+    def _stream_self(self, x: Any, y: Any) -> torch.Tensor:
+        """Self-influences of one batch: ``sum_l sum ((Q_S^T G_l Q_A)^2 / (Lambda_l +
+        lambda))`` (uncompressed), or :meth:`paired` of the compressed test factors."""
+        if self.rank is not None:
+            return super()._stream_self(x, y)
+        plan = self._stream_plan
+        assert plan is not None
+        cdt = torch.promote_types(self.grads.dtype, torch.float32)
+        parts = []
+        for _, rows in self._layer_rows(x, y):
+            acc = torch.zeros(len(rows[0][1]), dtype=_F64, device=self.grads.device)
+            for i, ((a, g), (_, factor, _)) in enumerate(zip(rows, plan)):
+                Gt = self._rotated(i, a, g, factor, cdt)
+                acc += (Gt * Gt * self._scale(i).to(cdt)).sum((1, 2), dtype=_F64)
+            if not bool(torch.isfinite(acc).all()):
+                _check_finite_rows(acc[:, None], 0)
+            parts.append(acc)
+        return torch.cat(parts).to(self.grads.dtype)
 
     def curvature_matrix(self, block: int = 0) -> torch.Tensor:
         """The fitted EK-FAC curvature ``Q diag(Lambda) Q^T`` of one block, ``(p_b, p_b)``

@@ -203,6 +203,9 @@ class TracInCP(InfluenceModel):
         orthogonal) or ``K * k`` (``projection=``)."""
         return len(self.checkpoints) * self._dim_per_checkpoint
 
+    def _gradient_width(self) -> int:
+        return self.feature_dim
+
     def feature_dims(self) -> tuple[int, int]:
         """``(K d, K d)``: test and train features are both :meth:`gradients` rows."""
         return self.feature_dim, self.feature_dim
@@ -291,8 +294,9 @@ class TracInCP(InfluenceModel):
         return g @ P.to(device=g.device, dtype=g.dtype)
 
     # ------------------------------------------------------------------ influence model
-    def fit(self, data: DataLike | None = None) -> TracInCP:
-        """Nothing to estimate (identity curvature); accepts and ignores ``data``."""
+    def fit(self, data: DataLike | None = None, *, progress: bool = False) -> TracInCP:
+        """Nothing to estimate (identity curvature); accepts and ignores ``data`` (and
+        ``progress``: there is no data pass to show)."""
         self._state = []
         self.n_fit = 0
         return self
