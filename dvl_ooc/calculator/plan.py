@@ -45,6 +45,13 @@ dtype):
                        + 2 * min(mb, rc) * p * it           per-sample gradient micro-batch
                        + rc * d * (xs + it)                 the data chunk
 
+An :class:`~dvl_ooc.influence.Ensemble` of ``M`` members (widths ``p = sum p_m``, ``k = sum
+k_m``) adds, to both tasks, one member's rows in flight before they are copied into the
+ensemble's arrays: ``tc * f * it`` (test) and ``rc * f * it`` (column) with ``f = max_m
+max(p_m, kt_m, kr_m)``, and, with ``M >= 2``, a second tile ``tc * rc * it`` (the running sum
+next to the member's tile); its train features are the gradients themselves (no bytes) when
+every member's are.
+
 Bounds, checked before anything is computed (:meth:`_Base.plan`): the test features of a group
 stay within ``min(max_test_feature_bytes, memory_budget / 2)`` (test chunks are grouped under
 it; for very large ``n_test`` with wide features the test set is streamed in G groups and each
@@ -69,6 +76,10 @@ State: ``info["plan"]`` (:meth:`InfluencePlan.as_dict` of the last run, with ``n
 which chunk was shrunk and why) and ``info["columns"]`` of the last ``to_zarr`` run, one plain
 dict per column task (worker, pid, column, tiles, self_influence, t_features, t_matmul, t_write,
 t_end).
+
+Dry run (:func:`dry_run_plan`): the same plan from ``n_test``, ``n_train`` and the shape of one
+sample, with no data (lazy Dask arrays of zeros, never computed), no cluster, no store and, where
+the feature widths do not depend on it, no fit: to size a cluster before renting it.
 """
 
 from __future__ import annotations
@@ -76,7 +87,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,12 +96,13 @@ import numpy as np
 
 from ..exceptions import DvlOocError, InputError, MemoryBudgetError, NotFittedError, StoreError
 from ..influence.base import InfluenceModel
+from ..influence.ensemble import Ensemble
 from ..runtime import available_memory, format_bytes
 from ..store import InfluenceStore
 from .inputs import _Input
 from .tasks import _ColumnStats
 
-__all__ = ["InfluencePlan"]
+__all__ = ["InfluencePlan", "dry_run_plan"]
 
 _DEFAULT_MAX_TEST_BYTES = 1 << 30
 #: chunk sizes used when ``test_chunk`` / ``train_chunk`` are left at None (then halved to fit)
@@ -113,6 +125,23 @@ def _check_chunk(name: str, v: Any, n: int) -> int:
 
 def _bounds(n: int, c: int) -> list[tuple[int, int]]:
     return [(s, min(n, s + c)) for s in range(0, n, c)]
+
+
+def _aliases_gradients(m: InfluenceModel) -> bool:
+    """Whether ``m.train_features(g)`` is ``g`` itself (no bytes of its own): the base method,
+    or an ensemble all of whose members use it."""
+    members = m.members if isinstance(m, Ensemble) else [m]
+    return all(type(x).train_features is InfluenceModel.train_features for x in members)
+
+
+def _ensemble_in_flight(m: InfluenceModel) -> tuple[int, int]:
+    """``(f, extra tiles)`` of an ensemble (module docstring): the widest row one member has
+    in flight, ``max_m max(p_m, kt_m, kr_m)``, and 1 with two or more members (the running
+    sum of a tile next to the member's tile); ``(0, 0)`` for any other model."""
+    if not isinstance(m, Ensemble):
+        return 0, 0
+    p, kt, kr = m._dims()
+    return max(max(w) for w in zip(p, kt, kr)), int(len(m.members) > 1)
 
 
 def _largest_fitting(n: int, fits: Callable[[int], bool]) -> int:
@@ -154,6 +183,8 @@ class InfluencePlan:
         gradient_computations: ``n_test + groups * n_train``.
         preconditioning_solves: ``n_test`` (+ ``n_train`` with self-influence).
         tile_multiply_adds: ``n_test * n_train * k_train`` (the default ``T @ R.T``).
+        store_bytes: the influences as stored, uncompressed: ``n_test * n_train *
+            store_itemsize`` (+ ``n_train * store_itemsize`` of self-influence).
         notes: what was shrunk or adopted, and why.
         test_groups: the test chunk indices of each group.
     """
@@ -183,6 +214,7 @@ class InfluencePlan:
     gradient_computations: int
     preconditioning_solves: int
     tile_multiply_adds: int
+    store_bytes: int
     notes: list[str] = field(default_factory=list)
     test_groups: list[list[int]] = field(default_factory=list, repr=False)
 
@@ -201,7 +233,7 @@ class InfluencePlan:
             f"p={self.p}{proj}, features k_test={self.k_test}, k_train={self.k_train}",
             f"tiles {self.test_chunk} x {self.train_chunk} ({self.test_chunk_source}, "
             f"{self.train_chunk_source}): {self.tiles} tiles in {self.groups} test group(s) of "
-            f"at most {self.group_rows} rows",
+            f"at most {self.group_rows} rows; store {fb(self.store_bytes)} uncompressed",
             f"cost: {self.gradient_computations} gradient computations, "
             f"{self.preconditioning_solves} preconditioning solves, "
             f"{self.tile_multiply_adds:.3g} tile multiply-adds",
@@ -375,7 +407,8 @@ class _Base:
         it = self._feature_dim()[1].itemsize
         st = np.dtype(dtype).itemsize
         mb = int(getattr(m.grads, "micro_batch_size", 64))
-        aliased = type(m).train_features is InfluenceModel.train_features  # R is g itself
+        aliased = _aliases_gradients(m)  # R is g itself
+        fly, extra_tiles = _ensemble_in_flight(m)
         budget = self.memory_budget if self.memory_budget is not None else \
             self._default_budget()
         budget_name = (f"memory_budget={fb(budget)}" if self.memory_budget is not None else
@@ -410,7 +443,7 @@ class _Base:
             return {"test_chunk_features": tc * k_test * it,
                     "test_gradients": tc * p * it,
                     "test_transients": (2 * min(mb, tc) * p * it + tc * d_te * (xs_te + it)
-                                        + solve_work(tc))}
+                                        + solve_work(tc) + tc * fly * it)}
 
         def test_fits(tc: int) -> bool:
             b = test_parts(tc)
@@ -464,8 +497,9 @@ class _Base:
                     "train_features": 0 if aliased else rc * k_train * it,
                     "self_influence": rc * k_test * it + solve_work(rc) if self_influence
                     else 0,
-                    "tile_column": rows * rc * st + tc * rc * it,
-                    "train_transients": 2 * min(mb, rc) * p * it + rc * d_tr * (xs_tr + it)}
+                    "tile_column": rows * rc * st + (1 + extra_tiles) * tc * rc * it,
+                    "train_transients": (2 * min(mb, rc) * p * it + rc * d_tr * (xs_tr + it)
+                                         + rc * fly * it)}
 
         def column_fits(rc: int) -> bool:
             return sum(column_parts(rc).values()) <= budget
@@ -511,7 +545,9 @@ class _Base:
             test_task_bytes=test_b, column_task_bytes=col_b, task_bytes=max(test_b, col_b),
             gradient_computations=te.n + n_groups * tr.n,
             preconditioning_solves=te.n + (tr.n if self_influence else 0),
-            tile_multiply_adds=te.n * tr.n * int(k_train), notes=notes, test_groups=groups,
+            tile_multiply_adds=te.n * tr.n * int(k_train),
+            store_bytes=(te.n + int(self_influence)) * tr.n * st, notes=notes,
+            test_groups=groups,
         )
 
     def _create_store(self, path: Any, te: _Input, tr: _Input, tc: int, rc: int,
@@ -550,3 +586,73 @@ class _Base:
                 if any(want) or si:
                     out.append((j, rows, want, si))
         return out
+
+
+class _DryRun(_Base):
+    """The planner of :func:`dry_run_plan`: no fit needed where the widths do not depend on
+    it."""
+
+    def _check_model(self) -> None:
+        if not self.model.is_fitted:
+            self._feature_dims()  # refuses a model whose widths come from its fit
+
+    def _feature_dims(self) -> tuple[int, int]:
+        m = self.model
+        if m.is_fitted:
+            return super()._feature_dims()
+        try:
+            k_test, k_train = m.feature_dims()
+        except NotFittedError:
+            if type(m).train_features is not InfluenceModel.train_features:
+                raise NotFittedError(
+                    f"{type(m).__name__}: the width of its features comes from its fit; fit it "
+                    "first (a few samples do: the width does not depend on how many) or plan "
+                    "with a fitted model"
+                ) from None
+            k_test = k_train = m.grads.num_params  # features are (preconditioned) gradients
+        return int(k_test), int(k_train)
+
+
+def dry_run_plan(influence_model: InfluenceModel, n_test: int, n_train: int,
+                 sample_shape: Sequence[int], *, memory_budget: int,
+                 sample_dtype: Any = "float32", test_chunk: int | None = None,
+                 train_chunk: int | None = None, dtype: Any = "float32",
+                 self_influence: bool = False,
+                 max_test_feature_bytes: int = _DEFAULT_MAX_TEST_BYTES) -> InfluencePlan:
+    """The plan of a calculator run on ``n_test`` x ``n_train`` samples of shape
+    ``sample_shape`` and dtype ``sample_dtype`` as the calculator reads them (e.g.
+    ``(3, 224, 224)``, float16 for ``dvl-ooc images``), from shapes alone: the
+    :class:`InfluencePlan` that :meth:`DaskInfluenceCalculator.plan
+    <dvl_ooc.calculator.dask.DaskInfluenceCalculator.plan>` gives on data of these shapes with
+    this ``memory_budget``, with no data (lazy Dask arrays of zeros, never computed), no
+    cluster and no store.
+
+    The model may be unfitted when its feature widths do not depend on the fit: EK-FAC (its
+    layers and ``rank``) and the methods whose features are their gradients (Direct, CG,
+    LiSSA, with or without ``projection=``); Arnoldi and Nystroem need a fit (any few
+    samples: the width does not depend on how many).
+
+    Args:
+        memory_budget: bytes one task may use on the workers that will run the job (the Dask
+            calculator's default is half of a worker's ``memory_limit / nthreads``); required
+            so that the plan does not depend on this machine.
+        test_chunk, train_chunk, dtype, self_influence, max_test_feature_bytes: as for the
+            calculators.
+
+    Raises:
+        NotFittedError: an unfitted model whose feature width comes from its fit.
+        MemoryBudgetError: as :meth:`DaskInfluenceCalculator.plan
+            <dvl_ooc.calculator.dask.DaskInfluenceCalculator.plan>`.
+    """
+    import dask.array as da
+
+    shape = tuple(int(s) for s in sample_shape)
+
+    def lazy(n: int) -> tuple[Any, Any]:
+        return (da.zeros((int(n), *shape), dtype=sample_dtype),
+                da.zeros(int(n), dtype=np.int64))
+
+    planner = _DryRun(influence_model, memory_budget=memory_budget,
+                      max_test_feature_bytes=max_test_feature_bytes)
+    return planner.plan(*lazy(n_test), *lazy(n_train), test_chunk=test_chunk,
+                        train_chunk=train_chunk, dtype=dtype, self_influence=self_influence)

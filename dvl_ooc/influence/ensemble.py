@@ -31,9 +31,10 @@ features (a compressed EK-FAC row ``(U S, V)`` is not linear in a scale factor).
 Costs: the sums of the members' costs (gradient passes, solves, features, tile products); the
 calculators' memory plan (:class:`~dvl_ooc.calculator.InfluencePlan`) sees ``p = sum p_m``
 and ``k = sum k_m`` (a column task holds every member's train gradients and test features of
-its chunks: ``M`` times one member's, so chunks shrink accordingly; the plan also counts the
-train features separately even when they are the gradients themselves, a conservative
-estimate).
+its chunks: ``M`` times one member's, so chunks shrink accordingly), no train features when
+every member's are its gradients (they are then ``g`` itself), and on top one member's rows
+in flight (its gradients or features, before they are copied into the ensemble's array) and,
+with two or more members, the running sum of a tile next to the member's tile.
 
 Usage (``nets``: networks trained on ``(x, y)`` from different seeds)::
 
@@ -117,6 +118,15 @@ def _split(t: torch.Tensor, widths: Sequence[int], what: str) -> tuple[torch.Ten
         raise InputError(f"expected {what} of shape (n, {sum(widths)}) (members' widths "
                          f"{list(widths)}), got {tuple(t.shape)}")
     return t.split(list(widths), dim=1)
+
+
+def _accumulate(out: torch.Tensor | None, part: torch.Tensor, w: float) -> torch.Tensor:
+    """``out + w * part`` (in place; ``w * part`` for the first member). Callers pass the
+    member's result without keeping a name for it, so that it is freed here: one member's
+    result in flight next to the sum, never two."""
+    if out is None:
+        return part if w == 1.0 else part * w
+    return out.add_(part, alpha=w)
 
 
 def _batch(batch_size: int | None) -> dict[str, int]:
@@ -205,8 +215,19 @@ class EnsembleGradients:
         return None
 
     def per_sample_grads(self, x: Any, y: Any) -> torch.Tensor:
-        """``[g_1 | ... | g_M]``: each member's gradients (on its own network)."""
-        return torch.cat([m.gradients(x, y) for m in self.members], dim=1)
+        """``[g_1 | ... | g_M]``: each member's gradients (on its own network), copied into
+        one ``(n, sum p_m)`` array as they come (one member's in flight, not ``M``)."""
+        out: torch.Tensor | None = None
+        o = 0
+        for m, p in zip(self.members, self.widths):
+            g = m.gradients(x, y)
+            if out is None:
+                out = torch.empty(g.shape[0], self.num_params, dtype=g.dtype, device=g.device)
+            out[:, o : o + p] = g
+            o += p
+            del g
+        assert out is not None
+        return out
 
 
 # ---------------------------------------------------------------------- the model
@@ -614,11 +635,7 @@ class Ensemble(InfluenceModel):
         Rs = _split(train_features, kr, "train features")
         out: torch.Tensor | None = None
         for m, w, T, R in zip(self.members, self._weights, Ts, Rs):
-            part = getattr(m, name)(T, R)
-            if out is None:
-                out = part if w == 1.0 else part * w
-            else:
-                out.add_(part, alpha=w)
+            out = _accumulate(out, getattr(m, name)(T, R), w)
         assert out is not None
         return out
 
@@ -650,8 +667,7 @@ class Ensemble(InfluenceModel):
         kw = _batch(batch_size)
         out: torch.Tensor | None = None
         for m, F in zip(self.members, parts):
-            r = m.influences_from_factors(F, x, y, **kw)
-            out = r if out is None else out.add_(r)
+            out = _accumulate(out, m.influences_from_factors(F, x, y, **kw), 1.0)
         assert out is not None
         return out
 
@@ -666,8 +682,7 @@ class Ensemble(InfluenceModel):
         kw = _batch(batch_size)
         out: torch.Tensor | None = None
         for m, w in zip(self.members, self._weights):
-            r = m.influences(x_test, y_test, x, y, **kw)
-            out = (r if w == 1.0 else r * w) if out is None else out.add_(r, alpha=w)
+            out = _accumulate(out, m.influences(x_test, y_test, x, y, **kw), w)
         assert out is not None
         return out
 
@@ -678,8 +693,7 @@ class Ensemble(InfluenceModel):
         kw = _batch(batch_size)
         out: torch.Tensor | None = None
         for m, w in zip(self.members, self._weights):
-            r = m.self_influence(x, y, **kw)
-            out = (r if w == 1.0 else r * w) if out is None else out.add_(r, alpha=w)
+            out = _accumulate(out, m.self_influence(x, y, **kw), w)
         assert out is not None
         return out
 

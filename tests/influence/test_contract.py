@@ -4,7 +4,9 @@ One tiny float64 regression problem (a 6-8-3 tanh MLP, 83 parameters, squared-er
 the whole file fast. Its loss has a constant output Hessian, so on the last layer the
 Gauss-Newton block is exactly Kronecker-factored and EK-FAC is exact there too: every method
 can be checked against DirectInfluence (itself checked against an independent float64
-reference from ``tests/reference.py``).
+reference from ``tests/reference.py``). The ``Ensemble`` (Direct on the trained network and
+Arnoldi on its step-99 checkpoint, weights 1:3) is held to the same contract; its converged
+reference is the weighted mean of Direct on each member's network, summed by hand.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from dvl_ooc import (
     CgInfluence,
     DirectInfluence,
     EkfacInfluence,
+    Ensemble,
     LissaInfluence,
     NystroemSketchInfluence,
     SequentialInfluenceCalculator,
@@ -61,6 +64,8 @@ class Tiny:
             if step in (49, 99):
                 self.checkpoints.append(copy.deepcopy(self.model.state_dict()))
         self.model.eval()
+        self.late = copy.deepcopy(self.model)  # another network: the checkpoint of step 99
+        self.late.load_state_dict(self.checkpoints[1])
         self.loss = sq_loss
         self.x, self.y, self.xt, self.yt = x[:60], y[:60], x[60:64], y[60:64]
         self.train = (self.x, self.y)
@@ -82,8 +87,31 @@ def tiny():
     return Tiny()
 
 
-def _direct(P, lam, layers=None):
-    return DirectInfluence(P.model, P.loss, regularization=lam, layers=layers)
+def _direct(P, lam, layers=None, model=None):
+    return DirectInfluence(P.model if model is None else model, P.loss, regularization=lam,
+                           layers=layers)
+
+
+#: the ensemble's member weights (normalised to 1/4, 3/4)
+ENSEMBLE_WEIGHTS = (1.0, 3.0)
+
+
+def _ensemble(P, lam, rank=5, **kw):
+    """Two networks, two methods, unequal weights: mixed feature widths (83 + rank) and a
+    member whose train features are not its gradients (the ensemble's copy path)."""
+    return Ensemble([DirectInfluence(P.model, P.loss, regularization=lam, **kw),
+                     ArnoldiInfluence(P.late, P.loss, regularization=lam, rank=rank, **kw)],
+                    weights=ENSEMBLE_WEIGHTS)
+
+
+def reference(name, P, lam, layers=None):
+    """What ``name`` converged must equal: Direct's influences; for the Ensemble the weighted
+    mean of Direct on each member's network (an independent sum, not through Ensemble)."""
+    if name != "Ensemble":
+        return P.influences(_direct(P, lam, layers).fit(P.train))
+    w = torch.tensor(ENSEMBLE_WEIGHTS, dtype=F64) / sum(ENSEMBLE_WEIGHTS)
+    return sum(wi * P.influences(_direct(P, lam, layers, net).fit(P.train))
+               for wi, net in zip(w, (P.model, P.late)))
 
 
 # name -> (factory(P, lam, **overrides), budget for the generic checks)
@@ -103,6 +131,7 @@ MODELS = {
                                                            **kw), {}),
     "TracInCP": (lambda P, lam, **kw: TracInCP(P.model, P.loss, P.checkpoints, **kw),
                  {"learning_rates": [0.5, 0.25]}),
+    "Ensemble": (_ensemble, {"rank": 5}),
 }
 
 #: converged settings (agreement with Direct), budgets that must reduce the error, tolerance
@@ -116,6 +145,7 @@ CONVERGED = {
     "ArnoldiInfluence": ({"rank": 1000}, ("rank", [2, 8, 32]), 1e-8, 1e-2),
     "NystroemSketchInfluence": ({"rank": 1000}, ("rank", [2, 8, 32]), 1e-8, 1e-2),
     "EkfacInfluence": ({}, None, 1e-8, 1e-2),
+    "Ensemble": ({"rank": 1000}, ("rank", [2, 8, 32]), 1e-8, 1e-2),
 }
 ALL = sorted(MODELS)
 APPROX = sorted(k for k, v in CONVERGED.items() if v[1] is not None)
@@ -171,8 +201,11 @@ def test_config_is_plain_data_and_fingerprint_follows_the_fit(tiny, name):
     m = fitted(name, tiny)
     cfg = m.config()
     assert json.loads(json.dumps(cfg)) == cfg
-    assert cfg["method"] == name and "layers" in cfg
-    assert cfg["hessian"] == ("exact" if name == "TracInCP" else "gauss-newton")  # defaults
+    assert cfg["method"] == name
+    # an ensemble has no parameters or curvature of its own: layers and hessian are per member
+    for c in cfg["members"] if name == "Ensemble" else [cfg]:
+        assert "layers" in c
+        assert c["hessian"] == ("exact" if name == "TracInCP" else "gauss-newton")  # defaults
     fp = m.fingerprint()
     assert make(name, tiny).fingerprint() != fp or name == "TracInCP"
     if name == "TracInCP":  # the "fit" of TracIn is its checkpoints and learning rates
@@ -244,7 +277,7 @@ def test_agrees_with_direct_when_converged(tiny, name, layers):
     attributes only fc2."""
     settings, _, tol, rel = CONVERGED[name]
     lam = tiny.lam(layers, rel)
-    ref = tiny.influences(_direct(tiny, lam, layers).fit(tiny.train))
+    ref = reference(name, tiny, lam, layers)
     m = make(name, tiny, lam=lam, layers=layers, **settings).fit(tiny.train)
     got = tiny.influences(m)
     assert torch.allclose(got, ref, rtol=tol, atol=tol * float(ref.abs().max())), \
@@ -255,7 +288,7 @@ def test_agrees_with_direct_when_converged(tiny, name, layers):
 def test_error_decreases_with_rank_or_iterations(tiny, name):
     _, (key, values), _, rel = CONVERGED[name]
     lam = tiny.lam(rel=rel)
-    ref = tiny.influences(_direct(tiny, lam).fit(tiny.train))
+    ref = reference(name, tiny, lam)
     errs = []
     for v in values:
         m = make(name, tiny, lam=lam, **{key: v}).fit(tiny.train)
