@@ -20,7 +20,8 @@ _LAZY = {
     "NystroemSketchInfluence": "influence.nystroem", "TracInCP": "influence.tracin",
     "InRunShapley": "inrun", "GradientProjector": "layers", "LayerCapture": "layers",
     "query_mean": "query", "query_quantiles": "query", "query_self_influence": "query",
-    "query_topk": "query", "InfluenceStore": "store",
+    "query_topk": "query", "InfluenceStore": "store", "FitConfig": "training",
+    "fit_network": "training",
 }
 
 if TYPE_CHECKING:
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
     from .layers import GradientProjector, LayerCapture
     from .query import query_mean, query_quantiles, query_self_influence, query_topk
     from .store import InfluenceStore
+    from .training import FitConfig, fit_network
 
 __version__ = "0.1.0"
 
@@ -53,6 +55,7 @@ __all__ = [
     "DvlOocError",
     "EkfacInfluence",
     "Ensemble",
+    "FitConfig",
     "GradientProjector",
     "InfluenceModel",
     "InfluencePlan",
@@ -66,6 +69,7 @@ __all__ = [
     "__version__",
     "evaluate",
     "exceptions",
+    "fit_network",
     "resolve_blocks",
     "ImageFolder",
     "InRunShapley",

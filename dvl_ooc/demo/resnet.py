@@ -32,9 +32,17 @@ from torch import nn
 
 from ..exceptions import InputError
 from ..seeding import torch_generator
+from ..training import FitConfig, fit_network, make_loader
 
-__all__ = ["BasicBlock", "InputNorm", "ResNet18", "channel_stats", "count_parameters",
-           "evaluate_accuracy", "resnet_small", "train_resnet"]
+__all__ = ["RESNET_CONFIG", "BasicBlock", "InputNorm", "ResNet18", "channel_stats",
+           "count_parameters", "evaluate_accuracy", "resnet_small", "train_resnet"]
+
+#: :func:`train_resnet`'s schedule (its keywords fill in epochs, lr, batch size, weight decay,
+#: seed and flips): AdamW, one-cycle with 15 % warm-up, torch's DataLoader shuffle, last
+#: smaller batch dropped
+RESNET_CONFIG = FitConfig(epochs=10, lr=2e-3, batch_size=64, weight_decay=5e-4,
+                          optimizer="adamw", schedule="one-cycle", warmup=0.15,
+                          order="dataloader", drop_last=True, flip=True)
 
 
 class InputNorm(nn.Module):
@@ -166,37 +174,9 @@ def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
-class _Indexed:
-    """A Dataset whose items are ``(*data[i], i)``."""
-
-    def __init__(self, data: Any) -> None:
-        self.data = data
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __getitem__(self, i: int) -> tuple[Any, ...]:
-        return (*self.data[i], i)
-
-
-def _loader(data: Any, batch_size: int, shuffle: bool, seed: int, num_workers: int,
-            drop_last: bool = False, indexed: bool = False) -> Any:
-    """A DataLoader over a Dataset or an ``(x, y)`` pair of arrays/tensors (``indexed``: the
-    batches also carry the samples' positions in ``data``; the order is the same)."""
-    from torch.utils.data import DataLoader, Dataset, TensorDataset
-
-    if not isinstance(data, Dataset):
-        x, y = data
-        data = TensorDataset(torch.as_tensor(np.asarray(x)),
-                             torch.as_tensor(np.asarray(y)).long(),
-                             *([torch.arange(len(x))] if indexed else []))
-    elif indexed:
-        data = _Indexed(data)
-    g = torch_generator(seed) if shuffle else None
-    drop_last = drop_last and len(data) > batch_size  # BatchNorm: no training batch of size 1
-    return DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=g,
-                      num_workers=num_workers, drop_last=drop_last,
-                      persistent_workers=num_workers > 0)
+def _loader(data: Any, batch_size: int, shuffle: bool, seed: int, num_workers: int) -> Any:
+    """A DataLoader over a Dataset or an ``(x, y)`` pair (:func:`dvl_ooc.training.make_loader`)."""
+    return make_loader(data, batch_size, shuffle=shuffle, seed=seed, num_workers=num_workers)
 
 
 def train_resnet(
@@ -214,8 +194,10 @@ def train_resnet(
     on_epoch_end: Callable[[int, nn.Module], Any] | None = None,
     backward: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], Any] | None = None,
 ) -> nn.Module:
-    """Train with AdamW, a cosine learning-rate decay and cross-entropy; returns the model in
-    eval mode (BatchNorm uses its running statistics from then on).
+    """Train with AdamW, a one-cycle learning-rate schedule (peak ``lr`` after 15 % of the
+    steps, then a cosine decay) and cross-entropy; returns the model in eval mode (BatchNorm
+    uses its running statistics from then on). The loop is :func:`dvl_ooc.training.fit_network`
+    with :data:`RESNET_CONFIG` and these settings.
 
     ``data`` is a ``Dataset`` of ``(image, label)`` (e.g. :class:`dvl_ooc.data.ImageFolder`
     or a ``Subset`` of it; files are decoded by ``num_workers`` loader processes) or an
@@ -232,39 +214,11 @@ def train_resnet(
     rate: e.g. :meth:`dvl_ooc.inrun.InRunShapley.step`, to value every training sample while
     the network trains. Batches, their order and flips are those of plain training.
     """
-    from ..runtime import progress as _progress
-
-    loader = _loader(data, batch_size, True, seed, num_workers, drop_last=True,
-                     indexed=backward is not None)
-    dtype = next(model.parameters()).dtype
-    device = next(model.parameters()).device
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * len(loader),
-                                                pct_start=0.15)
-    g = torch_generator(seed, 1)
-    model.train()
-    with _progress(progress, total=epochs * len(loader), unit="batch", desc="train") as bar:
-        for epoch in range(1, epochs + 1):
-            for batch in loader:
-                xb, yb = batch[0].to(device, dtype), batch[1].to(device).long()
-                if flip_augment:
-                    f = torch.rand(2, generator=g)
-                    if f[0] < 0.5:
-                        xb = xb.flip(-1)
-                    if f[1] < 0.5:
-                        xb = xb.flip(-2)
-                opt.zero_grad()
-                if backward is None:
-                    F.cross_entropy(model(xb), yb).backward()
-                else:
-                    backward(xb, yb, batch[2], sched.get_last_lr()[0])
-                opt.step()
-                sched.step()
-                bar.update(1)
-            if on_epoch_end is not None:
-                on_epoch_end(epoch, model)
-                model.train()
-    return model.eval()
+    cfg = RESNET_CONFIG.replace(epochs=epochs, lr=lr, batch_size=batch_size,
+                                weight_decay=weight_decay, seed=seed, flip=flip_augment)
+    hook = None if on_epoch_end is None else (lambda epoch, net, _lr: on_epoch_end(epoch, net))
+    return fit_network(model, data, cfg, backward=backward, on_epoch_end=hook,
+                       num_workers=num_workers, progress=progress)
 
 
 @torch.no_grad()

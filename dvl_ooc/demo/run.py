@@ -46,35 +46,21 @@ def _train(x, y, *, seed: int, epochs: int, width: int, hidden: int,
 
     With a list ``checkpoints``, appends ``(state_dict, learning rate)`` after
     ``n_checkpoints`` evenly spaced epochs (the last one: the final model), the rate being the
-    mean over that epoch's steps (the weights of TracIn)."""
+    mean over that epoch's steps (the weights of TracIn). The loop is
+    :func:`dvl_ooc.training.fit_network` (:class:`~dvl_ooc.training.Checkpoints`); the network
+    is initialised after ``torch.manual_seed(seed)``, the data order is the ``"randperm"`` one."""
     import torch
-    import torch.nn.functional as F
 
+    from ..training import Checkpoints, FitConfig, checkpoint_epochs, fit_network
     from .nets import DigitsCNN
 
     torch.manual_seed(seed)
     model = DigitsCNN(width=width, hidden=hidden)
-    g = torch.Generator().manual_seed(seed)
-    xt, yt = torch.as_tensor(np.asarray(x)), torch.as_tensor(np.asarray(y)).long()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2, weight_decay=1e-3)
-    steps = epochs * -(-len(xt) // 64)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    at = set(np.unique(np.linspace(1, epochs, n_checkpoints).round().astype(int)).tolist())
-    model.train()
-    for ep in range(1, epochs + 1):
-        perm = torch.randperm(len(xt), generator=g)
-        rates = []
-        for s in range(0, len(xt), 64):
-            idx = perm[s : s + 64]
-            rates.append(opt.param_groups[0]["lr"])
-            opt.zero_grad()
-            F.cross_entropy(model(xt[idx]), yt[idx]).backward()
-            opt.step()
-            sched.step()
-        if checkpoints is not None and ep in at:
-            checkpoints.append(({k: v.detach().clone() for k, v in model.state_dict().items()},
-                                float(np.mean(rates))))
-    return model.eval()
+    cfg = FitConfig(epochs=epochs, lr=1e-2, batch_size=64, weight_decay=1e-3, optimizer="adam",
+                    schedule="cosine", seed=seed, order="randperm")
+    hook = None if checkpoints is None else Checkpoints(
+        checkpoint_epochs(epochs, n_checkpoints), into=checkpoints)
+    return fit_network(model, (x, y), cfg, on_epoch_end=hook)
 
 
 def _checkpoint_losses(x, y, checkpoints: list, *, width: int, hidden: int) -> np.ndarray:

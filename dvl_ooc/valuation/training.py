@@ -16,7 +16,8 @@ Defaults: the workload of pyDVL's TMC-Shapley tutorial on digits (a small CNN tr
 skorch's ``NeuralNetClassifier``): 10 epochs of Adam, learning rate 0.01, minibatches of 128,
 no weight decay. With ``batch_size >= |S|`` training is full-batch (one step per epoch).
 
-:func:`train_module` is the reference implementation: a plain loop over one ``nn.Module``.
+:func:`train_module` is the reference implementation: the library's one training loop,
+:func:`dvl_ooc.training.fit_network`, over one ``nn.Module`` (:meth:`TrainingConfig.fit_config`).
 Cost: ``epochs * ceil(|S| / batch_size)`` forward/backward passes of at most ``batch_size``
 samples.
 """
@@ -34,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..exceptions import InputError
-from ..seeding import numpy_rng
+from ..training import FitConfig, fit_network, seeded_order, update_batchnorm
 
 __all__ = ["TrainingConfig", "train_module", "update_batchnorm"]
 
@@ -97,11 +98,21 @@ class TrainingConfig:
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 
     def order(self, epoch: int, n: int) -> np.ndarray:
-        """Positions ``0..n-1`` of a subset in the order epoch ``epoch`` visits them."""
-        return numpy_rng(self.seed, epoch).permutation(n) if self.shuffle else np.arange(n)
+        """Positions ``0..n-1`` of a subset in the order (0-based) epoch ``epoch`` visits them
+        (:func:`dvl_ooc.training.seeded_order`)."""
+        return seeded_order(self.seed, epoch, n) if self.shuffle else np.arange(n)
 
     def steps_per_epoch(self, n: int) -> int:
         return -(-int(n) // self.batch_size)
+
+    def fit_config(self) -> FitConfig:
+        """The same training as a :class:`dvl_ooc.training.FitConfig` (constant rate, the
+        ``"seeded"`` order or ``"none"``, one tensor at a time as the stacked path)."""
+        return FitConfig(epochs=self.epochs, lr=self.lr, batch_size=self.batch_size,
+                         weight_decay=self.weight_decay, optimizer=self.optimizer,
+                         seed=self.seed, order="seeded" if self.shuffle else "none",
+                         betas=self.betas, eps=self.eps, update_bn=self.update_bn,
+                         foreach=False)
 
 
 def resolve_config(config: TrainingConfig | None, **overrides: Any) -> TrainingConfig:
@@ -130,47 +141,18 @@ def train_module(module: nn.Module, x: Any, y: Any, config: TrainingConfig | Non
     """Train ``module`` in place on ``(x, y)`` with ``config``; returns it in eval mode.
 
     ``x`` is cast to the dtype of the module's parameters; ``loss(logits, y, reduction="none")``
-    gives per-sample losses whose mean over a minibatch is minimised.
+    gives per-sample losses whose mean over a minibatch is minimised. The loop is
+    :func:`dvl_ooc.training.fit_network` with :meth:`TrainingConfig.fit_config` (data moved to
+    the parameters' device once); a module without trainable parameters is only put in eval
+    mode.
     """
     cfg = config or TrainingConfig()
     params = [p for p in module.parameters() if p.requires_grad]
-    p0 = next(iter(params), None)
-    dtype = p0.dtype if p0 is not None else torch.get_default_dtype()
-    device = p0.device if p0 is not None else torch.device("cpu")
+    if not params:
+        return module.eval()
+    dtype, device = params[0].dtype, params[0].device
     xt = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x)
     xt = xt.to(device=device, dtype=dtype)
     yt = torch.as_tensor(np.asarray(y) if not isinstance(y, torch.Tensor) else y).to(device)
-    yt = yt.long()
-    n = len(xt)
-    if params:
-        if cfg.optimizer == "adam":
-            opt = torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
-                                   weight_decay=cfg.weight_decay, foreach=False)
-        else:
-            opt = torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                  foreach=False)
-        module.train()
-        with torch.enable_grad():
-            for epoch in range(cfg.epochs):
-                order = torch.as_tensor(cfg.order(epoch, n), device=device)
-                for s in range(0, n, cfg.batch_size):
-                    idx = order[s : s + cfg.batch_size]
-                    opt.zero_grad(set_to_none=True)
-                    loss(module(xt[idx]), yt[idx], reduction="none").mean().backward()
-                    opt.step()
-        if cfg.update_bn:
-            update_batchnorm(module, xt, cfg.batch_size)
-    return module.eval()
-
-
-def update_batchnorm(module: nn.Module, x: torch.Tensor, batch_size: int = 128) -> bool:
-    """Recompute the running mean and variance of ``module``'s BatchNorm layers as the average
-    over ``x`` (minibatches of ``batch_size``, no gradients; ``torch.optim.swa_utils.update_bn``).
-    Returns whether the module has such layers; the module's training mode is restored."""
-    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
-               for m in module.modules()):
-        return False
-    from torch.optim.swa_utils import update_bn
-
-    update_bn((x[s : s + batch_size] for s in range(0, len(x), batch_size)), module)
-    return True
+    return fit_network(module, (xt, yt.long()), cfg.fit_config(),
+                       loss=lambda out, target: loss(out, target, reduction="none").mean())
