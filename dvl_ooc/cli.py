@@ -201,16 +201,27 @@ def _floats(v: str) -> list[float]:
     option("--mean", type=_floats, help="per-channel input mean for --checkpoint, e.g. "
            "0.485,0.456,0.406"),
     option("--std", type=_floats, help="per-channel input std for --checkpoint"),
-    option("--method", choices=["direct", "arnoldi", "nystroem", "ekfac"], default="direct",
-           help="influence method (default: direct on projected gradients)"),
+    option("--method", choices=["auto", "ekfac", "direct", "arnoldi", "nystroem"],
+           default="auto",
+           help="influence method (default: auto = ekfac where its matrix is cheap, i.e. "
+           "n_test x n_train x parameters <= 2e13 and test factors <= 4 GiB, else direct; "
+           "direct/arnoldi/nystroem work on projected gradients)"),
     option("--k", type=int, default=16,
            help="projection size per layer side: k x k features per layer (default: 16)"),
     option("--dense-dim", type=int, default=64,
            help="projected size of the other parameters, e.g. BatchNorm (default: 64)"),
     option("--rank", type=int, default=64,
            help="rank of arnoldi/nystroem, test-factor rank of ekfac (default: 64)"),
-    option("--damping", type=float, default=1e-3,
-           help="lambda relative to the largest curvature eigenvalue (default: 1e-3)"),
+    option("--damping", type=float,
+           help="lambda = DAMPING x the --damping-of eigenvalue of each curvature block "
+           "(default: the method's recommended value, chosen by LDS: ekfac and direct 0.1 x "
+           "mean, arnoldi/nystroem 1e-3 x largest)"),
+    option("--blocks", choices=["model", "layer"],
+           help="curvature blocks of direct/arnoldi/nystroem: one for the whole network or one "
+           "per layer (default: layer for direct, model for arnoldi/nystroem)"),
+    option("--damping-of", choices=["top", "mean"],
+           help="the eigenvalue --damping refers to: top (largest; the default with "
+           "--damping) or mean"),
     option("--layers", nargs="+", help="attribute through these modules only (e.g. layer4 fc)"),
     option("--fit-samples", type=int, help="fit the curvature on this many training images "
            "(default: all)"),
@@ -257,7 +268,8 @@ def _cmd_images(args: argparse.Namespace) -> None:
         flip_train=args.flip_train, seed=args.seed, width=args.width, stem=args.stem,
         epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, checkpoint=args.checkpoint,
         mean=args.mean, std=args.std, method=args.method, k=args.k, dense_dim=args.dense_dim,
-        rank=args.rank, damping=args.damping, layers=args.layers, fit_samples=args.fit_samples,
+        rank=args.rank, damping=args.damping, damping_of=args.damping_of, blocks=args.blocks,
+        layers=args.layers, fit_samples=args.fit_samples,
         workers=args.workers, cluster=args.cluster, test_chunk=args.test_chunk,
         memory_limit=args.memory_limit,
         train_chunk=args.train_chunk, progress=not args.no_progress, restart=args.restart,
@@ -316,7 +328,7 @@ def _cmd_explain(args: argparse.Namespace) -> None:
     option("out_dir", metavar="OUT_DIR", help="the --out folder of a finished 'dvl-ooc images'"),
     option("--also", nargs="+", metavar="OTHER", default=[],
            help="output folders of other methods on the same images (e.g. run with "
-                "--checkpoint OUT_DIR/model.pt --method ekfac --out OTHER), scored against the "
+                "--checkpoint OUT_DIR/model.pt --method direct --out OTHER), scored against the "
                 "same ground truth"),
     option("--subsets", type=int, default=24,
            help="random halves of the training set to retrain on (default: 24)"),

@@ -23,14 +23,22 @@ continues where it stopped; nothing finished is recomputed):
    the training losses and In-Run values), the others go to ``OUT/member_<m>.pt``; every
    finished network is recorded in ``OUT/job.json``, so a rerun after an interruption trains
    only the missing ones. Accuracies, predictions and the recommended score stay network 0's.
-4. **fit** the influence model (default: :class:`~dvl_ooc.DirectInfluence` on per-layer
-   Kronecker-projected gradients of dimension k, see :class:`~dvl_ooc.GradientProjector`) on
-   the training split (or its first ``fit_samples`` points: the split order is random). The
-   damping is relative to the fitted spectrum: ``lambda_b = damping * largest eigenvalue`` of
-   every curvature block ``b`` -> ``OUT/influence.pt``. With ``ensemble=M > 1`` one influence
-   model per network (same method and options, damping relative to its own spectrum), stored
-   together as the state of :class:`~dvl_ooc.influence.Ensemble`: the matrix is the mean of the
-   ``M`` members' influences (one store; its fingerprint is the ensemble's).
+4. **fit** the influence model on the training split (or its first ``fit_samples`` points:
+   the split order is random). ``method="auto"`` (default, :func:`choose_method`):
+   :class:`~dvl_ooc.EkfacInfluence` on the supported layers with rank-``rank`` test factors
+   when its matrix is cheap (``n_test x n_train x p <=`` :data:`AUTO_MAX_MACS`, test factors
+   ``<=`` :data:`AUTO_MAX_TEST_BYTES`), else ``"direct"``: :class:`~dvl_ooc.DirectInfluence`
+   on per-layer Kronecker-projected gradients of dimension k (see
+   :class:`~dvl_ooc.GradientProjector`); ``"arnoldi"`` and ``"nystroem"`` on the same
+   features. The damping is relative to the fitted spectrum of every curvature block ``b``:
+   ``lambda_b = damping x`` its mean (``damping_of="mean"``) or largest (``"top"``)
+   eigenvalue; damping and blocks default to the method's recommendation,
+   :data:`RECOMMENDED` (chosen by the LDS benchmark: EK-FAC and Direct with per-layer blocks
+   at 0.1 x mean, Arnoldi/Nystroem one block at 1e-3 x largest) -> ``OUT/influence.pt``.
+   With ``ensemble=M > 1`` one influence model per network (same method and options,
+   damping relative to its own spectrum), stored together as the state of
+   :class:`~dvl_ooc.influence.Ensemble`: the matrix is the mean of the ``M`` members'
+   influences (one store; its fingerprint is the ensemble's).
 5. **matrix**: the full ``test x train`` influence matrix with the Dask calculator into the
    resumable Zarr store ``OUT/influences.zarr`` (with self-influence; the store names every
    image file: coordinates ``test_name`` / ``train_name``).
@@ -84,7 +92,7 @@ __all__ = ["METHODS", "ImagesJob", "run_images"]
 
 #: influence methods of the recipe (the iterative CG / LiSSA solve per test point and are
 #: left to the Python API at this scale)
-METHODS = ("direct", "arnoldi", "nystroem", "ekfac")
+METHODS = ("auto", "ekfac", "direct", "arnoldi", "nystroem")
 _STATE = "job.json"
 
 
@@ -109,11 +117,18 @@ class ImagesJob:
     mean: Sequence[float] | None = None
     std: Sequence[float] | None = None
     # influence
-    method: str = "direct"
+    method: str = "auto"
     k: int = 16
     dense_dim: int = 64
     rank: int = 64
-    damping: float = 1e-3
+    #: lambda relative to the fitted spectrum: ``damping x`` the ``damping_of`` eigenvalue
+    #: (``"top"``: largest, the default with an explicit ``damping``; ``"mean"``) of each
+    #: curvature block; ``damping=None``: the method's recommended value (:data:`DAMPING`)
+    damping: float | None = None
+    damping_of: str | None = None
+    #: curvature blocks (``"model"``: one block; ``"layer"``: one per layer; ``None``: the
+    #: method's recommendation, :data:`RECOMMENDED`; EK-FAC's blocks are always its layers)
+    blocks: str | None = None
     layers: Sequence[str] | None = None
     fit_samples: int | None = None
     micro_batch_size: int = 32
@@ -152,9 +167,15 @@ class ImagesJob:
             if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "epochs"
                                                                       else 1):
                 raise InputError(f"{name} must be a positive integer, got {v!r}")
-        if not self.damping > 0:
-            raise InputError(f"damping must be > 0 (relative to the largest eigenvalue), got "
+        if self.damping is not None and (isinstance(self.damping, bool)
+                                         or not self.damping > 0):
+            raise InputError(f"damping must be > 0 (relative to the fitted spectrum), got "
                              f"{self.damping}")
+        if self.blocks not in (None, "model", "layer"):
+            raise InputError(f"blocks must be 'model' or 'layer', got {self.blocks!r}")
+        if self.damping_of not in (None, "top", "mean"):
+            raise InputError(f"damping_of must be 'top' (largest eigenvalue) or 'mean' (mean "
+                             f"eigenvalue), got {self.damping_of!r}")
         if self.fit_samples is not None and self.fit_samples < 2:
             raise InputError(f"fit_samples must be >= 2, got {self.fit_samples}")
         if self.stem not in ("cifar", "imagenet"):
@@ -217,6 +238,60 @@ class _State:
 
 _ORDER = ("split", "decode", "train", "fit", "matrix")
 
+#: recommended settings per method, ``(damping factor, of, blocks)``, chosen by the LDS
+#: benchmark (``benchmarks/bench_lds.py``, malaria-layout ResNet; README "Answers you can
+#: check"): EK-FAC at 0.1 x the mean eigenvalue of each layer (kronfluence's heuristic) matched
+#: kronfluence's LDS (at 1e-3 x the largest eigenvalue: 0.8x of it); projected Direct with
+#: per-layer blocks at 0.1 x mean scored 1.6x the whole-network block at 1e-3 x top, in less
+#: time and memory; Arnoldi and Nystroem keep one block at 1e-3 x top
+RECOMMENDED: dict[str, tuple[float, str, str]] = {
+    "ekfac": (0.1, "mean", "layer"), "direct": (0.1, "mean", "layer"),
+    "arnoldi": (1e-3, "top", "model"), "nystroem": (1e-3, "top", "model")}
+
+#: ``method="auto"`` uses EK-FAC when its matrix costs at most this many multiply-adds
+#: (``n_test x n_train x p``; ~20 minutes on two CPU cores at the measured 1.5e10/s) ...
+AUTO_MAX_MACS = 2e13
+#: ... and its test factors (``n_test x k_test`` float32) at most this many bytes (4 test
+#: groups of the calculator's default 1 GiB bound: every training gradient computed <= 4
+#: times); otherwise projected Direct, whose cost hardly grows with the network's width
+AUTO_MAX_TEST_BYTES = 4 << 30
+
+
+def resolved_damping(job: ImagesJob) -> tuple[float, str]:
+    """``(factor, of)`` of the job's damping: its own values, else :data:`RECOMMENDED` (for
+    ``method="auto"``: call after :func:`choose_method`)."""
+    if job.damping is None:
+        factor, of, _ = RECOMMENDED[job.method]
+        return factor, job.damping_of or of
+    return float(job.damping), job.damping_of or "top"  # an explicit factor: of the largest
+
+
+def resolved_blocks(job: ImagesJob) -> str:
+    """The job's curvature blocks: its own, else the method's recommendation."""
+    return job.blocks or RECOMMENDED[job.method][2]
+
+
+def choose_method(job: ImagesJob, model: Any, n_test: int, n_train: int
+                  ) -> tuple[str, dict[str, float]]:
+    """The method of ``method="auto"`` (an explicit method is returned as it is): EK-FAC
+    (the best LDS at the benchmark's scale) when the matrix stays cheap, ``n_test x n_train x
+    p <=`` :data:`AUTO_MAX_MACS` multiply-adds with test factors of at most
+    :data:`AUTO_MAX_TEST_BYTES`; otherwise projected Direct. Depends only on the network and
+    the split sizes, so a resumed job chooses the same. Returns the method and its numbers."""
+    if job.method != "auto":
+        return job.method, {}
+    import torch.nn.functional as F
+
+    from ..influence import EkfacInfluence
+
+    ek = EkfacInfluence(model, F.cross_entropy, rank=job.rank,
+                        layers=job.layers if job.layers is not None else "supported")
+    k_test = ek.feature_dims()[0]
+    why = {"macs": float(n_test) * n_train * ek.grads.num_params,
+           "test_bytes": 4.0 * n_test * k_test}
+    ok = why["macs"] <= AUTO_MAX_MACS and why["test_bytes"] <= AUTO_MAX_TEST_BYTES
+    return ("ekfac" if ok else "direct"), why
+
 
 def _stage_keys(job: ImagesJob, files_key: str) -> dict[str, str]:
     """The key of every stage: a hash of the options it and the stages before it depend on
@@ -234,8 +309,18 @@ def _stage_keys(job: ImagesJob, files_key: str) -> dict[str, str]:
         mkey["ensemble"] = job.ensemble
     keys["train"] = _key({"decode": keys["decode"], **mkey})
     keys["inrun"] = _key({"train": keys["train"], "test_per_batch": INRUN_TEST_PER_BATCH})
-    keys["fit"] = _key({"train": keys["train"], **{k: getattr(job, k) for k in (
-        "method", "k", "dense_dim", "rank", "damping", "layers", "fit_samples", "seed")}})
+    fkey: dict[str, Any] = {k: getattr(job, k) for k in (
+        "method", "k", "dense_dim", "rank", "layers", "fit_samples", "seed")}
+    if job.method == "auto":  # resolved from the network and the split: both in the keys
+        fkey.update(damping=job.damping, damping_of=job.damping_of, blocks=job.blocks)
+    else:
+        factor, of = resolved_damping(job)
+        fkey["damping"] = factor
+        if of != "top":  # one block at 1e-3 x top keeps the keys of earlier versions
+            fkey["damping_of"] = of
+        if resolved_blocks(job) != "model":
+            fkey["blocks"] = resolved_blocks(job)
+    keys["fit"] = _key({"train": keys["train"], **fkey})
     return keys
 
 
@@ -352,6 +437,8 @@ def _make_influence(job: ImagesJob, model: Any, reg: Any) -> Any:
 
     proj = dict(k_in=job.k, k_out=job.k, dense_dim=job.dense_dim, seed=job.seed)
     common = dict(regularization=reg, layers=job.layers, micro_batch_size=job.micro_batch_size)
+    if job.method != "ekfac":
+        common["blocks"] = resolved_blocks(job)
     if job.method == "direct":
         return inf.DirectInfluence(model, F.cross_entropy, projection=proj, **common)
     if job.method == "arnoldi":
@@ -643,6 +730,14 @@ def _run_stages(job: ImagesJob, state: _State, keys: dict[str, str], ds: Any, pa
     key = keys["fit"]
     inf_file = out / "influence.pt"
     done = state.done("fit", key)
+    auto = job.method == "auto"
+    chosen, why = choose_method(job, model, n_te, n_tr)
+    job = replace(job, method=chosen)
+    if auto:
+        say(f"  method auto -> {chosen}: EK-FAC's matrix {why['macs']:.2g} multiply-adds "
+            f"(limit {AUTO_MAX_MACS:.0e}), its test factors {format_bytes(why['test_bytes'])} "
+            f"(limit {format_bytes(AUTO_MAX_TEST_BYTES)})")
+    factor, of = resolved_damping(job)
     nets = [model] + [torch.load(_member_file(out, i), map_location="cpu",
                                  weights_only=False).eval() for i in range(1, M)]
     if done is None:
@@ -650,7 +745,7 @@ def _run_stages(job: ImagesJob, state: _State, keys: dict[str, str], ds: Any, pa
         nf = n_tr if job.fit_samples is None else min(job.fit_samples, n_tr)
         fitted, regs = [], []
         for net in nets:  # one influence model per network, damping from its own spectrum
-            m = _make_influence(job, net.to(local), Relative(job.damping, of="top"))
+            m = _make_influence(job, net.to(local), Relative(factor, of=of))
             m.fit((x_tr if nf == n_tr else _Rows(x_tr, nf), y_tr[:nf]))
             fitted.append(m)
             regs.append(dict(m.regularization))  # resolved per block from the fitted spectrum
@@ -662,12 +757,12 @@ def _run_stages(job: ImagesJob, state: _State, keys: dict[str, str], ds: Any, pa
             blob = {"blocks": Ensemble(fitted).state(), "regularization": regs[0],
                     "members_regularization": regs}
         _save_atomic(blob, inf_file)
-        done = state.finish("fit", key, n_fit=nf, regularization=regs[0],
+        done = state.finish("fit", key, n_fit=nf, method=chosen, regularization=regs[0],
                             **({"members_regularization": regs} if M > 1 else {}),
                             seconds=time.perf_counter() - t)
     blob = torch.load(inf_file, map_location="cpu", weights_only=False)
     # shipped to the workers from the CPU (each moves it to its device once)
-    members = [_make_influence(job, net.cpu(), Relative(job.damping, of="top"))
+    members = [_make_influence(job, net.cpu(), Relative(factor, of=of))
                for net in nets]
     if M == 1:
         m = members[0].load_state(blob["blocks"])
@@ -681,9 +776,11 @@ def _run_stages(job: ImagesJob, state: _State, keys: dict[str, str], ds: Any, pa
            for v in r.values()]
     say(f"  fitted {type(m).__name__}"
         + (f" of {M} influence models" if M > 1 else "")
-        + f" ({job.method}; features of dimension {k_test}"
+        + f" ({job.method}"
+        + (f", {resolved_blocks(job)} blocks" if job.method != "ekfac" else "")
+        + f"; features of dimension {k_test}"
         + (f" test / {k_train} train" if k_test != k_train else "")
-        + f") on {done['n_fit']} training images; lambda = {job.damping:g} x top eigenvalue "
+        + f") on {done['n_fit']} training images; lambda = {factor:g} x {of} eigenvalue "
         f"({min(lam):.3g}..{max(lam):.3g} over {len(lam)} block(s))  [{times['fit']:.1f} s]")
 
     # 5. matrix ------------------------------------------------------------------------
@@ -782,7 +879,9 @@ def _run_stages(job: ImagesJob, state: _State, keys: dict[str, str], ds: Any, pa
         "classes": ds.classes, "n_train": n_tr, "n_test": n_te,
         "model": state.data["stages"]["train"], "fit": state.data["stages"]["fit"],
         "influence": {"class": type(m).__name__, "config": m.config(),
-                      "feature_dims": [k_test, k_train]},
+                      "feature_dims": [k_test, k_train],
+                      "method": job.method, "requested": "auto" if auto else job.method,
+                      **({"auto": why} if auto else {})},
         "store": str(store_path), "store_bytes": nbytes, "plan": plan.as_dict(),
         "detection": det, "detection_auc": auc, "known_flipped_source": src or None,
         "inrun": None if iv is None else {**state.data["stages"]["inrun"],

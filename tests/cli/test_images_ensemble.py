@@ -5,6 +5,7 @@ training resumes per network after an interruption, and bad combinations are ref
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +41,12 @@ def _reference(out: Path) -> tuple[list[np.ndarray], list[np.ndarray]]:
     import zarr
 
     from dvl_ooc.influence import Relative
-    from dvl_ooc.recipes.images import ImagesJob, _make_influence
+    from dvl_ooc.recipes.images import (
+        ImagesJob,
+        _make_influence,
+        choose_method,
+        resolved_damping,
+    )
 
     job = ImagesJob(root="", out=str(out), size=16, width=2, k=2, dense_dim=4)
     split = json.loads((out / "split.json").read_text())
@@ -51,7 +57,13 @@ def _reference(out: Path) -> tuple[list[np.ndarray], list[np.ndarray]]:
     mats, sis = [], []
     for f in ("model.pt", "member_1.pt"):
         net = torch.load(out / f, map_location="cpu", weights_only=False).eval()
-        m = _make_influence(job, net, Relative(job.damping, of="top"))
+        # the default method "auto" picks EK-FAC for this small job
+        chosen, _ = choose_method(job, net, len(x_te), len(x_tr))
+        assert chosen == "ekfac"
+        job = replace(job, method=chosen)
+        factor, of = resolved_damping(job)
+        assert (factor, of) == (0.1, "mean")
+        m = _make_influence(job, net, Relative(factor, of=of))
         m.fit((x_tr, y_tr))
         mats.append(m.influences(x_te, y_te, x_tr, y_tr).double().numpy())
         sis.append(m.self_influence(x_tr, y_tr).double().numpy())
