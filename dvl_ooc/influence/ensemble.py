@@ -504,8 +504,8 @@ class Ensemble(InfluenceModel):
         self.__dict__.update(d)
 
     # ------------------------------------------------------------------ fitting
-    def fit(self, data: DataLike, *, client: Any = None, refit: bool | None = None
-            ) -> Ensemble:
+    def fit(self, data: DataLike, *, client: Any = None, refit: bool | None = None,
+            progress: bool = False) -> Ensemble:
         """Fit the members on ``data`` (the training set of every member's network).
 
         Args:
@@ -519,6 +519,8 @@ class Ensemble(InfluenceModel):
                 a mix raises :class:`~dvl_ooc.exceptions.EnsembleMismatchError`.
                 ``False``: fit only the unfitted members (the fitted ones must have been fitted
                 on as many samples). ``True``: fit every member again.
+            progress: show each member's fit progress bar (in this process; with ``client``
+                a bar over the member tasks).
         """
         n = num_samples(data)
         ms = self.members
@@ -541,9 +543,9 @@ class Ensemble(InfluenceModel):
         if todo:
             if client is None:
                 for i in todo:
-                    ms[i].fit(data)
+                    ms[i].fit(data, **({"progress": True} if progress else {}))
             else:
-                self._fit_on_workers(client, todo, data)
+                self._fit_on_workers(client, todo, data, progress)
         for m in ms:
             if m.needs_data_to_precondition and m._fit_data is None:
                 m.attach_data(data)
@@ -551,12 +553,22 @@ class Ensemble(InfluenceModel):
         self._check_compatible()
         return self
 
-    def _fit_on_workers(self, client: Any, todo: Sequence[int], data: DataLike) -> None:
+    def _fit_on_workers(self, client: Any, todo: Sequence[int], data: DataLike,
+                        progress: bool = False) -> None:
         token = uuid.uuid4().hex
         data_f = client.submit(_hold, data, pure=False, key=f"dvl-ensemble-data-{token}")
         futures = [client.submit(_fit_member_task, self.members[i], data_f, pure=False,
                                  key=f"dvl-ensemble-fit-{i}-{token}") for i in todo]
         try:
+            if progress:
+                from distributed import as_completed
+
+                from ..runtime import progress as _progress
+
+                with _progress(True, total=len(futures), unit="member",
+                               desc="Ensemble.fit") as bar:
+                    for _ in as_completed(futures):
+                        bar.update(1)
             results = client.gather(futures)
         finally:
             client.cancel([*futures, data_f])

@@ -307,3 +307,16 @@ def test_fit_progress_bar_prints_and_changes_nothing(tiny, name, capsys):
                        quiet.influences(P.xt, P.yt, P.x, P.y))
     assert m.fingerprint() == quiet.fingerprint()
     assert getattr(m.grads, "_bar", None) is None  # nothing left attached
+
+
+def test_ensemble_fit_progress_shows_every_member(tiny, capsys):
+    from dvl_ooc.influence import Ensemble
+
+    P = tiny
+    quiet = Ensemble([_make("direct", P), _make("ekfac", P)]).fit((P.x, P.y))
+    assert capsys.readouterr().err == ""
+    ens = Ensemble([_make("direct", P), _make("ekfac", P)]).fit((P.x, P.y), progress=True)
+    err = capsys.readouterr().err
+    assert "DirectInfluence.fit" in err and "EkfacInfluence.fit" in err and "120/120" in err
+    assert torch.equal(ens.influences(P.xt, P.yt, P.x, P.y),
+                       quiet.influences(P.xt, P.yt, P.x, P.y))
