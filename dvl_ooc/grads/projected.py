@@ -209,6 +209,12 @@ class ProjectedGradients(BatchSource):
         """Per micro-batch, the float64 projected pseudo-gradients ``f_ic`` of the block,
         ``(m, c, k_b)``: ``sum_c f_ic f_ic^T = (P J_i^T H_out,i J_i P^T)_b``."""
         sl = self.block_slices[self._block_index(block)]
+        for F in self._all_factor_features(data):
+            yield F[:, :, sl]
+
+    def _all_factor_features(self, data: DataLike) -> Iterator[torch.Tensor]:
+        """Per micro-batch, the float64 projected pseudo-gradients of all blocks,
+        ``(m, c, k)``."""
         loss = self.loss
 
         def factors(out: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
@@ -218,7 +224,7 @@ class ProjectedGradients(BatchSource):
 
         for xb, yb in self.batches(data):
             F = self.projector.project_output_vectors(xb, factors, yb)  # (c, m, k)
-            yield F[:, :, sl].transpose(0, 1).to(torch.float64)
+            yield F.transpose(0, 1).to(torch.float64)
 
     # ------------------------------------------------------------------ curvature
     def gauss_newton_factors(self, data: DataLike, block: ParamBlock
@@ -262,6 +268,44 @@ class ProjectedGradients(BatchSource):
         if not bool(torch.isfinite(H).all()):
             raise NonFiniteError("the curvature matrix has non-finite entries; check the loss")
         return H
+
+    def hessians(self, data: DataLike, blocks: Sequence[ParamBlock],
+                 mode: HessianMode = "gauss-newton") -> list[torch.Tensor]:
+        """:meth:`hessian` of several blocks from one data pass (the projection computes every
+        block's features anyway): ``[(k_b, k_b)]`` float64, equal to one call per block."""
+        _check_mode(mode)
+        sls = [self.block_slices[self._block_index(b)] for b in blocks]
+        Hs = [torch.zeros(b.numel, b.numel, dtype=torch.float64, device=self.device)
+              for b in blocks]
+        n = 0
+        rows: list[torch.Tensor] = []
+        held = 0
+
+        def flush() -> None:
+            B = torch.cat(rows)
+            for H, sl in zip(Hs, sls):
+                Bb = B[:, sl]
+                H.addmm_(Bb.T, Bb)
+
+        for F in self._all_factor_features(data):
+            rows.append(F.reshape(-1, F.shape[-1]))
+            held += rows[-1].shape[0]
+            n += F.shape[0]
+            if held >= _GRAM_ROWS:
+                flush()
+                rows, held = [], 0
+        if rows:
+            flush()
+        if n == 0:
+            raise InputError("no samples in the fit data")
+        out = []
+        for H in Hs:
+            H = 0.5 * (H + H.T) / n
+            if not bool(torch.isfinite(H).all()):
+                raise NonFiniteError("the curvature matrix has non-finite entries; check the "
+                                     "loss")
+            out.append(H)
+        return out
 
     def hvp(self, v: torch.Tensor, data: DataLike, block: ParamBlock,
             mode: HessianMode = "gauss-newton") -> torch.Tensor:

@@ -49,9 +49,28 @@ class DirectInfluence(InfluenceModel):
 
     _state_keys = ("eigenvalues", "eigenvectors")
 
+    def _joint_fit(self) -> bool:
+        """Whether all blocks' matrices come from one data pass (projected Gauss-Newton with
+        several blocks: the projection computes every block's features at once)."""
+        return (len(self.blocks) > 1 and self.hessian_mode == "gauss-newton"
+                and hasattr(self.grads, "hessians"))
+
     def _fit_passes(self) -> int:
-        """One pass over the data per block (the curvature accumulation)."""
-        return len(self.blocks)
+        """One pass over the data per block (the curvature accumulation), or one for all
+        blocks (:meth:`_joint_fit`)."""
+        return 1 if self._joint_fit() else len(self.blocks)
+
+    def _fit_blocks(self, data: DataLike) -> list[dict[str, torch.Tensor]]:
+        """Block by block, or all blocks' matrices from one data pass (:meth:`_joint_fit`;
+        their sum of ``8 k_b^2`` bytes is held at once), then one ``eigh`` per block."""
+        if not self._joint_fit():
+            return super()._fit_blocks(data)
+        Hs = self.grads.hessians(data, self.blocks, self.hessian_mode)  # type: ignore[union-attr]
+        out = []
+        for i, block in enumerate(self.blocks):
+            out.append(self._decompose(i, block, Hs[i]))
+            Hs[i] = None  # type: ignore[call-overload]
+        return out
 
     def _fit_bytes(self, block: ParamBlock) -> int:
         """The float64 ``p_b x p_b`` matrix, its eigenvectors and ``eigh``'s workspace."""
@@ -60,7 +79,12 @@ class DirectInfluence(InfluenceModel):
     def _fit_block(
         self, index: int, block: ParamBlock, data: DataLike, reg: float
     ) -> dict[str, torch.Tensor]:
-        H = self.grads.hessian(data, block, self.hessian_mode)
+        return self._decompose(index, block, self.grads.hessian(data, block, self.hessian_mode))
+
+    def _decompose(self, index: int, block: ParamBlock, H: torch.Tensor
+                   ) -> dict[str, torch.Tensor]:
+        """Eigendecomposition of block ``index``'s curvature matrix ``H``, with its spectrum
+        and fit record."""
         w, V = torch.linalg.eigh(H)
         self.info["fit"].append({"block": block.name, "size": block.numel,
                                  "min_eigenvalue": float(w[0]), "max_eigenvalue": float(w[-1])})

@@ -142,6 +142,39 @@ def test_direct_equals_explicit_projected_formula(mlp_setup):
     assert rel_err(s.influences(m2), want_b) < 1e-8
 
 
+def test_layer_blocks_are_fitted_in_one_data_pass(mlp_setup):
+    """Per-layer projected Gauss-Newton blocks come from one pass over the data (the
+    projection computes every block's features at once; one pass per block recomputed them
+    all each time), equal to the per-block matrices and the block-by-block fit."""
+    s = mlp_setup
+    lam = s.lam()
+    m = DirectInfluence(s.pb.model, LOSS, regularization=lam, blocks="layer",
+                        projection=s.projection)
+    assert len(m.blocks) > 1 and m._fit_passes() == 1
+    seen: list[int] = []
+    batches = m.grads.batches
+
+    def counted(data):
+        for xb, yb in batches(data):
+            seen.append(len(xb))
+            yield xb, yb
+
+    m.grads.batches = counted  # instrument the instance's data passes
+    m.fit((s.x, s.y))
+    assert sum(seen) == len(s.x)  # one pass, not one per block
+    del m.grads.batches
+    Hs = m.grads.hessians((s.x, s.y), m.blocks)
+    for b, H in zip(m.blocks, Hs):
+        assert rel_err(H, m.grads.hessian((s.x, s.y), b)) < 1e-12
+        sl = m.grads.block_slices[m.blocks.index(b)]
+        assert rel_err(H, s.PGP[sl, sl]) < 1e-10
+    one_by_one = DirectInfluence(s.pb.model, LOSS, regularization=lam, blocks="layer",
+                                 projection=s.projection)
+    one_by_one._joint_fit = lambda: False  # the block-by-block path
+    one_by_one.fit((s.x, s.y))
+    assert rel_err(s.influences(m), s.influences(one_by_one)) < 1e-12
+
+
 SOLVERS = {
     "cg": lambda mod, lam, proj: CgInfluence(mod, LOSS, regularization=lam, rtol=1e-10,
                                              projection=proj),
