@@ -596,6 +596,7 @@ def _run_stages(job: ImagesJob, state: _State, keys: dict[str, str], ds: Any, pa
         roc_auc,
     )
     from ..runtime import format_bytes, progress
+    from ..training import checkpoint_epochs
 
     out = Path(job.out)
     C, n_tr, n_te = len(ds.classes), len(tr_idx), len(te_idx)
@@ -655,7 +656,9 @@ def _run_stages(job: ImagesJob, state: _State, keys: dict[str, str], ds: Any, pa
             how = f"loaded {job.checkpoint}"
         else:
             x_np = np.asarray(x_tr[:])
-            ckpt_epochs = _checkpoint_epochs(job.epochs)
+            # every training image's loss at up to 5 evenly spaced epochs (5 were enough
+            # in benchmarks/bench_detection.py)
+            ckpt_epochs = checkpoint_epochs(job.epochs)
             ckpt_losses: list[np.ndarray] = []
 
             def record(epoch: int, net: Any) -> None:
@@ -1007,14 +1010,6 @@ def _train_member(job: ImagesJob, m: int, n_classes: int, channels: int, x: np.n
     model, _ = _train_network(sub, n_classes, channels, x, y, None, y[:0], device, None,
                               inrun=False)
     _save_atomic(model.eval().cpu(), path)
-
-
-def _checkpoint_epochs(epochs: int, n: int = 5) -> set[int]:
-    """Up to ``n`` evenly spaced epochs (1-based), the last one included, at which every
-    training image's loss is recorded (5 were enough in ``benchmarks/bench_detection.py``)."""
-    if epochs < 1:
-        return set()
-    return {int(e) for e in np.unique(np.linspace(1, epochs, min(n, epochs)).round())}
 
 
 def _per_point_losses(model: Any, x: Any, y: np.ndarray) -> np.ndarray:
