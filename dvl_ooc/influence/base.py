@@ -786,15 +786,7 @@ class InfluenceModel:
         check); their gradients are still computed ``rows`` at a time."""
         if self.needs_data_to_precondition:
             return self.test_features(self._gradient_rows(x, y, lo, hi, rows))
-        T: torch.Tensor | None = None
-        for s in range(lo, hi, rows):
-            e = min(s + rows, hi)
-            f = self._stream_test(x[s:e], y[s:e])
-            if T is None:
-                T = torch.empty(hi - lo, f.shape[1], dtype=f.dtype, device=f.device)
-            T[s - lo : e - lo] = f
-        assert T is not None
-        return T
+        return self._rows_of(self._stream_test, x, y, lo, hi, rows)
 
     def _factor_rows(self, g: torch.Tensor) -> torch.Tensor:
         """The rows :meth:`influence_factors` returns for gradients ``g`` (default:
@@ -803,15 +795,20 @@ class InfluenceModel:
 
     def _gradient_rows(self, x: Any, y: Any, lo: int, hi: int, rows: int) -> torch.Tensor:
         """Gradients of rows ``lo:hi`` computed ``rows`` at a time into one array."""
-        g: torch.Tensor | None = None
+        return self._rows_of(self.gradients, x, y, lo, hi, rows)
+
+    @staticmethod
+    def _rows_of(fn: Any, x: Any, y: Any, lo: int, hi: int, rows: int) -> torch.Tensor:
+        """``fn(x[s:e], y[s:e])`` of rows ``lo:hi``, ``rows`` at a time, into one array."""
+        out: torch.Tensor | None = None
         for s in range(lo, hi, rows):
             e = min(s + rows, hi)
-            b = self.gradients(x[s:e], y[s:e])
-            if g is None:
-                g = torch.empty(hi - lo, b.shape[1], dtype=b.dtype, device=b.device)
-            g[s - lo : e - lo] = b
-        assert g is not None
-        return g
+            b = fn(x[s:e], y[s:e])
+            if out is None:
+                out = torch.empty(hi - lo, b.shape[1], dtype=b.dtype, device=b.device)
+            out[s - lo : e - lo] = b
+        assert out is not None
+        return out
 
     def _stream_batch(self, batch_size: int | None) -> int | None:
         if batch_size is not None and (isinstance(batch_size, bool)
