@@ -198,22 +198,34 @@ def _statistics(module: nn.Module, x: torch.Tensor,
     return mean, torch.rsqrt(var + module.eps)
 
 
+class _Switch:
+    """The frozen/coupled switch of one step's backward passes. The autograd context of
+    :class:`_FrozenStatistics` holds this, never the capture: the capture keeps the layer
+    outputs, whose graph holds the context, and a reference cycle through autograd nodes is
+    one Python's garbage collector cannot see (every step's activations would leak)."""
+
+    __slots__ = ("frozen",)
+
+    def __init__(self) -> None:
+        self.frozen = True
+
+
 class _FrozenStatistics(torch.autograd.Function):
     """The identity on a BatchNorm output ``y`` whose backward sends the output gradient
     ``dy`` either on to ``y`` (the BatchNorm node: the true, coupled gradient, while
-    ``capture.frozen`` is false) or straight to the BatchNorm input ``x`` as ``scale * dy``,
+    ``switch.frozen`` is false) or straight to the BatchNorm input ``x`` as ``scale * dy``,
     ``scale = gamma / sigma_B`` (statistics frozen; the BatchNorm node then receives no
     gradient and computes nothing)."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor,
-                capture: BatchNormCapture) -> torch.Tensor:
-        ctx.scale, ctx.capture = scale, capture
+                switch: _Switch) -> torch.Tensor:
+        ctx.scale, ctx.switch = scale, switch
         return y.view_as(y)
 
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[Any, ...]:
-        if ctx.capture.frozen:
+        if ctx.switch.frozen:
             dx = dy * ctx.scale.to(dy.dtype) if ctx.needs_input_grad[0] else None
             return dx, None, None, None
         return None, dy, None, None
@@ -240,13 +252,22 @@ class BatchNormCapture:
         self.modules = {n: self.all[n] for n in self.names}
         self.keep_outputs = bool(keep_outputs)
         self.record_output_grads = bool(output_grads)
-        self.frozen = True
+        self._switch = _Switch()
         self.coupled = False
         self.inputs: dict[str, BatchNormInput] = {}
         self.outputs: dict[str, torch.Tensor] = {}
         self.output_grads: dict[str, torch.Tensor] = {}
         self.calls: dict[str, int] = dict.fromkeys(self.names, 0)
         self._handles: list[Any] = []
+
+    @property
+    def frozen(self) -> bool:
+        """Whether backward passes through this step's graph freeze the batch statistics."""
+        return self._switch.frozen
+
+    @frozen.setter
+    def frozen(self, value: bool) -> None:
+        self._switch.frozen = bool(value)
 
     def __enter__(self) -> BatchNormCapture:
         attributed = set(self.names)
@@ -277,7 +298,7 @@ class BatchNormCapture:
                 self.coupled = True
                 scale = invstd if module.weight is None else invstd * module.weight.detach()
                 output = _FrozenStatistics.apply(inputs[0], output,
-                                                 _channel_view(scale, x.ndim), self)
+                                                 _channel_view(scale, x.ndim), self._switch)
             if attributed:
                 self.calls[name] += 1
                 self.inputs[name] = BatchNormInput(x, mean, invstd)

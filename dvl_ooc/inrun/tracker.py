@@ -601,7 +601,9 @@ class InRunShapley:
         return self._record(ia, scores * lr, loss)
 
     def _scores(self, train: dict, b: int, lr: float, gbar) -> torch.Tensor:
-        was_training = self.model.training
+        # the validation loss is taken in eval mode; afterwards every module gets its own mode
+        # back (model.train() would also switch on layers the user froze, e.g. BatchNorm)
+        modes = [(m, m.training) for m in self.model.modules()]
         self.model.eval()
         try:
             if self.per_validation_point:
@@ -609,7 +611,8 @@ class InRunShapley:
             else:
                 out = self._summed_scores(train, b, lr, gbar)
         finally:
-            self.model.train(was_training)
+            for m, mode in modes:
+                m.training = mode
         return out * lr  # (lr / b) * <b * G_mean, ...>: captured train grads are of the mean loss
 
     def _val_chunks(self):
