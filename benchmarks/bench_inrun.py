@@ -35,6 +35,7 @@ wrong folder (``--test-per-batch F [F ...]``: one In-Run row per fraction of the
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import time
 from functools import partial
@@ -82,6 +83,12 @@ def tune_malloc() -> None:
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def rss_mb() -> float:
+    """The resident set size now (MB), from ``/proc/self/statm``."""
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def batches(n, b, seed):
@@ -287,9 +294,10 @@ def bench_resnet(sizes, epochs: int, reps: int, width: int, size: int,
     fractions = test_per_batch or [INRUN_TEST_PER_BATCH]
     print(f"torch {torch.__version__}, CPU, {torch.get_num_threads()} thread(s), float32; "
           f"ResNet18(width={width}, stem='imagenet') on {size}x{size} images, AdamW, batch 64, "
-          f"{epochs} epoch(s); times: process CPU s (wall s), median of {reps}")
+          f"{epochs} epoch(s); times: process CPU s (wall s), median of {reps}; RSS +MB: the "
+          "largest growth of the resident set over one run (a leak grows with the epochs)")
     print(f"{'images':>7}{'train':>7}{'test':>6}  {'training':<22}{'CPU s':>8}{'wall s':>8}"
-          f"{'ratio':>7}{'same net':>9}{'AUC':>7}")
+          f"{'ratio':>7}{'RSS +MB':>9}{'same net':>9}{'AUC':>7}")
     for n in sizes:
         with tempfile.TemporaryDirectory() as tmp:
             root = Path(tmp) / "cells"
@@ -308,16 +316,19 @@ def bench_resnet(sizes, epochs: int, reps: int, width: int, size: int,
         mean, std = channel_stats((x[tr], y[tr]), background=None)
         variants: list[float | None] = [None, *fractions]
         times: dict[float | None, list[tuple[float, float]]] = {v: [] for v in variants}
+        growth: dict[float | None, float] = dict.fromkeys(variants, 0.0)
         nets, values, k_used = {}, {}, {}
         for _ in range(reps):
             for v in variants:
                 model = ResNet18(2, width, 3, "imagenet", mean=mean, std=std, seed=0)
                 tracker = None if v is None else inrun_tracker(
                     model, x[te], y[te], len(tr), batch_size=64, seed=0, test_per_batch=v)
+                r0 = rss_mb()
                 c0, w0 = time.process_time(), time.perf_counter()
                 train_resnet(model, (x[tr], y[tr]), epochs=epochs, lr=2e-3, batch_size=64,
                              seed=0, backward=None if tracker is None else tracker.step)
                 times[v].append((time.process_time() - c0, time.perf_counter() - w0))
+                growth[v] = max(growth[v], rss_mb() - r0)
                 nets[v] = model.state_dict()
                 if tracker is not None:
                     values[v], k_used[v] = tracker.values, tracker.val_sample or n_te
@@ -329,7 +340,7 @@ def bench_resnet(sizes, epochs: int, reps: int, width: int, size: int,
                                                 for k in nets[None]))
             auc = "" if v is None else f"{roc_auc(known, -values[v]):.3f}"
             print(f"{n:>7}{len(tr):>7}{n_te:>6}  {label:<22}{cpu:>8.1f}{wall:>8.1f}"
-                  f"{cpu / med[None][0]:>7.2f}{same:>9}{auc:>7}")
+                  f"{cpu / med[None][0]:>7.2f}{growth[v]:>9.0f}{same:>9}{auc:>7}")
 
 
 def main() -> None:
