@@ -222,6 +222,10 @@ def _floats(v: str) -> list[float]:
     option("--damping-of", choices=["top", "mean"],
            help="the eigenvalue --damping refers to: top (largest; the default with "
            "--damping) or mean"),
+    option("--fisher", choices=["auto", "ggn", "sampled"], default="auto",
+           help="EK-FAC's curvature: ggn (exact Gauss-Newton factors, classes - 1 backward "
+           "passes per image), sampled (labels drawn from the model, one pass) or auto "
+           "(default: ggn up to 16 classes, else sampled)"),
     option("--layers", nargs="+", help="attribute through these modules only (e.g. layer4 fc)"),
     option("--fit-samples", type=int, help="fit the curvature on this many training images "
            "(default: all)"),
@@ -269,7 +273,7 @@ def _cmd_images(args: argparse.Namespace) -> None:
         epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, checkpoint=args.checkpoint,
         mean=args.mean, std=args.std, method=args.method, k=args.k, dense_dim=args.dense_dim,
         rank=args.rank, damping=args.damping, damping_of=args.damping_of, blocks=args.blocks,
-        layers=args.layers, fit_samples=args.fit_samples,
+        layers=args.layers, fisher=args.fisher, fit_samples=args.fit_samples,
         workers=args.workers, cluster=args.cluster, test_chunk=args.test_chunk,
         memory_limit=args.memory_limit,
         train_chunk=args.train_chunk, progress=not args.no_progress, restart=args.restart,

@@ -63,7 +63,7 @@ def _reference(out: Path) -> tuple[list[np.ndarray], list[np.ndarray]]:
         job = replace(job, method=chosen)
         factor, of = resolved_damping(job)
         assert (factor, of) == (0.1, "mean")
-        m = _make_influence(job, net, Relative(factor, of=of))
+        m = _make_influence(job, net, Relative(factor, of=of), 2)
         m.fit((x_tr, y_tr))
         mats.append(m.influences(x_te, y_te, x_tr, y_tr).double().numpy())
         sis.append(m.self_influence(x_tr, y_tr).double().numpy())

@@ -73,14 +73,14 @@ def test_explicit_old_options_keep_the_keys_of_earlier_versions():
     """``--method direct --damping 1e-3 --blocks model`` (the default before) hashes the fit
     stage as earlier versions did, so their output folders resume; the new defaults do not."""
     job = ImagesJob(root=".", out=".", method="direct", damping=1e-3, blocks="model")
-    keys = rec._stage_keys(job, "files")
+    keys = rec._stage_keys(job, "files", 2)
     old = rec._key({"train": keys["train"], "method": "direct", "k": 16, "dense_dim": 64,
                     "rank": 64, "layers": None, "fit_samples": None, "seed": 0,
                     "damping": 1e-3})
     assert keys["fit"] == old
-    assert rec._stage_keys(replace(job, damping=None, blocks=None), "files")["fit"] != old
-    auto = rec._stage_keys(ImagesJob(root=".", out="."), "files")["fit"]
-    assert auto not in (old, rec._stage_keys(replace(job, method="ekfac"), "files")["fit"])
+    assert rec._stage_keys(replace(job, damping=None, blocks=None), "files", 2)["fit"] != old
+    auto = rec._stage_keys(ImagesJob(root=".", out="."), "files", 2)["fit"]
+    assert auto not in (old, rec._stage_keys(replace(job, method="ekfac"), "files", 2)["fit"])
 
 
 @pytest.fixture(scope="module")
@@ -127,3 +127,33 @@ def test_direct_end_to_end_equals_per_layer_direct_in_memory(folder, tmp_path):
     want = ref.influences(x_te, y_te, x_tr, y_tr).double().numpy()
     got = InfluenceStore.open(d / "influences.zarr").influences[:].astype(np.float64)
     np.testing.assert_allclose(got, want, rtol=2e-3, atol=1e-5 * np.abs(want).max())
+
+
+def test_fisher_rule_options_and_keys():
+    """``fisher="auto"``: exact Gauss-Newton factors up to AUTO_GGN_MAX_CLASSES classes (the
+    keys of earlier versions), labels sampled from the model above (a new key); explicit
+    values are kept; the recipe's EK-FAC gets the resolved value; bad values are refused."""
+    from torch import nn
+
+    from dvl_ooc.influence import Relative
+
+    job = ImagesJob(root=".", out=".")
+    cut = rec.AUTO_GGN_MAX_CLASSES
+    assert rec.resolved_fisher(job, 2) == rec.resolved_fisher(job, cut) == "ggn"
+    assert rec.resolved_fisher(job, cut + 1) == rec.resolved_fisher(job, 1000) == "sampled"
+    assert rec.resolved_fisher(replace(job, fisher="ggn"), 1000) == "ggn"
+    assert rec.resolved_fisher(replace(job, fisher="sampled"), 2) == "sampled"
+    k = {c: rec._stage_keys(job, "files", c)["fit"] for c in (2, cut, cut + 1)}
+    assert k[2] == k[cut] != k[cut + 1]
+    assert rec._stage_keys(replace(job, fisher="ggn"), "files", cut + 1)["fit"] == k[2]
+    assert rec._stage_keys(replace(job, fisher="sampled"), "files", 2)["fit"] == k[cut + 1]
+    # Direct does not use it: its key does not move
+    d = replace(job, method="direct")
+    assert rec._stage_keys(d, "files", 2)["fit"] == rec._stage_keys(d, "files", 100)["fit"]
+    net = nn.Sequential(nn.Flatten(), nn.Linear(12, 20))
+    ek = replace(job, method="ekfac", seed=3)
+    assert rec._make_influence(ek, net, Relative(0.1, of="mean"), 2).fisher == "ggn"
+    sampled = rec._make_influence(ek, net, Relative(0.1, of="mean"), 20)
+    assert (sampled.fisher, sampled.seed) == ("sampled", 3)
+    with pytest.raises(InputError, match="fisher"):
+        replace(job, fisher="empirical").check()
