@@ -105,10 +105,17 @@ def _grad_width(m: InfluenceModel) -> int:
 
 def _feature_widths(m: InfluenceModel) -> tuple[int, int]:
     """``m.feature_dims()``; the gradient width for a member that cannot tell without its
-    fit data (CG / LiSSA, whose features are the gradients and their solves)."""
+    fit data but whose features are its gradients (CG / LiSSA: the gradients and their
+    solves). A member whose widths come from its fit (Arnoldi, Nystroem) raises
+    :class:`NotFittedError`."""
     try:
         kt, kr = m.feature_dims()
     except NotFittedError:
+        if type(m).train_features is not InfluenceModel.train_features:
+            raise NotFittedError(
+                f"ensemble member {type(m).__name__}: the width of its features comes from its "
+                "fit; fit the ensemble first (a few samples do for a plan: the width does not "
+                "depend on how many)") from None
         kt = kr = _grad_width(m)
     return int(kt), int(kr)
 

@@ -110,3 +110,20 @@ def test_refused_when_the_width_comes_from_the_fit() -> None:
     m = ArnoldiInfluence(_net(), F.cross_entropy, rank=4)
     with pytest.raises(NotFittedError, match="comes from its fit"):
         dry_run_plan(m, N_TEST, N_TRAIN, SHAPE, memory_budget=BUDGET)
+
+
+def test_unfitted_ensemble_with_fit_width_members_is_refused() -> None:
+    """An unfitted Ensemble plans from its members' widths: gradient width for Direct/CG
+    members, but a member whose width comes from its fit (Arnoldi) is refused, as it is alone
+    (it used to be planned at the gradient width, 8x too wide here)."""
+    from dvl_ooc import CgInfluence
+    from dvl_ooc.influence import Ensemble
+
+    ens = Ensemble([DirectInfluence(_net(), F.cross_entropy),
+                    ArnoldiInfluence(_net(), F.cross_entropy, rank=4)])
+    with pytest.raises(NotFittedError, match="comes from its fit"):
+        dry_run_plan(ens, N_TEST, N_TRAIN, SHAPE, memory_budget=BUDGET)
+    ok = Ensemble([DirectInfluence(_net(), F.cross_entropy), CgInfluence(_net(), F.cross_entropy)])
+    plan = dry_run_plan(ok, N_TEST, N_TRAIN, SHAPE, memory_budget=BUDGET)
+    p = 2 * 10 + 5 * 73  # the two layers' parameters (weights and biases)
+    assert (plan.k_test, plan.k_train) == (2 * p, 2 * p)
