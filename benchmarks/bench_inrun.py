@@ -26,8 +26,9 @@ with the In-Run tracker as the recipe runs it (:func:`dvl_ooc.recipes.images.inr
 the summed value over all test images, from ``val_sample`` test images per step), alternating
 the variants ``--reps`` times, and prints the training time of each (median process CPU
 seconds, and wall seconds), the ratio of CPU times, whether the trained networks are
-identical, and the ROC AUC of the In-Run ranking (lowest value first) for the files in the
-wrong folder (``--test-per-batch F [F ...]``: one In-Run row per fraction of the batch)::
+identical, and the ROC AUC of the In-Run ranking (lowest value first) for the training files in
+the wrong folder (the test files get their true labels back: values against a clean test loss;
+``--test-per-batch F [F ...]``: one In-Run row per fraction of the batch)::
 
     python benchmarks/bench_inrun.py --resnet 400 1600 [--epochs 2] [--reps 3] [--threads 1]
 """
@@ -312,7 +313,11 @@ def bench_resnet(sizes, epochs: int, reps: int, width: int, size: int,
         perm = rng.permutation(n)
         n_te = n // 5
         te, tr = perm[:n_te], perm[n_te:]
-        known = np.array([ds.paths[i] in wrong for i in tr])
+        flipped = np.array([p in wrong for p in ds.paths])
+        # the generator flips labels folder-wide: give the test part its true labels back
+        # (2 classes), so that the values are taken against a clean test loss
+        y = np.where(flipped & np.isin(np.arange(n), te), 1 - y, y)
+        known = flipped[tr]
         mean, std = channel_stats((x[tr], y[tr]), background=None)
         variants: list[float | None] = [None, *fractions]
         times: dict[float | None, list[tuple[float, float]]] = {v: [] for v in variants}
