@@ -323,6 +323,13 @@ def bench_resnet(sizes, epochs: int, reps: int, width: int, size: int,
         times: dict[float | None, list[tuple[float, float]]] = {v: [] for v in variants}
         growth: dict[float | None, float] = dict.fromkeys(variants, 0.0)
         nets, values, k_used = {}, {}, {}
+        for v in variants:  # untimed warm-up of both variants (one-off kernel set-up costs)
+            warm = ResNet18(2, width, 3, "imagenet", mean=mean, std=std, seed=0)
+            warm_tr = tr[:256]
+            train_resnet(warm, (x[warm_tr], y[warm_tr]), epochs=1, lr=2e-3, batch_size=64,
+                         seed=0, backward=None if v is None else inrun_tracker(
+                             warm, x[te], y[te], len(warm_tr), batch_size=64, seed=0,
+                             test_per_batch=v).step)
         for _ in range(reps):
             for v in variants:
                 model = ResNet18(2, width, 3, "imagenet", mean=mean, std=std, seed=0)
