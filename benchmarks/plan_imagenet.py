@@ -92,14 +92,14 @@ def _timed(fn: Any) -> float:
 def _flops(plan: InfluencePlan, grad_flops: float, layers: list[tuple[int, int]]
            ) -> dict[str, float]:
     """FLOPs of a run by part (2 per multiply-add)."""
+    # tiles: the plan's count (for EK-FAC with rank-r test factors it includes their expansion
+    # once per (test row, train chunk), layer by layer)
+    tile = plan.tile_multiply_adds
     if plan.method == "EkfacInfluence":
-        # tiles: contraction n_test n_train p plus the expansion of the rank-r factors once per
-        # (test row, train chunk): n_test (n_train / train_chunk) p r
-        tile = plan.tile_multiply_adds * (1 + RANK / plan.train_chunk)
         # a solve rotates into the eigenbasis and back, per layer; rank-r rows add the SVDs
         solve = SVD_FACTOR * sum(2 * (o * o * a + o * a * a) for o, a in layers)
     else:
-        tile, solve = plan.tile_multiply_adds, plan.k_test ** 2  # a k x k product per solve
+        solve = plan.k_test ** 2  # a k x k product per solve
     return {"gradients": plan.gradient_computations * grad_flops, "tiles": 2 * tile,
             "solves": 2 * plan.preconditioning_solves * solve}
 

@@ -127,6 +127,18 @@ def _bounds(n: int, c: int) -> list[tuple[int, int]]:
     return [(s, min(n, s + c)) for s in range(0, n, c)]
 
 
+def _grid_cost(m: InfluenceModel, test_blocks: list[tuple[int, int]],
+               train_blocks: list[tuple[int, int]], k_train: int) -> int:
+    """``m.tile_multiply_adds`` summed over the tiles of the two block lists (one call per
+    distinct pair of block sizes)."""
+    from collections import Counter
+
+    ct = Counter(e - s for s, e in test_blocks)
+    cr = Counter(e - s for s, e in train_blocks)
+    return sum(a * b * m.tile_multiply_adds(t, r, k_train)
+               for t, a in ct.items() for r, b in cr.items())
+
+
 def _aliases_gradients(m: InfluenceModel) -> bool:
     """Whether ``m.train_features(g)`` is ``g`` itself (no bytes of its own): the base method,
     or an ensemble all of whose members use it."""
@@ -182,7 +194,10 @@ class InfluencePlan:
         test_task_bytes, column_task_bytes: the two task estimates; ``task_bytes`` their max.
         gradient_computations: ``n_test + groups * n_train``.
         preconditioning_solves: ``n_test`` (+ ``n_train`` with self-influence).
-        tile_multiply_adds: ``n_test * n_train * k_train`` (the default ``T @ R.T``).
+        tile_multiply_adds: the model's :meth:`tile_multiply_adds
+            <dvl_ooc.influence.base.InfluenceModel.tile_multiply_adds>` summed over the tiles:
+            ``n_test * n_train * k_train`` for the default ``T @ R.T``; EK-FAC with ``rank``
+            adds the expansion of each test row's factors once per train chunk.
         store_bytes: the influences as stored, uncompressed: ``n_test * n_train *
             store_itemsize`` (+ ``n_train * store_itemsize`` of self-influence).
         notes: what was shrunk or adopted, and why.
@@ -545,7 +560,7 @@ class _Base:
             test_task_bytes=test_b, column_task_bytes=col_b, task_bytes=max(test_b, col_b),
             gradient_computations=te.n + n_groups * tr.n,
             preconditioning_solves=te.n + (tr.n if self_influence else 0),
-            tile_multiply_adds=te.n * tr.n * int(k_train),
+            tile_multiply_adds=_grid_cost(m, tb, _bounds(tr.n, rc), int(k_train)),
             store_bytes=(te.n + int(self_influence)) * tr.n * st, notes=notes,
             test_groups=groups,
         )

@@ -715,6 +715,14 @@ class InfluenceModel:
             k = int(self.train_features(z).shape[1])
         return k, k
 
+    def tile_multiply_adds(self, n_test: int, n_train: int, k_train: int | None = None) -> int:
+        """Multiply-adds of one :meth:`tile` on ``n_test`` x ``n_train`` feature rows (for
+        plans): ``n_test n_train k_train`` for ``T @ R.T``, with ``k_train`` the train feature
+        width (default: :meth:`feature_dims`). Methods with structured features override it
+        together with :meth:`tile`."""
+        k = self.feature_dims()[1] if k_train is None else k_train
+        return int(n_test) * int(n_train) * int(k)
+
     def tile(self, test_features: torch.Tensor, train_features: torch.Tensor) -> torch.Tensor:
         """Influences ``(n_test, n_train)`` from feature rows: ``T @ R.T`` (methods with
         structured features override it together with :meth:`paired`)."""

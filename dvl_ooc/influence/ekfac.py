@@ -321,6 +321,12 @@ _KERNEL_MIN_POSITIONS = 32
 _TILE_BLOCK = 1 << 23
 
 
+def _tile_orders(n_s: int, d_out: int, d_a: int, r: int) -> tuple[int, int]:
+    """Multiply-adds per test row of :func:`_low_rank_tile`'s two orders on ``n_s`` train
+    rows: ``(expand, contract)``."""
+    return d_out * d_a * (r + n_s), n_s * r * (d_out * d_a + min(d_out, d_a))
+
+
 def _low_rank_tile(U: torch.Tensor, V: torch.Tensor, G: torch.Tensor, out: torch.Tensor) -> None:
     """``out[t, s] += <U_t V_t^T, G_s>`` for ``U (n_t, d_out, r)``, ``V (n_t, d_a, r)`` and
     train gradients ``G (n_s, d_out, d_a)``, in blocks of test rows of at most
@@ -333,8 +339,7 @@ def _low_rank_tile(U: torch.Tensor, V: torch.Tensor, G: torch.Tensor, out: torch
     """
     n_t, d_out, r = U.shape
     n_s, _, d_a = G.shape
-    expand = d_out * d_a * (r + n_s)
-    contract = n_s * r * (d_out * d_a + min(d_out, d_a))
+    expand, contract = _tile_orders(n_s, d_out, d_a, r)
     if expand <= contract:
         b = max(1, _TILE_BLOCK // (d_out * d_a))
         Gf = G.reshape(n_s, d_out * d_a)
@@ -857,6 +862,19 @@ class EkfacInfluence(InfluenceModel):
         compressed layers plus ``d_out d_a`` over the others; ``(p, p)`` without ``rank``."""
         p = self.grads.num_params
         return sum(self._test_widths()), p
+
+    def tile_multiply_adds(self, n_test: int, n_train: int, k_train: int | None = None) -> int:
+        """Multiply-adds of one :meth:`tile`: with ``rank``, per compressed layer the cheaper
+        of :func:`_low_rank_tile`'s orders (mostly the expansion of each test row's factors,
+        ``d_out d_a r``, on top of the product ``n_train d_out d_a``), per dense layer
+        ``n_test n_train d_out d_a``."""
+        if self.rank is None:
+            return super().tile_multiply_adds(n_test, n_train, k_train)
+        n_t, n_s, total = int(n_test), int(n_train), 0
+        for ly, r in zip(self._layers, self._layer_ranks()):
+            total += (n_t * n_s * ly.d_out * ly.d_a if r is None
+                      else n_t * min(_tile_orders(n_s, ly.d_out, ly.d_a, r)))
+        return total
 
     def tile(self, test_features: torch.Tensor, train_features: torch.Tensor) -> torch.Tensor:
         """Influences ``(n_test, n_train)`` of (compressed) test features on raw train

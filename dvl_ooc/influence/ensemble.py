@@ -658,6 +658,11 @@ class Ensemble(InfluenceModel):
         assert out is not None
         return out
 
+    def tile_multiply_adds(self, n_test: int, n_train: int, k_train: int | None = None) -> int:
+        """The members' tile costs, summed (``k_train`` is ignored: each member's own)."""
+        _, _, kr = self._dims()
+        return sum(m.tile_multiply_adds(n_test, n_train, k) for m, k in zip(self.members, kr))
+
     def tile(self, test_features: torch.Tensor, train_features: torch.Tensor) -> torch.Tensor:
         """``sum_m w_m tile_m(T_m, R_m)``: ``(n_test, n_train)``, one member's tile in flight."""
         return self._reduce("tile", test_features, train_features)

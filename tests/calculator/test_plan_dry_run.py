@@ -55,7 +55,12 @@ def test_ekfac_dry_run_by_hand() -> None:
     assert plan.tiles == math.ceil(N_TEST / tc) * math.ceil(N_TRAIN / rc) == 25
     assert plan.gradient_computations == N_TEST + 3 * N_TRAIN == 950
     assert plan.preconditioning_solves == N_TEST + N_TRAIN
-    assert plan.tile_multiply_adds == N_TEST * N_TRAIN * p
+    # tiles: the dense conv block's product, plus the linear layer's product and the expansion
+    # of each test row's rank-2 factors (5 x 73 x 2) once per train chunk (cheaper here than
+    # contracting first: 365 (2 + n_s) < 2 n_s (365 + 5) for every chunk size n_s)
+    chunks = math.ceil(N_TRAIN / rc)
+    assert plan.tile_multiply_adds == (N_TEST * N_TRAIN * 20
+                                       + 5 * 73 * (N_TEST * N_TRAIN + 2 * N_TEST * chunks))
     assert plan.store_bytes == (N_TEST * N_TRAIN + N_TRAIN) * 4 == 61_200
     assert "store 59.8 KiB uncompressed" in plan.summary()
     # float64 influences, no self-influence
@@ -127,3 +132,15 @@ def test_unfitted_ensemble_with_fit_width_members_is_refused() -> None:
     plan = dry_run_plan(ok, N_TEST, N_TRAIN, SHAPE, memory_budget=BUDGET)
     p = 2 * 10 + 5 * 73  # the two layers' parameters (weights and biases)
     assert (plan.k_test, plan.k_train) == (2 * p, 2 * p)
+
+
+def test_ensemble_tile_cost_is_the_members_sum() -> None:
+    """An ensemble's planned tile multiply-adds are its members' (each at its own widths)."""
+    from dvl_ooc.influence import Ensemble
+
+    ek, di = EkfacInfluence(_net(), F.cross_entropy, rank=2), DirectInfluence(_net(),
+                                                                              F.cross_entropy)
+    kw = dict(memory_budget=BUDGET, test_chunk=10, train_chunk=64)
+    plans = [dry_run_plan(x, N_TEST, N_TRAIN, SHAPE, **kw) for x in (ek, di, Ensemble([ek, di]))]
+    assert plans[2].tile_multiply_adds == plans[0].tile_multiply_adds + plans[1].tile_multiply_adds
+    assert plans[0].tile_multiply_adds > N_TEST * N_TRAIN * plans[0].p > 0
