@@ -212,7 +212,9 @@ def main() -> None:
     print(f"not in the table, the fit (one process, one GPU, not divided by N): EK-FAC with "
           f"fisher='ggn' costs up to ~3 x {CLASSES - 1} forward passes per fit image (its "
           f"{CLASSES - 1} pseudo-gradients, covariance and eigenvalue passes; fewer when a "
-          f"confident softmax drops negligible ones): {hours} (--fit-samples); projected "
+          f"confident softmax drops negligible ones): {hours} (--fit-samples); with "
+          f"fisher='sampled' (the recipe's --fisher auto above 16 classes) one label per image, "
+          f"two data passes: {N_TRAIN * 3 * 2 * fwd / rate / 3600:.3g} h; projected "
           f"Direct one gradient per fit image: {N_TRAIN * grad_flops / rate / 3600:.2g} h")
     print(f"\n[{time.perf_counter() - t_all:.1f} s]")
 
