@@ -86,7 +86,7 @@ outputs with the statistics frozen (an identity autograd function after each suc
 routes the output gradient around it, only in that pass; data gradients only, no weight
 gradients), then the user's ``loss.backward()`` on the same graph: ``.grad`` and the running
 statistics stay bit-identical to plain training. On the images recipe's ResNet18 (CPU, one
-thread) the tracker then costs 1.5-1.8x plain training with 4 validation rows per step of 64
+thread) the tracker then costs 1.8-1.9x plain training with 4 validation rows per step of 64
 (``benchmarks/bench_inrun.py --resnet``, 1,600-4,000 images, 3 epochs): the frozen backward
 costs about a fifth of a plain step, the validation gradient of 4 rows and the per-sample
 products together about half. Nothing of a step outlives it: the autograd context of that
