@@ -238,6 +238,10 @@ def _floats(v: str) -> list[float]:
            "from 1024)"),
     option("--memory-limit", default="4GiB",
            help="memory limit of each local worker (default: 4GiB; tasks plan for half)"),
+    option("--test-feature-budget",
+           help="bound on the test features one task holds, e.g. 16GiB (default: 1GiB); "
+           "larger bounds mean fewer passes over the training set; tasks still fit the "
+           "workers' --memory-limit"),
     option("--restart", action="store_true", help="recompute everything in --out"),
     option("--no-progress", action="store_true", help="no progress bars"),
     option("--no-pictures", action="store_true", help="skip the pictures"),
@@ -275,7 +279,7 @@ def _cmd_images(args: argparse.Namespace) -> None:
         rank=args.rank, damping=args.damping, damping_of=args.damping_of, blocks=args.blocks,
         layers=args.layers, fisher=args.fisher, fit_samples=args.fit_samples,
         workers=args.workers, cluster=args.cluster, test_chunk=args.test_chunk,
-        memory_limit=args.memory_limit,
+        memory_limit=args.memory_limit, test_feature_budget=args.test_feature_budget,
         train_chunk=args.train_chunk, progress=not args.no_progress, restart=args.restart,
         pictures=not args.no_pictures, inrun=args.inrun, ensemble=args.ensemble,
         explain_n=args.explanations, explain_k=args.explain_k, explain=args.explain,

@@ -157,3 +157,22 @@ def test_fisher_rule_options_and_keys():
     assert (sampled.fisher, sampled.seed) == ("sampled", 3)
     with pytest.raises(InputError, match="fisher"):
         replace(job, fisher="empirical").check()
+
+
+def test_test_feature_budget_reaches_the_calculator():
+    """``--test-feature-budget`` becomes the calculator's ``max_test_feature_bytes`` (fewer
+    test groups, same values: no stage key moves); bad sizes are refused up front."""
+    import inspect
+
+    from dvl_ooc import DaskInfluenceCalculator
+
+    job = ImagesJob(root=".", out=".")
+    assert rec._calculator_options(job) == {}
+    big = replace(job, test_feature_budget="16GiB")
+    big.check()
+    assert rec._calculator_options(big) == {"max_test_feature_bytes": 16 * 2**30}
+    assert "max_test_feature_bytes" in inspect.signature(DaskInfluenceCalculator).parameters
+    assert rec._stage_keys(big, "files", 2) == rec._stage_keys(job, "files", 2)
+    for bad in ("lots", "0B", "-1GiB"):
+        with pytest.raises(InputError, match="test_feature_budget"):
+            replace(job, test_feature_budget=bad).check()
