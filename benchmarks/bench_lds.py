@@ -121,14 +121,15 @@ WORKLOADS: dict[str, Workload] = {
               "kwargs": {"hidden": 32}, "dtype": "float32"},
         train={"epochs": 30, "lr": 5e-3, "batch_size": 64, "weight_decay": 1e-3},
         rows=["direct", "direct-mean", "direct-layer-mean", "direct-k8", "cg", "lissa",
-              "arnoldi", "nystroem", "ekfac", "ekfac-mean", "tracin", "trak", "kron"]),
+              "arnoldi", "nystroem", "ekfac", "ekfac-mean", "ekfac-mean-sampled", "tracin",
+              "trak", "kron"]),
     "digits-cnn": Workload(
         "digits-cnn",
         arch={"module": "dvl_ooc.demo.nets", "name": "DigitsCNN",
               "kwargs": {"width": 4, "hidden": 32}, "dtype": "float32"},
         train={"epochs": 30, "lr": 5e-3, "batch_size": 64, "weight_decay": 1e-3},
         rows=["direct", "direct-mean", "direct-layer-mean", "arnoldi", "ekfac", "ekfac-mean",
-              "tracin", "trak", "kron"]),
+              "ekfac-mean-sampled", "tracin", "trak", "kron"]),
     "malaria-resnet": Workload(
         "malaria-resnet",
         arch={"module": "dvl_ooc.demo.resnet", "name": "ResNet18",
