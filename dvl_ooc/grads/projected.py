@@ -243,31 +243,7 @@ class ProjectedGradients(BatchSource):
         """The explicit ``(k_b, k_b)`` projected Gauss-Newton matrix of the mean loss, float64:
         ``(1/n) sum_i sum_c f_ic f_ic^T`` (one forward and ``c`` backward passes per sample,
         ``n c k_b^2`` FLOPs)."""
-        _check_mode(mode)
-        k = block.numel
-        H = torch.zeros(k, k, dtype=torch.float64, device=self.device)
-        n = 0
-        # rows are gathered into blocks of >= _GRAM_ROWS before each update: one rank-m update
-        # reads and writes all k^2 entries, so tiny updates (a micro-batch) are memory-bound
-        rows: list[torch.Tensor] = []
-        held = 0
-        for F in self._factor_features(data, block):
-            rows.append(F.reshape(-1, k))
-            held += rows[-1].shape[0]
-            n += F.shape[0]
-            if held >= _GRAM_ROWS:
-                B = torch.cat(rows)
-                H.addmm_(B.T, B)
-                rows, held = [], 0
-        if rows:
-            B = torch.cat(rows)
-            H.addmm_(B.T, B)
-        if n == 0:
-            raise InputError("no samples in the fit data")
-        H = 0.5 * (H + H.T) / n
-        if not bool(torch.isfinite(H).all()):
-            raise NonFiniteError("the curvature matrix has non-finite entries; check the loss")
-        return H
+        return self.hessians(data, [block], mode)[0]
 
     def hessians(self, data: DataLike, blocks: Sequence[ParamBlock],
                  mode: HessianMode = "gauss-newton") -> list[torch.Tensor]:
@@ -277,24 +253,26 @@ class ProjectedGradients(BatchSource):
         sls = [self.block_slices[self._block_index(b)] for b in blocks]
         Hs = [torch.zeros(b.numel, b.numel, dtype=torch.float64, device=self.device)
               for b in blocks]
-        n = 0
-        rows: list[torch.Tensor] = []
-        held = 0
+        # rows are gathered into blocks of >= _GRAM_ROWS before each update: one rank-m update
+        # reads and writes all k^2 entries, so tiny updates (a micro-batch) are memory-bound
+        rows: list[list[torch.Tensor]] = [[] for _ in blocks]
+        n = held = 0
 
         def flush() -> None:
-            B = torch.cat(rows)
-            for H, sl in zip(Hs, sls):
-                Bb = B[:, sl]
-                H.addmm_(Bb.T, Bb)
+            for H, r in zip(Hs, rows):
+                B = torch.cat(r)
+                H.addmm_(B.T, B)
+                r.clear()
 
         for F in self._all_factor_features(data):
-            rows.append(F.reshape(-1, F.shape[-1]))
-            held += rows[-1].shape[0]
+            for r, sl, b in zip(rows, sls, blocks):
+                r.append(F[:, :, sl].reshape(-1, b.numel))
+            held += F.shape[0] * F.shape[1]
             n += F.shape[0]
             if held >= _GRAM_ROWS:
                 flush()
-                rows, held = [], 0
-        if rows:
+                held = 0
+        if held:
             flush()
         if n == 0:
             raise InputError("no samples in the fit data")
